@@ -1,0 +1,122 @@
+"""The admin listener: health, readiness, metrics, pool snapshots, config, reload. SPEC §7."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .config import ConfigError, public_view
+from .metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from .pools import UpstreamPool
+    from .server import Sidecar
+
+SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_admin_app(sidecar: Sidecar) -> web.Application:
+    app = web.Application(middlewares=[_require_token])
+    app[SIDECAR] = sidecar
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/pools", pools)
+    app.router.add_get("/config", config)
+    app.router.add_post("/reload", reload)
+    return app
+
+
+@web.middleware
+async def _require_token(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Bearer token on everything but the probes, when admin.token is set."""
+    token = request.app[SIDECAR].config.admin.token
+    if token is not None and request.path not in _OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _json({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=json.dumps(body, indent=2) + "\n", status=status, content_type="application/json", headers=headers
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    if sidecar.ready and not sidecar.draining:
+        return _json({"status": "ready"})
+    return _json({"status": "draining" if sidecar.draining else "starting"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SIDECAR].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def pool_snapshot(pool: UpstreamPool) -> dict[str, Any]:
+    """One upstream's pool as JSON: limits, live occupancy, connections, totals."""
+    upstream, admission, stats = pool.upstream, pool.admission, pool.stats()
+    limits = upstream.limits
+    return {
+        "url": upstream.url,
+        "http2": upstream.http2.yaml_value,
+        "limits": {
+            "max_connections": limits.max_connections,
+            "max_keepalive_connections": limits.max_keepalive_connections,
+            "max_concurrent_requests": admission.capacity,
+            "max_pending": admission.max_pending,
+            "pool_timeout_s": admission.pool_timeout,
+        },
+        "in_flight": admission.in_flight,
+        "pending": admission.pending,
+        "oldest_wait_s": round(admission.oldest_wait(), 6),
+        "connections": {
+            "open": stats.connections,
+            "active": stats.active,
+            "idle": stats.idle,
+            "opened_total": stats.opened_total,
+            "closed_total": stats.closed_total,
+        },
+        "http_versions": stats.http_versions,
+        "totals": dict(pool.outcomes),
+    }
+
+
+async def pools(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    body: dict[str, Any] = {
+        "time": time.time(),
+        "draining": sidecar.draining,
+        "upstreams": {pool.name: pool_snapshot(pool) for pool in sidecar.all_pools()},
+    }
+    retired = sidecar.retired_pools()
+    if retired:
+        body["retiring"] = [dict(pool_snapshot(pool), name=pool.name) for pool in retired]
+    return _json(body)
+
+
+async def config(request: web.Request) -> web.Response:
+    return _json(public_view(request.app[SIDECAR].config))
+
+
+async def reload(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    try:
+        result = await sidecar.reload("admin")
+    except ConfigError as error:
+        return _json({"result": "failure", "error": str(error)}, status=400)
+    return _json({"result": "success", **result.summary()})

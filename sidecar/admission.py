@@ -1,0 +1,206 @@
+"""Per-upstream admission: slots, a bounded FIFO of waiters, a pool timeout.
+
+Requests never queue inside httpcore (TRAPS.md §1-§2): a request is admitted
+only while fewer than ``capacity`` are in flight; up to ``max_pending`` more
+wait here in arrival order for at most ``timeouts.pool``; anything beyond is
+refused at once.
+
+:class:`AdmissionCore` is the decision logic, plain synchronous code with no
+event loop, unit-tested on its own.  :class:`Admission` is the thin asyncio
+shell: futures for waiters, a timer per waiter, and the rules for giving a
+slot back on every path (success, error, timeout, cancellation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from .errors import PoolTimeout, QueueFull
+
+W = TypeVar("W")
+
+# Retry-After is an estimate of how long the queue ahead needs to drain,
+# clamped to this range (whole seconds).
+RETRY_AFTER_MIN = 1
+RETRY_AFTER_MAX = 60
+_EWMA_WEIGHT = 0.1
+
+
+class AdmissionCore(Generic[W]):
+    """Slots and a FIFO of waiters; decides, never waits."""
+
+    __slots__ = ("capacity", "max_pending", "in_flight", "_waiters", "_ewma_hold")
+
+    def __init__(self, capacity: int, max_pending: int) -> None:
+        self.capacity = capacity
+        self.max_pending = max_pending
+        self.in_flight = 0
+        self._waiters: OrderedDict[W, None] = OrderedDict()
+        self._ewma_hold = 0.0  # seconds a slot is held, smoothed
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiters)
+
+    def oldest_waiter(self) -> W | None:
+        return next(iter(self._waiters), None)
+
+    def try_acquire(self) -> bool:
+        """Take a slot at once if one is free and nobody is ahead in the queue."""
+        if self.in_flight < self.capacity and not self._waiters:
+            self.in_flight += 1
+            return True
+        return False
+
+    def can_wait(self) -> bool:
+        return len(self._waiters) < self.max_pending
+
+    def enqueue(self, waiter: W) -> None:
+        self._waiters[waiter] = None
+
+    def remove(self, waiter: W) -> bool:
+        """Drop a waiter that gave up (timeout, cancellation). False if not queued."""
+        return self._waiters.pop(waiter, False) is None
+
+    def release(self, held_for: float | None = None) -> W | None:
+        """Give a slot back; returns the waiter it was handed to, if any."""
+        if held_for is not None:
+            self._ewma_hold += _EWMA_WEIGHT * (held_for - self._ewma_hold)
+        self.in_flight -= 1
+        return self._grant_next()
+
+    def resize(self, capacity: int, max_pending: int) -> list[W]:
+        """Change limits at runtime; returns waiters that now get a slot.
+
+        Lowering capacity never revokes a slot: in-flight requests finish and
+        new ones are admitted once the count is under the new cap.
+        """
+        self.capacity = capacity
+        self.max_pending = max_pending
+        granted = []
+        while (waiter := self._grant_next()) is not None:
+            granted.append(waiter)
+        return granted
+
+    def _grant_next(self) -> W | None:
+        if self._waiters and self.in_flight < self.capacity:
+            waiter, _ = self._waiters.popitem(last=False)
+            self.in_flight += 1
+            return waiter
+        return None
+
+    def retry_after(self) -> int:
+        """Seconds until a retry is likely to find room: the queue's drain time."""
+        if self.capacity <= 0:
+            return RETRY_AFTER_MAX
+        estimate = self._ewma_hold * (len(self._waiters) + 1) / self.capacity
+        return max(RETRY_AFTER_MIN, min(RETRY_AFTER_MAX, math.ceil(estimate)))
+
+
+class Admission:
+    """The asyncio shell around :class:`AdmissionCore` for one upstream."""
+
+    __slots__ = ("upstream", "pool_timeout", "_core", "_started", "_clock")
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        capacity: int,
+        max_pending: int,
+        pool_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self.pool_timeout = pool_timeout
+        self._core: AdmissionCore[asyncio.Future[None]] = AdmissionCore(capacity, max_pending)
+        self._started: dict[asyncio.Future[None], float] = {}
+        self._clock = clock
+
+    @property
+    def in_flight(self) -> int:
+        return self._core.in_flight
+
+    @property
+    def pending(self) -> int:
+        return self._core.pending
+
+    @property
+    def capacity(self) -> int:
+        return self._core.capacity
+
+    @property
+    def max_pending(self) -> int:
+        return self._core.max_pending
+
+    def oldest_wait(self) -> float:
+        """Seconds the longest-waiting request has waited (0 when none)."""
+        oldest = self._core.oldest_waiter()
+        return 0.0 if oldest is None else self._clock() - self._started.get(oldest, self._clock())
+
+    async def acquire(self) -> None:
+        """Wait for a slot; raises QueueFull or PoolTimeout (503) when refused.
+
+        On return the caller holds a slot and must call :meth:`release` exactly
+        once, whatever happens next.
+        """
+        core = self._core
+        if core.try_acquire():
+            return
+        if not core.can_wait():
+            raise QueueFull(
+                f"{core.pending} requests already wait for upstream {self.upstream!r} (max_pending)",
+                upstream=self.upstream,
+                retry_after=core.retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        core.enqueue(waiter)
+        self._started[waiter] = self._clock()
+        timer = loop.call_later(self.pool_timeout, self._expire, waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            # Granted in the same tick the caller was cancelled: the slot is
+            # ours and must go back, or it leaks.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()
+            else:
+                core.remove(waiter)
+            raise
+        finally:
+            timer.cancel()
+            self._started.pop(waiter, None)
+
+    def _expire(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done() or not self._core.remove(waiter):
+            return
+        waiter.set_exception(
+            PoolTimeout(
+                f"no slot for upstream {self.upstream!r} within {self.pool_timeout:g}s (timeouts.pool)",
+                upstream=self.upstream,
+                retry_after=self._core.retry_after(),
+            )
+        )
+
+    def release(self, held_for: float | None = None) -> None:
+        """Give the slot back; hands it straight to the next live waiter."""
+        self._hand_over(self._core.release(held_for))
+
+    def resize(self, capacity: int, max_pending: int, pool_timeout: float) -> None:
+        self.pool_timeout = pool_timeout
+        for waiter in self._core.resize(capacity, max_pending):
+            self._hand_over(waiter)
+
+    def _hand_over(self, waiter: asyncio.Future[None] | None) -> None:
+        # A waiter whose task was cancelled already has a cancelled future but
+        # may not have run its cleanup yet: skip it and pass the slot along.
+        while waiter is not None and waiter.done():
+            waiter = self._core.release()
+        if waiter is not None:
+            waiter.set_result(None)

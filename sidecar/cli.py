@@ -1,0 +1,103 @@
+"""``sidecar run`` / ``sidecar validate``. SPEC §2.
+
+Exit codes: 0 clean shutdown, 2 bad config or usage, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, HostPort, load_config, parse_host_port
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"sidecar: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _address(value: str) -> HostPort:
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _admin_address(value: str) -> HostPort | None:
+    return None if value == "off" else _address(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sidecar", description="Outbound HTTP proxy with bounded per-upstream pools.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    config_help = f"config file (default: $SIDECAR_CONFIG, else {DEFAULT_CONFIG_PATH})"
+
+    run = commands.add_parser("run", help="run the sidecar")
+    run.add_argument("-c", "--config", help=config_help)
+    run.add_argument("--listen", type=_address, metavar="HOST:PORT", help="proxy listen address")
+    run.add_argument(
+        "--admin", type=_admin_address, default=argparse.SUPPRESS, metavar="HOST:PORT|off", help="admin listen address"
+    )
+    run.add_argument("--log-format", choices=("json", "console"), help="default: console on a TTY, else json")
+    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    validate = commands.add_parser("validate", help="check a config file and print a summary")
+    validate.add_argument("-c", "--config", help=config_help)
+    return parser
+
+
+def config_path(given: str | None) -> str:
+    return given or os.environ.get("SIDECAR_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        print(f"sidecar: invalid config: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "validate":
+        print(summary(config))
+        return EXIT_OK
+    return run(config, args)
+
+
+def summary(config: Config) -> str:
+    lines = [f"{config.source}: OK", f"listen {config.listen}", f"admin {config.admin.listen or 'off'}"]
+    for upstream in config.upstreams:
+        limits = upstream.limits
+        hosts = f" hosts={','.join(upstream.route.hosts)}" if upstream.route.hosts else ""
+        lines.append(
+            f"upstream {upstream.name}: {upstream.route.path_prefix}{hosts} -> {upstream.url} "
+            f"http2={upstream.http2.value} max_connections={limits.max_connections} "
+            f"max_concurrent_requests={limits.max_concurrent_requests} max_pending={limits.max_pending} "
+            f"pool_timeout={upstream.timeouts.pool:g}s"
+        )
+    lines.extend(f"warning: {warning}" for warning in config.warnings)
+    return "\n".join(lines)
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    from .logs import configure_logging
+    from .server import Sidecar, serve
+
+    configure_logging(args.log_format, args.log_level)
+    admin: HostPort | str | None = getattr(args, "admin", "config")
+    sidecar = Sidecar(config, listen=args.listen, admin=admin)
+    try:
+        import uvloop
+
+        return uvloop.run(serve(sidecar))
+    except OSError as exc:
+        print(f"sidecar: cannot start: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK

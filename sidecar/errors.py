@@ -1,0 +1,145 @@
+"""Every response the sidecar makes itself, and the one place that maps to them.
+
+The error tree::
+
+    SidecarError                      status  X-Sidecar-Error
+    ├── NoRoute                        404    no_route
+    ├── DestinationNotAllowed          403    destination_not_allowed
+    ├── ConnectNotSupported            405    connect_not_supported
+    ├── BadRequest                     400    bad_request
+    ├── RequestTooLarge                413    request_too_large
+    ├── Rejected (503, Retry-After)
+    │   ├── QueueFull                  503    queue_full
+    │   ├── PoolTimeout                503    pool_timeout
+    │   └── Draining                   503    draining
+    └── UpstreamError
+        ├── UpstreamConnectError       502    upstream_connect_error
+        ├── UpstreamProtocolError      502    upstream_protocol_error
+        └── UpstreamTimeout            504    upstream_timeout
+
+Third-party (httpx/httpcore) exceptions are translated into this tree at
+exactly one boundary: :func:`from_upstream_exception`.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+
+import httpx
+from aiohttp import web
+
+
+class SidecarError(Exception):
+    """An error the sidecar answers itself, with a SPEC §6 status and code."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, upstream: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.upstream = upstream
+
+
+class NoRoute(SidecarError):
+    status, code = 404, "no_route"
+
+
+class DestinationNotAllowed(SidecarError):
+    status, code = 403, "destination_not_allowed"
+
+
+class ConnectNotSupported(SidecarError):
+    status, code = 405, "connect_not_supported"
+
+
+class BadRequest(SidecarError):
+    status, code = 400, "bad_request"
+
+
+class RequestTooLarge(SidecarError):
+    status, code = 413, "request_too_large"
+
+
+class Rejected(SidecarError):
+    """Refused for lack of capacity: always 503 with Retry-After."""
+
+    status = 503
+
+    def __init__(self, message: str, *, upstream: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, upstream=upstream)
+        self.retry_after = max(1, retry_after)
+
+
+class QueueFull(Rejected):
+    code = "queue_full"
+
+
+class PoolTimeout(Rejected):
+    code = "pool_timeout"
+
+
+class Draining(Rejected):
+    code = "draining"
+
+
+class UpstreamError(SidecarError):
+    """The upstream failed before its response headers arrived."""
+
+    status = 502
+
+
+class UpstreamConnectError(UpstreamError):
+    code = "upstream_connect_error"
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "upstream_protocol_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, code = 504, "upstream_timeout"
+
+
+def from_upstream_exception(exc: Exception, upstream: str) -> UpstreamError:
+    """Translate an httpx/OS error raised before response headers into our tree."""
+    if isinstance(exc, (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout)):
+        phase = {httpx.ConnectTimeout: "connecting", httpx.ReadTimeout: "waiting for response headers"}
+        what = phase.get(type(exc), "sending the request")
+        return UpstreamTimeout(f"upstream timed out while {what}", upstream=upstream)
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamConnectError(f"cannot connect to upstream: {_reason(exc)}", upstream=upstream)
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout("upstream timed out", upstream=upstream)
+    return UpstreamProtocolError(
+        f"upstream closed or broke protocol before response headers: {_reason(exc)}", upstream=upstream
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, secret-free reason: the innermost cause's message."""
+    cause: BaseException = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        nxt = cause.__cause__ or cause.__context__
+        assert nxt is not None
+        cause = nxt
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS handshake failed: {cause.reason or cause}"
+    text = str(exc) or str(cause) or type(cause).__name__
+    return text.splitlines()[0][:300]
+
+
+def error_response(error: SidecarError, request_id: str, *, close: bool = False) -> web.Response:
+    """The SPEC §6 response for an error: status, X-Sidecar-Error, JSON body."""
+    body = json.dumps(
+        {"error": error.code, "message": error.message, "upstream": error.upstream, "request_id": request_id}
+    )
+    headers = {"X-Sidecar-Error": error.code, "X-Request-Id": request_id}
+    if isinstance(error, Rejected):
+        headers["Retry-After"] = str(error.retry_after)
+    if close:
+        headers["Connection"] = "close"
+    return web.Response(status=error.status, text=body, content_type="application/json", headers=headers)

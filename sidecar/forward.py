@@ -1,0 +1,288 @@
+"""The proxy handler: route → admit → send (streaming) → stream back. SPEC §4-§6.
+
+Ownership rules that keep every slot and connection accounted for:
+
+* the admission slot is taken by ``Admission.acquire`` and given back in one
+  ``finally``, synchronously, so neither an error nor a (double) cancellation
+  can skip it;
+* the upstream response is closed in a ``finally`` before that; the pool's
+  own release of the connection is synchronous too, and a connection that is
+  not cleanly idle is closed by the pool in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+from aiohttp import hdrs, web
+
+from .config import Inbound
+from .errors import (
+    Draining,
+    RequestTooLarge,
+    SidecarError,
+    UpstreamProtocolError,
+    error_response,
+    from_upstream_exception,
+)
+from .pools import UpstreamPool
+from .routing import RouteMatch, Router
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus Proxy-Authorization/Authenticate,
+# which belong to the hop between the caller and us.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+# Not forwarded upstream either: Host is rewritten, Expect is answered here,
+# X-Request-Id is set by us (kept if the caller sent one).
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "expect", "x-request-id"}
+_BODY_CHUNK = 64 * 1024
+_BODYLESS_STATUS = (204, 304)
+
+
+@dataclass(slots=True)
+class Generation:
+    """One loaded config's routing and pools; swapped whole on reload."""
+
+    router: Router
+    pools: dict[str, UpstreamPool]
+    inbound: Inbound
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one request: the access log line and the metrics."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float
+    upstream: str | None = None
+    status: int = 0
+    pool_wait: float = 0.0
+    upstream_time: float | None = None
+    http_version: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    aborted: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class _Response(web.StreamResponse):
+    """A StreamResponse that adds nothing the upstream did not send.
+
+    aiohttp adds ``Content-Type: application/octet-stream`` and its own
+    ``Server`` header when missing; a proxy must not invent either
+    (TRAPS.md §18).
+    """
+
+    __slots__ = ("_invented",)
+
+    def __init__(self, status: int, invented: tuple[str, ...]) -> None:
+        super().__init__(status=status)
+        self._invented = invented
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        for name in self._invented:
+            self._headers.popall(name, None)
+
+
+def _connection_tokens(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Forwarder:
+    """The aiohttp handler of the proxy port."""
+
+    def __init__(
+        self,
+        generation: Callable[[], Generation],
+        finished: Callable[[Exchange], None],
+        draining: Callable[[], bool],
+    ) -> None:
+        self._generation = generation
+        self._finished = finished
+        self._draining = draining
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        exchange = Exchange(
+            request_id=request.headers.get("X-Request-Id") or new_request_id(),
+            method=request.method,
+            path=request.path,
+            started=time.monotonic(),
+        )
+        try:
+            return await self._handle(request, exchange)
+        except SidecarError as error:
+            exchange.status, exchange.error = error.status, error.code
+            exchange.upstream = exchange.upstream or error.upstream
+            exchange.extra["exception"] = error
+            return error_response(error, exchange.request_id, close=isinstance(error, Draining))
+        except asyncio.CancelledError:
+            exchange.error = exchange.error or "client_disconnected"
+            exchange.aborted = True
+            raise
+        finally:
+            self._finished(exchange)
+
+    async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+        if self._draining():
+            raise Draining("the sidecar is shutting down; retry on another instance", retry_after=1)
+        generation = self._generation()
+        match = generation.router.resolve(request.method, request.raw_path, request.headers.get(hdrs.HOST))
+        pool = generation.pools[match.upstream.name]
+        exchange.upstream = pool.name
+        inbound = generation.inbound
+        declared = request.content_length
+        if inbound.max_request_body is not None and declared is not None and declared > inbound.max_request_body:
+            raise RequestTooLarge(
+                f"request body of {declared} bytes is over the limit of {inbound.max_request_body}",
+                upstream=pool.name,
+            )
+        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+        pool.request_started()
+        try:
+            waited_from = time.monotonic()
+            await pool.admission.acquire()
+            admitted = time.monotonic()
+            exchange.pool_wait = admitted - waited_from
+            try:
+                return await self._exchange(request, match, pool, exchange)
+            finally:
+                pool.admission.release(time.monotonic() - admitted)
+        finally:
+            pool.request_finished()
+
+    async def _exchange(
+        self, request: web.BaseRequest, match: RouteMatch, pool: UpstreamPool, exchange: Exchange
+    ) -> web.StreamResponse:
+        upstream_request = self._upstream_request(request, match, pool, exchange)
+        sent = time.monotonic()
+        try:
+            response = await pool.client.send(upstream_request, stream=True)
+        except httpx.TransportError as exc:
+            raise from_upstream_exception(exc, pool.name) from None
+        try:
+            exchange.upstream_time = time.monotonic() - sent
+            exchange.http_version = response.http_version
+            return await self._relay(request, response, exchange)
+        finally:
+            await response.aclose()
+
+    def _upstream_request(
+        self, request: web.BaseRequest, match: RouteMatch, pool: UpstreamPool, exchange: Exchange
+    ) -> httpx.Request:
+        upstream = pool.upstream
+        inbound = request.headers
+        named = _connection_tokens(inbound.get(hdrs.CONNECTION))
+        removed = {name.lower() for name in upstream.headers.remove}
+        overridden = {name.lower() for name, _ in upstream.headers.set}
+        headers: list[tuple[str, str]] = [("Host", upstream.host_header)]
+        for name, value in inbound.items():
+            lower = name.lower()
+            if lower in _NOT_FORWARDED or lower in named or lower in removed or lower in overridden:
+                continue
+            headers.append((name, value))
+        headers.extend(upstream.headers.set)
+        headers.append(("X-Request-Id", exchange.request_id))
+        content = None
+        if request.body_exists:
+            content = self._body(request, exchange, self._generation().inbound)
+        return httpx.Request(
+            request.method,
+            pool.base_url,
+            headers=headers,
+            content=content,
+            extensions={"timeout": pool.timeout_extension, "target": match.target.encode("latin-1")},
+        )
+
+    async def _body(self, request: web.BaseRequest, exchange: Exchange, inbound: Inbound) -> AsyncIterator[bytes]:
+        """The caller's body, chunk by chunk as it arrives, never buffered whole."""
+        limit = inbound.max_request_body
+        stream = request.content
+        while True:
+            chunk = await stream.readany()
+            if not chunk:
+                return
+            exchange.bytes_in += len(chunk)
+            if limit is not None and exchange.bytes_in > limit:
+                raise RequestTooLarge(f"request body is over the limit of {limit} bytes", upstream=exchange.upstream)
+            yield chunk
+
+    async def _relay(
+        self, request: web.BaseRequest, response: httpx.Response, exchange: Exchange
+    ) -> web.StreamResponse:
+        """Stream the upstream response back; abort the caller's connection on failure."""
+        raw_headers = response.headers.raw
+        named = _connection_tokens(response.headers.get("connection"))
+        seen_content_type = seen_server = False
+        downstream_headers: list[tuple[str, str]] = []
+        for raw_name, raw_value in raw_headers:
+            name = raw_name.decode("latin-1")
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in named or lower == "x-request-id":
+                continue
+            value = raw_value.decode("latin-1")
+            if "\r" in value or "\n" in value or "\0" in value:
+                raise UpstreamProtocolError(
+                    f"upstream sent an invalid value for header {name!r}", upstream=exchange.upstream
+                )
+            seen_content_type = seen_content_type or lower == "content-type"
+            seen_server = seen_server or lower == "server"
+            downstream_headers.append((name, value))
+        invented = tuple(
+            name for name, seen in (("Content-Type", seen_content_type), ("Server", seen_server)) if not seen
+        )
+        downstream = _Response(response.status_code, invented)
+        for name, value in downstream_headers:
+            downstream.headers.add(name, value)
+        downstream.headers["X-Request-Id"] = exchange.request_id
+        exchange.status = response.status_code
+        await downstream.prepare(request)
+        try:
+            if request.method != "HEAD" and response.status_code not in _BODYLESS_STATUS:
+                async for chunk in response.aiter_raw():
+                    exchange.bytes_out += len(chunk)
+                    await downstream.write(chunk)
+        except httpx.TransportError as exc:
+            # Headers are out: the only honest signal left is to abort, so the
+            # caller cannot mistake a truncated body for a complete one.
+            error = from_upstream_exception(exc, exchange.upstream or "")
+            exchange.error = "upstream_body_error"
+            exchange.extra["exception"] = error
+            exchange.aborted = True
+            _abort(request)
+            return downstream
+        await downstream.write_eof()
+        return downstream
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,114 @@
+"""One shared, bounded pool per upstream: its httpx client, admission and counts."""
+
+from __future__ import annotations
+
+import asyncio
+import http.cookiejar
+import ssl
+from collections import Counter
+
+import httpx
+
+from .admission import Admission
+from .config import HTTP2Mode, Upstream
+from .transport import PoolStats, PoolTransport
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A jar that never stores: callers sharing a client must never see each
+    other's cookies (TRAPS.md §12), and storing them costs CPU for nothing."""
+
+    def extract_cookies(self, response: object, request: object) -> None:  # type: ignore[override,unused-ignore]
+        return None
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return None
+
+
+def ssl_context_for(upstream: Upstream) -> ssl.SSLContext | None:
+    """The TLS settings of an https upstream; None for http://."""
+    if upstream.scheme != "https":
+        return None
+    tls = upstream.tls
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.client_cert is not None:
+        context.load_cert_chain(tls.client_cert, tls.client_key)
+    return context
+
+
+class UpstreamPool:
+    """Everything the sidecar holds for one upstream, opened inside the loop."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        limits, timeouts = upstream.limits, upstream.timeouts
+        self.admission = Admission(
+            upstream.name,
+            capacity=limits.max_concurrent_requests,
+            max_pending=limits.max_pending,
+            pool_timeout=timeouts.pool,
+        )
+        mode = upstream.http2
+        self.transport = PoolTransport(
+            scheme=upstream.scheme,
+            host=upstream.host,
+            port=upstream.port,
+            max_connections=limits.max_connections,
+            max_idle=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            http1=mode is not HTTP2Mode.PRIOR_KNOWLEDGE,
+            http2=mode is not HTTP2Mode.OFF and upstream.speaks_http2,
+            ssl_context=ssl_context_for(upstream),
+        )
+        self.client = httpx.AsyncClient(
+            transport=self.transport,
+            cookies=_NoCookies(),
+            trust_env=False,
+            follow_redirects=False,
+        )
+        # The pool timeout here is a safety net only: admission already waited.
+        self.timeout_extension = {
+            "connect": timeouts.connect,
+            "read": timeouts.read,
+            "write": timeouts.write,
+            "pool": timeouts.pool,
+        }
+        self.base_url = httpx.URL(f"{upstream.scheme}://{upstream.host_header}/")
+        self.outcomes: Counter[str] = Counter()
+        self.active = 0  # requests routed here and not finished: waiting or in flight
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.closed = False
+
+    @property
+    def name(self) -> str:
+        return self.upstream.name
+
+    def stats(self) -> PoolStats:
+        return self.transport.stats()
+
+    def request_started(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until nothing is in flight or waiting; True if it got there in time."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.client.aclose()

@@ -1,0 +1,103 @@
+"""Pure routing: request line + Host header → (upstream, target). SPEC §4.
+
+No I/O and no aiohttp here, so every rule is unit-tested directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Upstream
+from .errors import BadRequest, ConnectNotSupported, DestinationNotAllowed, NoRoute
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    upstream: Upstream
+    target: str  # the request target to send upstream: path and query, byte for byte
+
+
+def _split_host(authority: str) -> str:
+    """``Host`` value → lower-case host without port (IPv6 brackets kept)."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        end = authority.find("]")
+        return authority[: end + 1] if end != -1 else authority
+    return authority.rsplit(":", 1)[0] if ":" in authority else authority
+
+
+class Router:
+    """Routes requests to upstreams; built once per loaded config."""
+
+    __slots__ = ("_by_host", "_by_prefix")
+
+    def __init__(self, upstreams: tuple[Upstream, ...]) -> None:
+        self._by_host: dict[str, Upstream] = {}
+        self._by_prefix: dict[str, Upstream] = {}
+        for upstream in upstreams:
+            self._by_prefix[upstream.route.path_prefix] = upstream
+            for host in upstream.route.hosts:
+                self._by_host[host] = upstream
+
+    def resolve(self, method: str, raw_target: str, host_header: str | None) -> RouteMatch:
+        """Match a request; raises a SidecarError subclass when it must be refused."""
+        if method == "CONNECT":
+            raise ConnectNotSupported(
+                "CONNECT is not supported: point the service at http:// and let the sidecar originate TLS"
+            )
+        if raw_target.startswith("/"):
+            if host_header and self._by_host:
+                upstream = self._by_host.get(host_header.strip().lower()) or self._by_host.get(_split_host(host_header))
+                if upstream is not None:
+                    return RouteMatch(upstream, self._join(upstream, raw_target))
+            return self._by_path(raw_target)
+        if "://" in raw_target[:16]:
+            return self._absolute(raw_target)
+        raise BadRequest(f"unsupported request target form: {raw_target[:100]!r}")
+
+    def _absolute(self, raw_target: str) -> RouteMatch:
+        scheme, _, rest = raw_target.partition("://")
+        if scheme.lower() not in ("http", "https"):
+            raise BadRequest(f"unsupported scheme in absolute-form target: {scheme[:20]!r}")
+        if "#" in rest:
+            raise BadRequest("a request target must not carry a fragment")
+        slash = len(rest)
+        for delimiter in "/?":
+            index = rest.find(delimiter)
+            if index != -1:
+                slash = min(slash, index)
+        authority, path_and_query = rest[:slash], rest[slash:]
+        if "@" in authority:
+            raise BadRequest("a request target must not carry userinfo")
+        if not authority:
+            raise BadRequest("absolute-form target without a host")
+        upstream = self._by_host.get(authority.lower()) or self._by_host.get(_split_host(authority))
+        if upstream is None:
+            raise DestinationNotAllowed(
+                f"destination {_split_host(authority)[:255]!r} is not a configured upstream host"
+            )
+        if not path_and_query.startswith("/"):
+            path_and_query = "/" + path_and_query
+        return RouteMatch(upstream, self._join(upstream, path_and_query))
+
+    def _by_path(self, raw_target: str) -> RouteMatch:
+        path, question, query = raw_target.partition("?")
+        # Walk up the segments: /a/b/c, /a/b, /a, / — a prefix always ends on a boundary.
+        candidate = path.rstrip("/") or "/"
+        while True:
+            upstream = self._by_prefix.get(candidate)
+            if upstream is not None:
+                if upstream.route.strip_prefix and candidate != "/":
+                    path = path[len(candidate) :]
+                return RouteMatch(upstream, self._join(upstream, path + question + query))
+            if candidate == "/":
+                break
+            candidate = candidate.rsplit("/", 1)[0] or "/"
+        raise NoRoute(f"no upstream route matches {path[:200]!r}")
+
+    @staticmethod
+    def _join(upstream: Upstream, path_and_query: str) -> str:
+        """Prefix the upstream's base path; an empty path becomes the base itself."""
+        if not path_and_query.startswith("/"):
+            return (upstream.base_path or "/") + path_and_query
+        return upstream.base_path + path_and_query

@@ -1,0 +1,396 @@
+"""The connection pool under each upstream's ``httpx.AsyncClient``.
+
+httpx's stock pool re-runs an O(N) pass over every connection (polling each
+idle socket) on every request start and finish, restarts its pool-timeout wait
+when a waiter loses a race, and can leak a slot when a queued request is
+cancelled (TRAPS.md §1-§6).  This pool keeps what it needs in O(1):
+
+* HTTP/1.1 connections that are idle sit on a LIFO stack (the warmest is
+  reused first; the coldest expire);
+* multiplexed (HTTP/2) connections carry up to ``streams`` requests each;
+* a connection is opened only when none can take the request and fewer than
+  ``max_connections`` exist;
+* when none can be opened the request waits in a FIFO with a deadline (the
+  admission layer above normally makes this impossible; it is a safety net
+  so that nothing ever waits without a bound).
+
+Connections themselves are httpcore's (``AsyncHTTPConnection``): the HTTP/1.1
+and HTTP/2 protocol code is theirs, the pooling decisions are ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpcore
+import httpx
+
+# Requests whose exchange can be repeated safely on a fresh connection when a
+# kept-alive connection turns out to have been closed by the upstream.
+_RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+_SWEEP_INTERVAL = 1.0
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class PoolStats:
+    """A point-in-time view of one pool, read by /pools and the metrics."""
+
+    connections: int
+    active: int
+    idle: int
+    connecting: int
+    http_versions: dict[str, int]
+    opened_total: int
+    closed_total: int
+    waiting: int
+
+
+class _Connection:
+    """One upstream connection and what the pool knows about it."""
+
+    __slots__ = ("conn", "id", "streams", "multiplexed", "http_version", "idle_since", "closed")
+
+    def __init__(self, conn: httpcore.AsyncHTTPConnection, multiplexed: bool) -> None:
+        self.conn = conn
+        self.id = next(_ids)
+        self.streams = 0  # requests in progress on it
+        self.multiplexed = multiplexed  # known to be HTTP/2 (or will be: prior knowledge)
+        self.http_version: str | None = None  # None until the first response
+        self.idle_since = time.monotonic()
+        self.closed = False
+
+
+class PoolTransport(httpx.AsyncBaseTransport):
+    """A bounded, O(1) connection pool for a single upstream origin."""
+
+    def __init__(
+        self,
+        *,
+        scheme: str,
+        host: str,
+        port: int,
+        max_connections: int,
+        max_idle: int,
+        keepalive_expiry: float,
+        http1: bool = True,
+        http2: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        streams_per_connection: int = 100,
+        network_backend: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._origin = httpcore.Origin(scheme.encode(), host.encode(), port)
+        self._scheme, self._host, self._port = scheme.encode(), host.encode(), port
+        self._max_connections = max_connections
+        self._max_idle = max_idle
+        self._keepalive_expiry = keepalive_expiry
+        self._http1, self._http2 = http1, http2
+        self._prior_knowledge = http2 and not http1
+        self._ssl_context = ssl_context
+        self._streams = streams_per_connection
+        self._network_backend = network_backend
+        self._all: dict[int, _Connection] = {}
+        self._idle: list[_Connection] = []  # HTTP/1.1 only; LIFO
+        self._shared: dict[int, _Connection] = {}  # multiplexed, with stream capacity
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._opened_total = 0
+        self._closed_total = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---------------------------------------------------------------- stats
+
+    def stats(self) -> PoolStats:
+        active = idle = connecting = 0
+        versions: dict[str, int] = {}
+        for connection in self._all.values():
+            if connection.http_version is None and connection.streams:
+                connecting += 1
+            if connection.streams:
+                active += 1
+            else:
+                idle += 1
+            if connection.http_version is not None:
+                versions[connection.http_version] = versions.get(connection.http_version, 0) + 1
+        return PoolStats(
+            connections=len(self._all),
+            active=active,
+            idle=idle,
+            connecting=connecting,
+            http_versions=versions,
+            opened_total=self._opened_total,
+            closed_total=self._closed_total,
+            waiting=len(self._waiters),
+        )
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<PoolTransport {self._origin} connections={s.connections}/{self._max_connections} "
+            f"active={s.active} idle={s.idle} waiting={s.waiting}>"
+        )
+
+    # ---------------------------------------------------------- the request
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        target = request.extensions.get("target") or request.url.raw_path
+        core_request = httpcore.Request(
+            method=request.method.encode("ascii"),
+            url=httpcore.URL(scheme=self._scheme, host=self._host, port=self._port, target=target),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        headers = request.headers
+        may_retry = (
+            request.method in _RETRYABLE_METHODS
+            and "content-length" not in headers
+            and "transfer-encoding" not in headers
+        )
+        while True:
+            connection, reused = await self._acquire(timeouts.get("pool"))
+            try:
+                with _map_exceptions():
+                    response = await connection.conn.handle_async_request(core_request)
+            except BaseException as exc:
+                self._release(connection)
+                if may_retry and reused and isinstance(exc, _STALE_CONNECTION_ERRORS):
+                    may_retry = False  # once: the kept-alive connection had gone stale
+                    continue
+                raise
+            if connection.http_version is None:
+                version = response.extensions.get("http_version", b"HTTP/1.1")
+                connection.http_version = version.decode("ascii", "replace")
+                if version == b"HTTP/2" and not connection.multiplexed:
+                    connection.multiplexed = True
+                    self._shared[connection.id] = connection
+            return httpx.Response(
+                status_code=response.status,
+                headers=response.headers,
+                stream=_PooledStream(response.stream, self, connection),  # type: ignore[arg-type]
+                extensions=response.extensions,
+            )
+
+    # -------------------------------------------------- acquire and release
+
+    async def _acquire(self, timeout: float | None) -> tuple[_Connection, bool]:
+        """A connection that can take one more request now, and whether it was reused."""
+        self._start_sweeper()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found = self._take_available()
+            if found is not None:
+                return found
+            if self._closing:
+                raise httpx.PoolTimeout("the pool is closed")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise httpx.PoolTimeout("no upstream connection became free in time")
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                raise httpx.PoolTimeout("no upstream connection became free in time") from None
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # we were woken but leave: pass the turn on
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def _take_available(self) -> tuple[_Connection, bool] | None:
+        for connection in self._shared.values():
+            if connection.streams < self._stream_limit(connection) and connection.conn.is_available():
+                connection.streams += 1
+                return connection, True
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.conn.has_expired() or not connection.conn.is_available():
+                self._discard(connection)
+                continue
+            connection.streams = 1
+            return connection, True
+        if len(self._all) < self._max_connections:
+            return self._open(), False
+        return None
+
+    def _open(self) -> _Connection:
+        conn = httpcore.AsyncHTTPConnection(
+            origin=self._origin,
+            ssl_context=self._ssl_context,
+            keepalive_expiry=self._keepalive_expiry,
+            http1=self._http1,
+            http2=self._http2,
+            network_backend=self._network_backend,
+        )
+        connection = _Connection(conn, multiplexed=self._prior_knowledge)
+        connection.streams = 1
+        self._all[connection.id] = connection
+        if connection.multiplexed:
+            self._shared[connection.id] = connection
+        self._opened_total += 1
+        return connection
+
+    def _stream_limit(self, connection: _Connection) -> int:
+        # httpcore caps streams at min(server MAX_CONCURRENT_STREAMS, 100) and
+        # makes extra streams wait on a semaphore with no timeout; never ask for
+        # more than it will grant (TRAPS.md §8).
+        inner = getattr(connection.conn, "_connection", None)
+        granted = getattr(inner, "_max_streams", None)
+        if isinstance(granted, int) and granted > 0:
+            return min(granted, self._streams)
+        return self._streams
+
+    def _release(self, connection: _Connection) -> None:
+        """The request on ``connection`` is over: idle it, share it or drop it."""
+        connection.streams -= 1
+        conn = connection.conn
+        if connection.closed:
+            pass
+        elif conn.is_closed() or (not connection.multiplexed and not conn.is_idle()):
+            self._discard(connection)
+        elif connection.multiplexed:
+            if connection.streams == 0:
+                connection.idle_since = time.monotonic()
+            if not conn.is_available() and connection.streams == 0:
+                self._discard(connection)
+        elif self._closing or len(self._idle) >= self._max_idle:
+            self._discard(connection)
+        else:
+            connection.idle_since = time.monotonic()
+            self._idle.append(connection)
+        self._wake_one()
+
+    def _discard(self, connection: _Connection) -> None:
+        """Forget a connection and close it in the background."""
+        if connection.closed:
+            return
+        connection.closed = True
+        self._all.pop(connection.id, None)
+        self._shared.pop(connection.id, None)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(connection)
+        self._closed_total += 1
+        self._spawn(_close_quietly(connection.conn))
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --------------------------------------------------- housekeeping
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None and not self._closing:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close idle connections past keepalive_expiry, so they don't linger."""
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.monotonic()
+            for connection in list(self._all.values()):
+                if connection.streams:
+                    continue
+                if now - connection.idle_since > self._keepalive_expiry or connection.conn.is_closed():
+                    self._discard(connection)
+
+    async def aclose(self) -> None:
+        """Close every connection now (in-flight requests fail)."""
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for connection in list(self._all.values()):
+            self._discard(connection)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _close_quietly(conn: httpcore.AsyncHTTPConnection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.aclose()
+
+
+class _PooledStream(httpx.AsyncByteStream):
+    """A response body that gives its connection back to the pool when closed."""
+
+    __slots__ = ("_stream", "_pool", "_connection", "_released")
+
+    def __init__(self, stream: AsyncIterator[bytes], pool: PoolTransport, connection: _Connection) -> None:
+        self._stream = stream
+        self._pool = pool
+        self._connection = connection
+        self._released = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _map_exceptions():
+            async for chunk in self._stream:
+                yield chunk
+
+    async def aclose(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        try:
+            closer = getattr(self._stream, "aclose", None)
+            if closer is not None:
+                with _map_exceptions():
+                    await closer()
+        finally:
+            self._pool._release(self._connection)
+
+
+_EXCEPTION_MAP: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+    (httpcore.NetworkError, httpx.NetworkError),
+)
+
+
+@contextlib.contextmanager
+def _map_exceptions() -> Iterator[None]:
+    """httpcore exceptions → the httpx ones callers of AsyncClient expect."""
+    try:
+        yield
+    except Exception as exc:
+        for core_type, httpx_type in _EXCEPTION_MAP:
+            if isinstance(exc, core_type):
+                raise httpx_type(str(exc)) from exc
+        raise
