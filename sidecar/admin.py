@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .config import ConfigError, public_view
+from .config import REDACTED, ConfigError, public_view
+from .logs import scrubber
 from .metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -67,16 +68,22 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def pool_snapshot(pool: UpstreamPool) -> dict[str, Any]:
-    """One upstream's pool as JSON: limits, live occupancy, connections, totals."""
+def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """One upstream's pool as JSON: limits, live occupancy, connections, totals.
+
+    Connection counts come from the pool itself, not from request counters.
+    A url that carries a ${VAR} value is redacted, as in /config.
+    """
     upstream, admission, stats = pool.upstream, pool.admission, pool.stats()
     limits = upstream.limits
+    url = REDACTED if any(secret in upstream.url for secret in secrets) else upstream.url
     return {
-        "url": upstream.url,
+        "url": url,
         "http2": upstream.http2.yaml_value,
         "limits": {
             "max_connections": limits.max_connections,
             "max_keepalive_connections": limits.max_keepalive_connections,
+            "keepalive_expiry_s": limits.keepalive_expiry,
             "max_concurrent_requests": admission.capacity,
             "max_pending": admission.max_pending,
             "pool_timeout_s": admission.pool_timeout,
@@ -88,24 +95,26 @@ def pool_snapshot(pool: UpstreamPool) -> dict[str, Any]:
             "open": stats.connections,
             "active": stats.active,
             "idle": stats.idle,
+            "connecting": stats.connecting,
             "opened_total": stats.opened_total,
             "closed_total": stats.closed_total,
         },
         "http_versions": stats.http_versions,
-        "totals": dict(pool.outcomes),
+        "totals": {"requests": sum(pool.outcomes.values()), "by_outcome": dict(sorted(pool.outcomes.items()))},
     }
 
 
 async def pools(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
+    secrets = sidecar.config.secrets
     body: dict[str, Any] = {
         "time": time.time(),
         "draining": sidecar.draining,
-        "upstreams": {pool.name: pool_snapshot(pool) for pool in sidecar.all_pools()},
+        "upstreams": {pool.name: pool_snapshot(pool, secrets) for pool in sidecar.all_pools()},
     }
     retired = sidecar.retired_pools()
     if retired:
-        body["retiring"] = [dict(pool_snapshot(pool), name=pool.name) for pool in retired]
+        body["retiring"] = [dict(pool_snapshot(pool, secrets), name=pool.name) for pool in retired]
     return _json(body)
 
 
@@ -118,5 +127,5 @@ async def reload(request: web.Request) -> web.Response:
     try:
         result = await sidecar.reload("admin")
     except ConfigError as error:
-        return _json({"result": "failure", "error": str(error)}, status=400)
+        return _json({"result": "failure", "error": scrubber.redact(str(error))}, status=400)
     return _json({"result": "success", **result.summary()})

@@ -73,7 +73,9 @@ class Exchange:
     path: str
     started: float
     upstream: str | None = None
+    pool: UpstreamPool | None = None
     status: int = 0
+    queued: bool = False  # reached admission (pool_wait is meaningful)
     pool_wait: float = 0.0
     upstream_time: float | None = None
     http_version: str | None = None
@@ -131,7 +133,9 @@ class Forwarder:
         exchange = Exchange(
             request_id=request.headers.get("X-Request-Id") or new_request_id(),
             method=request.method,
-            path=request.path,
+            # Encoded and without the query: no secrets in query strings, no
+            # control characters from percent-decoding in a log line.
+            path=request.rel_url.raw_path,
             started=time.monotonic(),
         )
         try:
@@ -141,9 +145,14 @@ class Forwarder:
             exchange.upstream = exchange.upstream or error.upstream
             exchange.extra["exception"] = error
             return error_response(error, exchange.request_id, close=isinstance(error, Draining))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError):
             exchange.error = exchange.error or "client_disconnected"
             exchange.aborted = True
+            raise
+        except Exception:
+            # aiohttp answers 500 (or aborts, past the headers); account for it.
+            exchange.error = exchange.error or "internal_error"
+            exchange.status = exchange.status or 500
             raise
         finally:
             self._finished(exchange)
@@ -154,7 +163,7 @@ class Forwarder:
         generation = self._generation()
         match = generation.router.resolve(request.method, request.raw_path, request.headers.get(hdrs.HOST))
         pool = generation.pools[match.upstream.name]
-        exchange.upstream = pool.name
+        exchange.upstream, exchange.pool = pool.name, pool
         inbound = generation.inbound
         declared = request.content_length
         if inbound.max_request_body is not None and declared is not None and declared > inbound.max_request_body:
@@ -168,9 +177,12 @@ class Forwarder:
         pool.request_started()
         try:
             waited_from = time.monotonic()
-            await pool.admission.acquire()
-            admitted = time.monotonic()
-            exchange.pool_wait = admitted - waited_from
+            exchange.queued = True
+            try:
+                await pool.admission.acquire()
+            finally:
+                admitted = time.monotonic()
+                exchange.pool_wait = admitted - waited_from
             try:
                 return await self._exchange(request, match, pool, exchange)
             finally:

@@ -10,10 +10,13 @@ import io
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
+
+if TYPE_CHECKING:
+    from .forward import Exchange
 
 REDACTED = "<redacted>"
 
@@ -32,11 +35,14 @@ class SecretScrubber:
         if self.secrets:
             for key, value in event.items():
                 if isinstance(value, str):
-                    for secret in self.secrets:
-                        if secret in value:
-                            value = value.replace(secret, REDACTED)
-                    event[key] = value
+                    event[key] = self.redact(value)
         return event
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
 
 
 scrubber = SecretScrubber()
@@ -72,13 +78,14 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> Non
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        scrubber,
     ]
+    # Tracebacks are rendered to text first, so the scrubber sees them too.
+    final: list[Any] = [structlog.processors.format_exc_info, scrubber, renderer]
     if isinstance(sys.stdout, io.TextIOWrapper):
         # One line at a time: logs must reach `docker logs` and pipes promptly.
         sys.stdout.reconfigure(line_buffering=True)
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, *final],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
@@ -87,7 +94,7 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> Non
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared, structlog.stdlib.ExtraAdder()],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
         )
     )
     handler.addFilter(_ClientGarbageFilter())
@@ -101,3 +108,27 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> Non
 
 def get_logger(name: str = "sidecar") -> Any:
     return structlog.get_logger(name)
+
+
+def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
+    """The one access event per request, with every SPEC §8 field.
+
+    Never the query string, never a header value: the path is logged encoded
+    and without its query, and no header is read here at all.
+    """
+    upstream_time = exchange.upstream_time
+    logger.info(
+        "access",
+        request_id=exchange.request_id,
+        method=exchange.method,
+        path=exchange.path,
+        upstream=exchange.upstream,
+        status=exchange.status or None,
+        duration_ms=round(duration * 1000, 3),
+        pool_wait_ms=round(exchange.pool_wait * 1000, 3),
+        upstream_ms=None if upstream_time is None else round(upstream_time * 1000, 3),
+        upstream_http_version=exchange.http_version,
+        bytes_in=exchange.bytes_in,
+        bytes_out=exchange.bytes_out,
+        error=exchange.error,
+    )

@@ -3,53 +3,185 @@
 Gauges that describe live state (in flight, pending, connections) are not
 updated per request: a collector reads them from the pools at scrape time,
 so they can never drift from the truth.
+
+Per-request accounting (:meth:`Metrics.observe`) is on the hot path: label
+children are looked up once per label set and cached, and every label has
+a bounded set of values (methods outside the standard set count as
+``OTHER``; requests that matched no upstream count under ``none``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import __version__
 from .pools import UpstreamPool
+
+if TYPE_CHECKING:
+    from .forward import Exchange
 
 # Latency buckets from 1 ms to 60 s: proxied calls range from loopback to slow APIs.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Pool waits are short by design (timeouts.pool defaults to 1 s); finer at the low end.
+_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+NO_UPSTREAM = "none"
+OTHER_METHOD = "OTHER"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+# nginx's "client closed request": counted so that request rates add up, never sent.
+CLIENT_CLOSED_STATUS = 499
+# Errors answered by the sidecar without an upstream response: the `reason` of
+# sidecar_rejected_requests_total. Upstream failures go to sidecar_upstream_errors_total.
+REJECTION_REASONS = frozenset(
+    {
+        "queue_full",
+        "pool_timeout",
+        "draining",
+        "no_route",
+        "destination_not_allowed",
+        "connect_not_supported",
+        "bad_request",
+        "request_too_large",
+    }
+)
+_UPSTREAM_ERROR_PREFIX = "upstream_"
 
 # *_created series double the output and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+def method_label(method: str) -> str:
+    """The request method as a label value: a fixed set, so cardinality stays bounded."""
+    return method if method in KNOWN_METHODS else OTHER_METHOD
+
+
+def status_label(exchange: Exchange) -> int:
+    """The status counted for a request; 499 when the caller left before any response."""
+    if exchange.status:
+        return exchange.status
+    return CLIENT_CLOSED_STATUS if exchange.aborted else 500
+
+
+def outcome(exchange: Exchange) -> str:
+    """One word for how a request ended, for /pools totals: the error code or the status class."""
+    if exchange.error is not None:
+        return exchange.error
+    return f"{exchange.status // 100}xx" if exchange.status else "unknown"
+
+
+class _Live:
+    """One upstream's live numbers, summed over its current and retiring pools."""
+
+    __slots__ = (
+        "in_flight",
+        "pending",
+        "oldest_wait",
+        "active",
+        "idle",
+        "opened",
+        "closed",
+        "capacity",
+        "max_pending",
+        "max_connections",
+    )
+
+    def __init__(self, current: UpstreamPool) -> None:
+        self.in_flight = self.pending = self.active = self.idle = self.opened = self.closed = 0
+        self.oldest_wait = 0.0
+        self.capacity = current.admission.capacity
+        self.max_pending = current.admission.max_pending
+        self.max_connections = current.upstream.limits.max_connections
+
+    def add(self, pool: UpstreamPool) -> None:
+        stats, admission = pool.stats(), pool.admission
+        self.in_flight += admission.in_flight
+        self.pending += admission.pending
+        self.oldest_wait = max(self.oldest_wait, admission.oldest_wait())
+        self.active += stats.active
+        self.idle += stats.idle
+        self.opened += stats.opened_total
+        self.closed += stats.closed_total
+
+
 class _PoolCollector(Collector):
-    """Reads live per-upstream state from the pools at scrape time."""
+    """Reads live per-upstream state from the pools at scrape time.
+
+    A reload may leave a replaced pool draining next to its successor under
+    the same name; both are summed, since both hold connections and slots.
+    """
 
     def __init__(self, pools: Callable[[], Iterable[UpstreamPool]]) -> None:
         self._pools = pools
 
     def collect(self) -> Iterator[Metric]:
-        inflight = GaugeMetricFamily(
-            "sidecar_inflight_requests", "Requests holding a slot, per upstream", labels=["upstream"]
+        def gauge(name: str, documentation: str, labels: tuple[str, ...] = ("upstream",)) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, documentation, labels=labels)
+
+        inflight = gauge("sidecar_inflight_requests", "Requests holding a slot, per upstream")
+        pending = gauge("sidecar_pending_requests", "Requests waiting for a slot, per upstream")
+        oldest = gauge("sidecar_oldest_pending_seconds", "How long the longest-waiting request has waited")
+        connections = gauge(
+            "sidecar_upstream_connections", "Open upstream TCP connections by state", ("upstream", "state")
         )
-        pending = GaugeMetricFamily(
-            "sidecar_pending_requests", "Requests waiting for a slot, per upstream", labels=["upstream"]
+        capacity = gauge("sidecar_max_concurrent_requests", "Configured in-flight cap, per upstream")
+        max_pending = gauge("sidecar_max_pending_requests", "Configured waiting-queue cap, per upstream")
+        max_connections = gauge("sidecar_max_connections", "Configured connection cap, per upstream")
+        opened = CounterMetricFamily(
+            "sidecar_upstream_connections_opened", "Upstream connections opened", labels=["upstream"]
         )
-        connections = GaugeMetricFamily(
-            "sidecar_upstream_connections", "Open upstream TCP connections", labels=["upstream", "state"]
+        closed = CounterMetricFamily(
+            "sidecar_upstream_connections_closed", "Upstream connections closed", labels=["upstream"]
         )
-        capacity = GaugeMetricFamily(
-            "sidecar_max_concurrent_requests", "Configured in-flight cap, per upstream", labels=["upstream"]
-        )
+        live: dict[str, _Live] = {}
         for pool in self._pools():
-            stats = pool.stats()
-            inflight.add_metric([pool.name], pool.admission.in_flight)
-            pending.add_metric([pool.name], pool.admission.pending)
-            connections.add_metric([pool.name, "active"], stats.active)
-            connections.add_metric([pool.name, "idle"], stats.idle)
-            capacity.add_metric([pool.name], pool.admission.capacity)
-        yield from (inflight, pending, connections, capacity)
+            row = live.get(pool.name)
+            if row is None:  # the current pool comes first: its limits are the ones shown
+                row = live[pool.name] = _Live(pool)
+            row.add(pool)
+        for name, row in live.items():
+            inflight.add_metric([name], row.in_flight)
+            pending.add_metric([name], row.pending)
+            oldest.add_metric([name], row.oldest_wait)
+            connections.add_metric([name, "active"], row.active)
+            connections.add_metric([name, "idle"], row.idle)
+            capacity.add_metric([name], row.capacity)
+            max_pending.add_metric([name], row.max_pending)
+            max_connections.add_metric([name], row.max_connections)
+            opened.add_metric([name], row.opened)
+            closed.add_metric([name], row.closed)
+        info = gauge("sidecar_build_info", "Always 1; the version as a label", ("version",))
+        info.add_metric([__version__], 1)
+        yield from (
+            inflight,
+            pending,
+            oldest,
+            connections,
+            capacity,
+            max_pending,
+            max_connections,
+            opened,
+            closed,
+            info,
+        )
+
+
+class _UpstreamSeries:
+    """The per-upstream label children, resolved once (labels() is a locked dict lookup)."""
+
+    __slots__ = ("duration", "upstream_duration", "pool_wait", "bytes_in", "bytes_out")
+
+    def __init__(self, metrics: Metrics, upstream: str) -> None:
+        self.duration = metrics.duration.labels(upstream)
+        self.upstream_duration = metrics.upstream_duration.labels(upstream)
+        self.pool_wait = metrics.pool_wait.labels(upstream)
+        self.bytes_in = metrics.bytes_in.labels(upstream)
+        self.bytes_out = metrics.bytes_out.labels(upstream)
 
 
 class Metrics:
@@ -63,7 +195,7 @@ class Metrics:
         )
         self.duration = Histogram(
             "sidecar_request_duration_seconds",
-            "Time from request to the end of the response",
+            "Time from request to the end of the response, as the caller sees it",
             ["upstream"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -77,19 +209,19 @@ class Metrics:
         )
         self.pool_wait = Histogram(
             "sidecar_pool_wait_seconds",
-            "Time waiting for a slot",
+            "Time waiting for a slot (admitted or timed out)",
             ["upstream"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=_WAIT_BUCKETS,
             registry=r,
         )
         self.rejected = Counter(
             "sidecar_rejected_requests_total",
-            "Requests refused by admission or drain",
+            "Requests the sidecar refused itself, without an upstream response",
             ["upstream", "reason"],
             registry=r,
         )
         self.upstream_errors = Counter(
-            "sidecar_upstream_errors_total", "Upstream failures", ["upstream", "kind"], registry=r
+            "sidecar_upstream_errors_total", "Upstream failures by kind", ["upstream", "kind"], registry=r
         )
         self.bytes_in = Counter(
             "sidecar_request_bytes_total", "Request body bytes received from callers", ["upstream"], registry=r
@@ -99,6 +231,37 @@ class Metrics:
         )
         self.reloads = Counter("sidecar_config_reloads_total", "Config reloads by result", ["result"], registry=r)
         r.register(_PoolCollector(pools))
+        self._request_series: dict[tuple[str, str, int], Any] = {}
+        self._upstream_series: dict[str, _UpstreamSeries] = {}
+
+    def observe(self, exchange: Exchange, duration: float) -> None:
+        """Count one finished request (called once per request, on the hot path)."""
+        upstream = exchange.upstream or NO_UPSTREAM
+        key = (upstream, exchange.method, status_label(exchange))
+        counter = self._request_series.get(key)
+        if counter is None:
+            counter = self.requests.labels(upstream, method_label(key[1]), str(key[2]))
+            if key[1] in KNOWN_METHODS:  # arbitrary method tokens must not grow the cache
+                self._request_series[key] = counter
+        counter.inc()
+        series = self._upstream_series.get(upstream)
+        if series is None:
+            series = self._upstream_series[upstream] = _UpstreamSeries(self, upstream)
+        error = exchange.error
+        series.duration.observe(duration)
+        if exchange.queued and error != "queue_full":
+            series.pool_wait.observe(exchange.pool_wait)
+        if exchange.upstream_time is not None:
+            series.upstream_duration.observe(exchange.upstream_time)
+        if exchange.bytes_in:
+            series.bytes_in.inc(exchange.bytes_in)
+        if exchange.bytes_out:
+            series.bytes_out.inc(exchange.bytes_out)
+        if error is not None:
+            if error in REJECTION_REASONS:
+                self.rejected.labels(upstream, error).inc()
+            elif error.startswith(_UPSTREAM_ERROR_PREFIX):
+                self.upstream_errors.labels(upstream, error[len(_UPSTREAM_ERROR_PREFIX) :]).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

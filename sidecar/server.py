@@ -25,8 +25,8 @@ from aiohttp import web
 from . import __version__
 from .config import Config, ConfigError, HostPort, load_config
 from .forward import Exchange, Forwarder, Generation
-from .logs import get_logger, scrubber
-from .metrics import Metrics
+from .logs import get_logger, log_access, scrubber
+from .metrics import Metrics, outcome
 from .pools import UpstreamPool
 from .routing import Router
 
@@ -69,7 +69,7 @@ class Sidecar:
         self.config = config
         self.listen = listen or config.listen
         self.admin_listen: HostPort | None = config.admin.listen if isinstance(admin, str) else admin
-        self.metrics = Metrics(self.all_pools)
+        self.metrics = Metrics(self._observed_pools)
         self.draining = False
         self.ready = False
         self._generation: Generation | None = None
@@ -96,6 +96,11 @@ class Sidecar:
 
     def retired_pools(self) -> frozenset[UpstreamPool]:
         return frozenset(self._retired)
+
+    def _observed_pools(self) -> Iterator[UpstreamPool]:
+        """Current pools first, then retiring ones still draining: both hold slots and connections."""
+        yield from self.all_pools()
+        yield from tuple(self._retired)
 
     # ------------------------------------------------------------ start
 
@@ -261,41 +266,11 @@ class Sidecar:
     # -------------------------------------------------------- per request
 
     def _finished(self, exchange: Exchange) -> None:
-        upstream = exchange.upstream or "none"
-        metrics = self.metrics
-        status = exchange.status
         duration = time.monotonic() - exchange.started
-        if status:
-            metrics.requests.labels(upstream, exchange.method, str(status)).inc()
-        if exchange.upstream is not None:
-            metrics.duration.labels(upstream).observe(duration)
-            if status not in (0, 503) or exchange.upstream_time is not None:
-                metrics.pool_wait.labels(upstream).observe(exchange.pool_wait)
-            if exchange.upstream_time is not None:
-                metrics.upstream_duration.labels(upstream).observe(exchange.upstream_time)
-            if exchange.bytes_in:
-                metrics.bytes_in.labels(upstream).inc(exchange.bytes_in)
-            if exchange.bytes_out:
-                metrics.bytes_out.labels(upstream).inc(exchange.bytes_out)
-        error = exchange.error
-        if error in ("queue_full", "pool_timeout", "draining"):
-            metrics.rejected.labels(upstream, error).inc()
-        elif error is not None and error.startswith("upstream_"):
-            metrics.upstream_errors.labels(upstream, error.removeprefix("upstream_")).inc()
-        access_log.info(
-            "access",
-            request_id=exchange.request_id,
-            method=exchange.method,
-            path=exchange.path,
-            upstream=exchange.upstream,
-            status=status or None,
-            duration_ms=round(duration * 1000, 3),
-            pool_wait_ms=round(exchange.pool_wait * 1000, 3),
-            upstream_http_version=exchange.http_version,
-            bytes_in=exchange.bytes_in,
-            bytes_out=exchange.bytes_out,
-            error=error,
-        )
+        self.metrics.observe(exchange, duration)
+        if exchange.pool is not None:
+            exchange.pool.outcomes[outcome(exchange)] += 1
+        log_access(access_log, exchange, duration)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
