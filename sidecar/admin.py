@@ -119,7 +119,14 @@ async def pools(request: web.Request) -> web.Response:
 
 
 async def config(request: web.Request) -> web.Response:
-    return _json(public_view(request.app[SIDECAR].config))
+    sidecar = request.app[SIDECAR]
+    view = public_view(sidecar.config)
+    # --listen/--admin on the command line override the file; show what is bound.
+    view["bound"] = {
+        "listen": f"{sidecar.listen.host}:{sidecar.proxy_port}",
+        "admin": None if sidecar.admin_listen is None else f"{sidecar.admin_listen.host}:{sidecar.admin_port}",
+    }
+    return _json(view)
 
 
 async def reload(request: web.Request) -> web.Response:
