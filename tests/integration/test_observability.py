@@ -325,6 +325,37 @@ async def test_client_disconnect_counts_as_499_and_frees_the_slot(tmp_path: Path
         assert pool.outcomes == {"client_disconnected": 1}
 
 
+async def test_upstream_failing_mid_body_counts_as_body_error(tmp_path: Path) -> None:
+    async def truncated(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"x" * 100)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    async with (
+        Upstream(truncated) as upstream,
+        running_sidecar(tmp_path, f"upstreams:\n  api: {{url: {upstream.url}}}\n") as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
+        try:
+            async with client.get(proxy_url(sidecar) + "/api/x") as response:
+                assert response.status == 200
+                await response.read()
+        except aiohttp.ClientPayloadError:
+            pass  # the caller must see the truncation as an error
+        else:
+            raise AssertionError("a truncated body was delivered as complete")
+        pool = sidecar.generation().pools["api"]
+        await eventually(lambda: pool.admission.in_flight == 0)
+        samples = await scrape(client, admin_url(sidecar))
+    assert value(samples, "sidecar_upstream_errors_total", upstream="api", kind="body_error") == 1
+    assert value(samples, "sidecar_requests_total", upstream="api", method="GET", status="200") == 1
+    assert value(samples, "sidecar_response_bytes_total", upstream="api") == 100
+    assert pool.outcomes == {"upstream_body_error": 1}
+
+
 # ---------------------------------------------------------- admin isolation
 
 
@@ -351,6 +382,11 @@ async def test_admin_endpoints_are_not_reachable_through_the_proxy_port(tmp_path
         # ... and the admin port does serve them.
         async with client.get(admin_url(sidecar) + "/healthz") as response:
             assert response.status == 200
+        config = await get_json(client, admin_url(sidecar) + "/config")
+        assert config["bound"] == {
+            "listen": f"{LOOPBACK}:{sidecar.proxy_port}",
+            "admin": f"{LOOPBACK}:{sidecar.admin_port}",
+        }
     assert upstream.requests == []
 
 
@@ -470,7 +506,8 @@ async def test_one_access_line_per_request_with_every_spec_field(tmp_path: Path)
         return web.Response(body=b"0123456789")
 
     async with Upstream(echo) as upstream:
-        config = write_config(tmp_path, f"upstreams:\n  api: {{url: {upstream.url}}}\n")
+        # http2: true on an http:// url is valid but worth a config_warning event.
+        config = write_config(tmp_path, f"upstreams:\n  api: {{url: {upstream.url}, http2: true}}\n")
         process = SidecarProcess(config)
         await process.start()
         returned: dict[str, tuple[str, int]] = {}
@@ -516,6 +553,7 @@ async def test_one_access_line_per_request_with_every_spec_field(tmp_path: Path)
     assert not any(line.get("logger") in ("httpx", "httpcore") for line in process.lines)
     assert not any("HTTP Request" in raw for raw in process.raw)
     assert all(json.loads(raw) for raw in process.raw)  # JSON, one event per line
+    assert "stays HTTP/1.1" in process.events("config_warning")[0]["message"]
     for event in ("started", "draining", "stopped"):
         assert len(process.events(event)) == 1, event
 
