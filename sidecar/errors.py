@@ -140,6 +140,9 @@ def error_response(error: SidecarError, request_id: str, *, close: bool = False)
     headers = {"X-Sidecar-Error": error.code, "X-Request-Id": request_id}
     if isinstance(error, Rejected):
         headers["Retry-After"] = str(error.retry_after)
+    response = web.Response(status=error.status, text=body, content_type="application/json", headers=headers)
     if close:
-        headers["Connection"] = "close"
-    return web.Response(status=error.status, text=body, content_type="application/json", headers=headers)
+        # The header alone would be a lie: aiohttp keeps the connection open
+        # unless told to close it, and then writes "Connection: close" itself.
+        response.force_close()
+    return response

@@ -171,11 +171,12 @@ class Forwarder:
                 f"request body of {declared} bytes is over the limit of {inbound.max_request_body}",
                 upstream=pool.name,
             )
-        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
+        # Counted before the first await: a reload that retires this pool
+        # must see the request, or it could close the pool under it.
         pool.request_started()
         try:
+            if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             waited_from = time.monotonic()
             exchange.queued = True
             try:
