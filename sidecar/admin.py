@@ -13,6 +13,7 @@ from aiohttp import web
 from .config import REDACTED, ConfigError, public_view
 from .logs import scrubber
 from .metrics import CONTENT_TYPE
+from .reload import ReloadRefused
 
 if TYPE_CHECKING:
     from .pools import UpstreamPool
@@ -135,4 +136,6 @@ async def reload(request: web.Request) -> web.Response:
         result = await sidecar.reload("admin")
     except ConfigError as error:
         return _json({"result": "failure", "error": scrubber.redact(str(error))}, status=400)
+    except ReloadRefused as refused:
+        return _json({"result": "refused", "error": str(refused)}, status=503)
     return _json({"result": "success", **result.summary()})

@@ -96,6 +96,9 @@ def run(config: Config, args: argparse.Namespace) -> int:
         import uvloop
 
         return uvloop.run(serve(sidecar))
+    except ConfigError as error:  # valid YAML, but a pool cannot be opened (e.g. a bad CA file)
+        print(f"sidecar: invalid config: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"sidecar: cannot start: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import signal
 import socket
+import sys
 import time
-from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -28,32 +26,28 @@ from .forward import Exchange, Forwarder, Generation
 from .logs import get_logger, log_access, scrubber
 from .metrics import Metrics, outcome
 from .pools import UpstreamPool
+from .reload import ReloadRefused, ReloadResult, file_signature, plan_reload
 from .routing import Router
+
+__all__ = ["ReloadRefused", "ReloadResult", "Sidecar", "serve"]
 
 log = get_logger("sidecar")
 access_log = get_logger("sidecar.access")
 
 # aiohttp keeps idle client connections open this long (nginx's default).
 _CLIENT_KEEPALIVE = 75.0
+# The config file is polled: inotify does not see edits made through Docker
+# bind mounts or on network filesystems.  A change is acted on once two reads
+# _WATCH_SETTLE apart agree, so a half-written file is not loaded.
 _WATCH_INTERVAL = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadResult:
-    added: tuple[str, ...]
-    changed: tuple[str, ...]
-    removed: tuple[str, ...]
-    unchanged: tuple[str, ...]
-    restart_needed: tuple[str, ...]
-
-    def summary(self) -> dict[str, list[str]]:
-        return {
-            "added": list(self.added),
-            "changed": list(self.changed),
-            "removed": list(self.removed),
-            "unchanged": list(self.unchanged),
-            "restart_needed": list(self.restart_needed),
-        }
+_WATCH_SETTLE = 0.2
+# Past the drain deadline, aborted handlers get this long to run their cleanup
+# (give back slots, close upstream responses); also aiohttp's own per-connection
+# shutdown budget, which only ever sees connections that are already done.
+_ABORT_GRACE = 1.0
+# A second SIGTERM/SIGINT exits at once, with this code (SPEC §2: 1 = anything
+# but a clean shutdown).
+_EXIT_FORCED = 1
 
 
 class Sidecar:
@@ -74,9 +68,18 @@ class Sidecar:
         self.ready = False
         self._generation: Generation | None = None
         self._retired: set[UpstreamPool] = set()
+        self._closing: dict[UpstreamPool, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
-        self._file_signature = _signature(config.source)
+        # The content last loaded (or tried): the watcher acts when the file differs.
+        self._attempted_signature = file_signature(config.source)
+        # Proxy requests in progress, across every generation of pools.
+        self._handling = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._drain_deadline = 0.0
+        self._stopping = False
+        self._stopped = asyncio.Event()
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self.proxy_port = 0
@@ -111,12 +114,12 @@ class Sidecar:
             log.warning("config_warning", message=warning)
         self._generation = Generation(
             router=Router(config.upstreams),
-            pools={u.name: UpstreamPool(u) for u in config.upstreams},
+            pools=self._open_pools(config, [u.name for u in config.upstreams]),
             inbound=config.inbound,
         )
         inbound = config.inbound
         proxy_server = web.Server(
-            self.forwarder,
+            self._handle_proxy,
             handler_cancellation=True,  # a caller that disconnects frees its slot at once
             access_log=None,
             auto_decompress=False,
@@ -125,7 +128,9 @@ class Sidecar:
             max_field_size=inbound.max_field_size,
             max_headers=inbound.max_headers,
         )
-        self._proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=config.shutdown_timeout)
+        # The drain budget is enforced by shutdown() itself (it can change on
+        # reload); aiohttp's per-connection budget only covers the last flush.
+        self._proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=_ABORT_GRACE)
         await self._proxy_runner.setup()
         reuse_port = config.workers > 1
         proxy_socket = _bind(self.listen, reuse_port=reuse_port)
@@ -135,12 +140,12 @@ class Sidecar:
         if self.admin_listen is not None:
             from .admin import create_admin_app
 
-            self._admin_runner = web.AppRunner(create_admin_app(self), access_log=None)
+            self._admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=_ABORT_GRACE)
             await self._admin_runner.setup()
             admin_socket = _bind(self.admin_listen, reuse_port=reuse_port)
             await web.SockSite(self._admin_runner, admin_socket).start()
             self.admin_port = admin_socket.getsockname()[1]
-        self.ready = True
+        self.ready = not self.draining
         log.info(
             "started",
             version=__version__,
@@ -154,114 +159,217 @@ class Sidecar:
     # ----------------------------------------------------------- reload
 
     async def reload(self, reason: str) -> ReloadResult:
-        """Load the config file again and swap it in; raises ConfigError (old config stays)."""
+        """Load the config file again and swap it in.
+
+        Raises :class:`ConfigError` if the file is invalid or a pool cannot be
+        opened (the running config stays as it was), :class:`ReloadRefused`
+        before start() or once shutting down.  Reloads run one at a time.
+        """
+        self._refuse_reload()
         async with self._reload_lock:
+            self._refuse_reload()
+            source = self.config.source
+            # Read before loading, and kept whatever the outcome: an edit that
+            # races the load shows up as a change, and a broken file is
+            # reported once, not at every poll.
+            self._attempted_signature = await asyncio.to_thread(file_signature, source)
             try:
-                new = await asyncio.get_running_loop().run_in_executor(None, load_config, self.config.source)
+                new = await asyncio.to_thread(load_config, source)
+                plan, generation = self._prepare(new)
             except ConfigError as error:
                 self.metrics.reloads.labels("failure").inc()
-                log.error("config_reload_failed", reason=reason, error=str(error))
+                log.error(
+                    "config_reload_failed",
+                    reason=reason,
+                    file=error.source,
+                    path=error.path,
+                    problem=error.problem,
+                    error=str(error),
+                )
                 raise
-            result = self._swap(new)
-            self._file_signature = _signature(new.source)
-            self.metrics.reloads.labels("success").inc()
-            for warning in new.warnings:
-                log.warning("config_warning", message=warning)
-            for what in result.restart_needed:
-                log.warning("config_restart_needed", setting=what, message=f"{what} changes take effect on restart")
-            log.info("config_reloaded", reason=reason, **result.summary())
-            return result
+            except Exception:
+                self.metrics.reloads.labels("failure").inc()
+                log.exception("config_reload_failed", reason=reason, error="unexpected error")
+                raise
+            self._commit(new, plan, generation)
+        self.metrics.reloads.labels("success").inc()
+        for warning in new.warnings:
+            log.warning("config_warning", message=warning)
+        for what in plan.restart_needed:
+            log.warning("config_restart_needed", setting=what, message=f"{what} changes take effect on restart")
+        log.info("config_reloaded", reason=reason, **plan.summary())
+        return plan
 
-    def _swap(self, new: Config) -> ReloadResult:
-        old_generation = self.generation()
-        old_pools = old_generation.pools
-        pools: dict[str, UpstreamPool] = {}
-        added: list[str] = []
-        changed: list[str] = []
-        unchanged: list[str] = []
-        for upstream in new.upstreams:
-            current = old_pools.get(upstream.name)
-            if current is not None and current.upstream == upstream:
-                pools[upstream.name] = current
-                unchanged.append(upstream.name)
-            else:
-                pools[upstream.name] = UpstreamPool(upstream)
-                (changed if current is not None else added).append(upstream.name)
-        removed = [name for name in old_pools if name not in pools]
-        restart = [
-            name
-            for name, before, after in (
-                ("listen", self.config.listen, new.listen),
-                ("admin", self.config.admin.listen, new.admin.listen),
-                ("workers", self.config.workers, new.workers),
-                ("inbound.max_line_size", self.config.inbound.max_line_size, new.inbound.max_line_size),
-                ("inbound.max_field_size", self.config.inbound.max_field_size, new.inbound.max_field_size),
-                ("inbound.max_headers", self.config.inbound.max_headers, new.inbound.max_headers),
-            )
-            if before != after
-        ]
-        # Swap first, so new requests go to new pools at once; then retire.
-        self._generation = Generation(router=Router(new.upstreams), pools=pools, inbound=new.inbound)
+    async def reload_quietly(self, reason: str) -> None:
+        """A reload whose failure is only logged and counted (watcher, SIGHUP)."""
+        with contextlib.suppress(Exception):  # reload() logged and counted it
+            await self.reload(reason)
+
+    def _refuse_reload(self) -> None:
+        if self.draining:
+            log.info("config_reload_refused", reason="draining")
+            raise ReloadRefused("the sidecar is shutting down")
+        if self._generation is None:
+            raise ReloadRefused("the sidecar has not started")
+
+    def _prepare(self, new: Config) -> tuple[ReloadResult, Generation]:
+        """The next generation, with new pools opened for added and changed upstreams."""
+        plan = plan_reload(self.config, new)
+        opened = self._open_pools(new, plan.opened)
+        try:
+            current = self.generation().pools
+            pools = {u.name: opened[u.name] if u.name in opened else current[u.name] for u in new.upstreams}
+            generation = Generation(router=Router(new.upstreams), pools=pools, inbound=new.inbound)
+        except BaseException:
+            self._close_all(opened.values())
+            raise
+        return plan, generation
+
+    def _open_pools(self, config: Config, names: Iterable[str]) -> dict[str, UpstreamPool]:
+        """New pools; a ConfigError naming the upstream if one cannot be built.
+
+        Validation already checked the files exist, but only building the TLS
+        context reads them: a CA file that is not a certificate fails here.
+        """
+        opened: dict[str, UpstreamPool] = {}
+        for name in names:
+            upstream = config.upstream(name)
+            assert upstream is not None
+            try:
+                opened[name] = UpstreamPool(upstream)
+            except Exception as exc:
+                self._close_all(opened.values())
+                where = f"upstreams.{name}.tls" if isinstance(exc, OSError) else f"upstreams.{name}"
+                raise ConfigError(config.source, where, f"cannot open the pool: {exc}") from exc
+        return opened
+
+    def _commit(self, new: Config, plan: ReloadResult, generation: Generation) -> None:
+        """Swap in one synchronous step: new requests use the new pools at once."""
+        old_pools = self.generation().pools
+        self._generation = generation
         # Old secrets stay scrubbed too: retired pools may still log.
         scrubber.update(new.secrets | self.config.secrets)
         self.config = new
-        for name in (*changed, *removed):
+        for name in plan.replaced:
             self._retire(old_pools[name])
-        return ReloadResult(tuple(added), tuple(changed), tuple(removed), tuple(unchanged), tuple(restart))
 
     def _retire(self, pool: UpstreamPool) -> None:
         """Let a replaced pool finish its in-flight requests, then close it."""
         self._retired.add(pool)
+        timeout = self.config.shutdown_timeout
 
         async def drain_then_close() -> None:
-            drained = await pool.drain(self.config.shutdown_timeout)
+            drained = await pool.drain(timeout)
             if not drained:
-                log.warning("pool_drain_timeout", upstream=pool.name, active=pool.active)
-            await pool.aclose()
-            self._retired.discard(pool)
+                log.warning("pool_drain_timeout", upstream=pool.name, in_flight=pool.active, timeout=timeout)
+            await asyncio.shield(self._close(pool))
             log.info("pool_closed", upstream=pool.name, drained=drained)
 
         self._spawn(drain_then_close())
 
+    def _close(self, pool: UpstreamPool) -> asyncio.Task[None]:
+        """Close a pool once, in a task of its own that a cancelled caller cannot interrupt."""
+        task = self._closing.get(pool)
+        if task is None:
+            task = asyncio.ensure_future(pool.aclose())
+            self._closing[pool] = task
+
+            def closed(_: asyncio.Task[None]) -> None:
+                self._closing.pop(pool, None)
+                self._retired.discard(pool)
+
+            task.add_done_callback(closed)
+        return task
+
+    def _close_all(self, pools: Iterable[UpstreamPool]) -> None:
+        for pool in pools:
+            self._close(pool)
+
     async def watch_config(self) -> None:
-        """Poll the config file; works through bind mounts where inotify does not."""
-        while True:
+        """Poll the config file and reload when its content changes.
+
+        Works through bind mounts, where inotify does not.  A missing file (an
+        editor replacing it) is waited out; neither a bad file nor any error
+        in a reload stops the watcher.
+        """
+        while not self.draining:
             await asyncio.sleep(_WATCH_INTERVAL)
-            signature = _signature(self.config.source)
-            if signature is None or signature == self._file_signature:
-                continue
-            self._file_signature = signature
-            with contextlib.suppress(ConfigError):
-                await self.reload("file_changed")
+            try:
+                await self._reload_if_changed()
+            except Exception:
+                log.exception("config_watch_error")
+
+    async def _reload_if_changed(self) -> None:
+        source = self.config.source
+        signature = await asyncio.to_thread(file_signature, source)
+        if signature is None or signature == self._attempted_signature:
+            return
+        await asyncio.sleep(_WATCH_SETTLE)
+        if await asyncio.to_thread(file_signature, source) == signature:
+            await self.reload_quietly("file_changed")
 
     # --------------------------------------------------------- shutdown
 
-    async def shutdown(self) -> None:
-        """Drain: refuse new work, finish in-flight within shutdown_timeout, close."""
+    def begin_drain(self) -> None:
+        """Turn readiness off and refuse new requests, at once (safe in a signal handler)."""
         if self.draining:
             return
         self.draining = True
         self.ready = False
-        timeout = self.config.shutdown_timeout
-        log.info("draining", shutdown_timeout=timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        if self._proxy_runner is not None:
-            for site in list(self._proxy_runner.sites):
+        self._drain_deadline = time.monotonic() + self.config.shutdown_timeout
+        log.info("draining", shutdown_timeout=self.config.shutdown_timeout, in_flight=self._handling)
+
+    async def shutdown(self) -> None:
+        """Drain, then close everything; callers after the first wait for it to finish.
+
+        Stop accepting; answer requests on kept-alive connections with 503
+        ``draining`` and close them; let requests in progress finish until
+        ``shutdown_timeout`` (counted from :meth:`begin_drain`), then abort
+        the rest; close every pool, retired ones included.
+        """
+        self.begin_drain()
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        try:
+            await self._drain_and_close()
+        finally:
+            self._stopped.set()
+
+    async def _drain_and_close(self) -> None:
+        runner = self._proxy_runner
+        if runner is not None:
+            for site in list(runner.sites):
                 await site.stop()  # stop accepting; open connections stay
-        pools = [*self.all_pools(), *self._retired]
-        await asyncio.gather(*(pool.drain(max(0.0, deadline - loop.time())) for pool in pools))
-        if self._proxy_runner is not None:
-            # Whatever is still running past the deadline is cancelled (aborted).
-            self._proxy_runner._shutdown_timeout = max(0.01, min(0.5, deadline - loop.time()))
-            await self._proxy_runner.cleanup()
+        # A reload already past its checks finishes first: no pool opens after this.
+        async with self._reload_lock:
+            pass
+        drained = await _wait(self._quiet, self._drain_deadline - time.monotonic())
+        if not drained:
+            log.warning("drain_timeout", in_flight=self._handling, shutdown_timeout=self.config.shutdown_timeout)
+            self._abort_connections()
+            await _wait(self._quiet, _ABORT_GRACE)
+        if runner is not None:
+            await runner.cleanup()  # closes the idle kept-alive connections
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.gather(*(pool.aclose() for pool in pools), return_exceptions=True)
+        pools = [*self.all_pools(), *self._retired]
+        await asyncio.gather(*(self._close(pool) for pool in pools), return_exceptions=True)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        log.info("stopped")
+        log.info("stopped", drained=drained)
+
+    def _abort_connections(self) -> None:
+        """Past the deadline: abort every proxy connection; their handlers are cancelled."""
+        server = self._proxy_runner.server if self._proxy_runner is not None else None
+        if server is None:
+            return
+        for connection in server.connections:
+            transport = connection.transport
+            if transport is not None:
+                transport.abort()
 
     # -------------------------------------------------------- per request
 
@@ -271,6 +379,17 @@ class Sidecar:
         if exchange.pool is not None:
             exchange.pool.outcomes[outcome(exchange)] += 1
         log_access(access_log, exchange, duration)
+
+    async def _handle_proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The proxy handler, counted: the drain is over when nothing is in progress."""
+        self._handling += 1
+        self._quiet.clear()
+        try:
+            return await self.forwarder(request)
+        finally:
+            self._handling -= 1
+            if self._handling == 0:
+                self._quiet.set()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -297,12 +416,15 @@ def _bind(address: HostPort, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def _signature(path: str) -> str | None:
-    """Content hash of the config file (mtime alone misses same-second edits)."""
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set."""
+    if event.is_set() or timeout <= 0:
+        return event.is_set()
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
 
 
 def _parser_in_use() -> str:
@@ -312,7 +434,7 @@ def _parser_in_use() -> str:
 
 
 async def serve(sidecar: Sidecar) -> int:
-    """Run until SIGTERM/SIGINT; a second signal exits at once."""
+    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once (code 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -320,30 +442,31 @@ async def serve(sidecar: Sidecar) -> int:
     def on_stop_signal(signum: int) -> None:
         nonlocal signals_seen
         signals_seen += 1
+        name = signal.Signals(signum).name
         if signals_seen > 1:
-            log.warning("forced_exit", signal=signal.Signals(signum).name)
-            os._exit(1)
-        log.info("signal", signal=signal.Signals(signum).name)
+            log.warning("forced_exit", signal=name)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            os._exit(_EXIT_FORCED)
+        log.info("signal", signal=name)
+        sidecar.begin_drain()  # /readyz answers 503 from this moment
         stop.set()
 
     def on_hup() -> None:
-        sidecar._spawn(_reload_quietly(sidecar, "sighup"))
+        sidecar._spawn(sidecar.reload_quietly("sighup"))
 
-    await sidecar.start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    watcher = loop.create_task(sidecar.watch_config())
+    watcher: asyncio.Task[None] | None = None
     try:
+        await sidecar.start()
+        watcher = loop.create_task(sidecar.watch_config())
         await stop.wait()
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         await sidecar.shutdown()
     return 0
-
-
-async def _reload_quietly(sidecar: Sidecar, reason: str) -> None:
-    with contextlib.suppress(ConfigError):
-        await sidecar.reload(reason)
