@@ -191,6 +191,9 @@ class Sidecar:
                 self.metrics.reloads.labels("failure").inc()
                 log.exception("config_reload_failed", reason=reason, error="unexpected error")
                 raise
+            if self.draining:  # the drain began while the file was loading
+                self._close_all(generation.pools[name] for name in plan.opened)
+                self._refuse_reload()
             self._commit(new, plan, generation)
         self.metrics.reloads.labels("success").inc()
         for warning in new.warnings:
@@ -342,9 +345,8 @@ class Sidecar:
         if runner is not None:
             for site in list(runner.sites):
                 await site.stop()  # stop accepting; open connections stay
-        # A reload already past its checks finishes first: no pool opens after this.
-        async with self._reload_lock:
-            pass
+        # No reload commits from here on (reload() checks draining right
+        # before it swaps), so the pools below are all there will be.
         drained = await _wait(self._quiet, self._drain_deadline - time.monotonic())
         if not drained:
             log.warning("drain_timeout", in_flight=self._handling, shutdown_timeout=self.config.shutdown_timeout)

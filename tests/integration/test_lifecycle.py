@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from sidecar.pools import UpstreamPool
 from sidecar.reload import ReloadRefused
 from tests.harness import LOOPBACK, SidecarProcess, Upstream, admin_url, proxy_url, running_sidecar, write_config
 
@@ -665,3 +666,40 @@ async def test_concurrent_reloads_are_serialised_and_refused_once_draining(tmp_p
             await sidecar.shutdown()
             assert not sidecar.retired_pools()
             assert all(pool.closed for pool in sidecar.all_pools())
+
+
+async def test_reload_that_finishes_loading_after_the_drain_began_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sidecar.server as server_module
+
+    real_load, real_pool = server_module.load_config, server_module.UpstreamPool
+    opened: list[UpstreamPool] = []
+
+    def slow_load(path: str) -> object:
+        time.sleep(0.5)  # runs in a worker thread, like a slow (network) filesystem
+        return real_load(path)
+
+    def recording_pool(upstream: object) -> UpstreamPool:
+        opened.append(real_pool(upstream))  # type: ignore[arg-type]
+        return opened[-1]
+
+    async with Upstream() as upstream:
+        text = config_text(upstream_block("a", upstream.url))
+        async with running_sidecar(tmp_path, text) as sidecar:
+            monkeypatch.setattr(server_module, "load_config", slow_load)
+            monkeypatch.setattr(server_module, "UpstreamPool", recording_pool)
+            running = sidecar.generation().pools["a"]
+            rewrite(
+                Path(sidecar.config.source), config_text(upstream_block("a", upstream.url, "timeouts: { read: 9s }"))
+            )
+            reloading = asyncio.ensure_future(sidecar.reload("test"))
+            await asyncio.sleep(0.1)
+            sidecar.begin_drain()
+            with pytest.raises(ReloadRefused):
+                await reloading
+            assert sidecar.generation().pools["a"] is running
+            assert sidecar.config.upstream("a").timeouts.read == 30.0  # type: ignore[union-attr]
+            assert len(opened) == 1
+            await asyncio.sleep(0)
+            assert opened[0].closed
