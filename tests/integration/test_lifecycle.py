@@ -2,8 +2,9 @@
 
 Most tests run ``python -m sidecar run`` as a child process (``SidecarProcess``)
 and change it the way an operator does: by editing upstreams.yaml, sending
-SIGHUP/SIGTERM/SIGINT or calling ``POST /reload``.  The in-process tests at
-the end count what a child process cannot show: asyncio tasks.
+SIGHUP/SIGTERM/SIGINT or calling ``POST /reload``.  The in-process tests
+(``running_sidecar``) cover what a child process cannot show: asyncio tasks,
+and faults injected into a reload.
 """
 
 from __future__ import annotations
@@ -339,7 +340,10 @@ async def test_watcher_keeps_running_after_an_unexpected_reload_error(
 
                 await wait_until(reloaded, 5, "the next edit reloaded")
                 assert not watcher.done()
-                assert sidecar.metrics.reloads.labels("failure")._value.get() == 1
+                assert (
+                    sidecar.metrics.registry.get_sample_value("sidecar_config_reloads_total", {"result": "failure"})
+                    == 1
+                )
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
