@@ -229,6 +229,12 @@ class Metrics:
         self.bytes_out = Counter(
             "sidecar_response_bytes_total", "Response body bytes sent to callers", ["upstream"], registry=r
         )
+        self.client_errors = Counter(
+            "sidecar_client_errors_total",
+            "Connections or requests refused for what the caller sent (or failed to send in time)",
+            ["kind"],
+            registry=r,
+        )
         self.reloads = Counter("sidecar_config_reloads_total", "Config reloads by result", ["result"], registry=r)
         r.register(_PoolCollector(pools))
         self._request_series: dict[tuple[str, str, int], Any] = {}
