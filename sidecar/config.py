@@ -305,6 +305,11 @@ class _Loader:
         self.warnings: list[str] = []
 
     def error(self, path: str, problem: str) -> ConfigError:
+        # A value that came from ${VAR} may be a secret: an error quoting it
+        # ("must be a positive integer, got '...'") would print, log and serve it.
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            if len(secret) >= 3:
+                problem = problem.replace(secret, REDACTED)
         return ConfigError(self.source, path, problem)
 
     def mapping(self, value: object, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:

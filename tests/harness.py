@@ -382,3 +382,36 @@ def status_of(raw_response: bytes) -> int:
     """The status code of the first response in raw bytes (0 if none)."""
     match = re.match(rb"HTTP/1\.[01] (\d{3})", raw_response)
     return int(match.group(1)) if match else 0
+
+
+class TLSUpstream(Upstream):
+    """:class:`Upstream` served over TLS with ``ssl_context``; records the SNI
+    name of every handshake and the client certificate of every request."""
+
+    def __init__(self, ssl_context: Any, handler: Handler = ok_handler) -> None:
+        super().__init__(handler)
+        self.ssl_context = ssl_context
+        self.server_names: list[str | None] = []
+        self.client_certs: list[dict[str, Any] | None] = []
+        ssl_context.sni_callback = lambda _sock, name, _ctx: self.server_names.append(name)
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        self.client_certs.append(transport.get_extra_info("peercert") if transport else None)
+        return await super()._dispatch(request)
+
+    async def start(self) -> TLSUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, LOOPBACK, 0, ssl_context=self.ssl_context)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        return self
