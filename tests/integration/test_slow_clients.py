@@ -172,7 +172,9 @@ async def test_500_slowloris_connections_do_not_block_normal_requests(tmp_path: 
 
             trickler = asyncio.create_task(trickle())
             latencies = await _served_promptly(f"{process.url}/api/ok", 20)
-            assert max(latencies) < 2.0, latencies  # generous: a loaded 2-core box
+            assert max(latencies) < 3.0, latencies  # generous: a loaded 2-core box
+            print(f"under 500 slowloris connections: median {sorted(latencies)[10] * 1000:.1f} ms, "
+                  f"max {max(latencies) * 1000:.1f} ms")
 
             # Every slowloris connection is closed by the sidecar, not by us.
             async def closed(reader: asyncio.StreamReader) -> bool:
@@ -222,7 +224,7 @@ async def test_slowhttptest_slow_bodies_are_cut_and_the_pool_recovers(tmp_path: 
         )
         await process.start()
         try:
-            await _slowhttptest(process, tmp_path, "-B", "POST", probes=15, allowed=(200, 503), bound=3.0)
+            await _slowhttptest(process, tmp_path, "-B", "POST", probes=15, allowed=(200, 503), bound=4.0)
             assert 'sidecar_client_errors_total{kind="request_timeout"}' in await _metrics(process)
             async with aiohttp.ClientSession() as client:
                 deadline = time.monotonic() + 10
@@ -247,7 +249,7 @@ async def _slowhttptest(
     *,
     probes: int,
     allowed: tuple[int, ...],
-    bound: float = 2.0,
+    bound: float = 3.0,
 ) -> list[dict[str, int]]:
     """Run slowhttptest for 10 s against the sidecar while probing it; return its per-second stats."""
     out = directory / "slowhttptest"
@@ -272,3 +274,13 @@ async def _slowhttptest(
 async def _metrics(process: SidecarProcess) -> str:
     async with aiohttp.ClientSession() as client, client.get(process.admin_url + "/metrics") as response:
         return await response.text()
+
+
+async def test_header_timeout_follows_a_reload(tmp_path: Path) -> None:
+    async with RawUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url, "header_timeout: 30s")) as sc:
+        write_config(tmp_path, _config(upstream.url, "header_timeout: 1s"))
+        await sc.reload("test")
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+        waited = await _closed_after(reader, 10)
+        writer.close()
+        assert waited < 5
