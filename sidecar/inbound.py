@@ -30,6 +30,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.web_protocol import RequestHandler
 
 from .errors import BadRequest, HeadersTooLarge, SidecarError, UriTooLong, error_response, without_quoted_bytes
+from .forward import new_request_id
 from .logs import get_logger
 
 log = get_logger("sidecar.inbound")
@@ -135,8 +136,6 @@ class GuardedRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """A request the parser rejected (or, status 500, a bug): answer it ourselves, then close."""
-        from .forward import new_request_id
-
         if status == 500 and exc is not None:
             # Not client garbage: an error of ours. Keep the traceback.
             self.log_exception("unhandled_error", exc_info=exc)

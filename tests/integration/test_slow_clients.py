@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import csv
 import os
+import re
 import resource
 import shutil
 import time
@@ -191,6 +192,8 @@ async def test_500_slowloris_connections_do_not_block_normal_requests(tmp_path: 
             await asyncio.sleep(0.5)
             assert _fd_count(process.proc.pid) <= baseline_fds + 5
             assert not any("/api/slow" in line for line in process.raw), "a trickled request was forwarded"
+            timeouts = re.search(r'sidecar_client_errors_total\{kind="header_timeout"\} (\d+)', await _metrics(process))
+            assert timeouts is not None and int(timeouts.group(1)) >= 500
             assert b"Traceback" not in "\n".join(process.raw).encode()
         finally:
             await process.stop()
