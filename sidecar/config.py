@@ -305,6 +305,11 @@ class _Loader:
         self.warnings: list[str] = []
 
     def error(self, path: str, problem: str) -> ConfigError:
+        # A value that came from ${VAR} may be a secret: an error quoting it
+        # ("must be a positive integer, got '...'") would print, log and serve it.
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            if len(secret) >= 3:
+                problem = problem.replace(secret, REDACTED)
         return ConfigError(self.source, path, problem)
 
     def mapping(self, value: object, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -427,11 +432,9 @@ def _build(loader: _Loader, document: object) -> Config:
     upstreams = tuple(_upstream(loader, name, raw, default_layer) for name, raw in upstreams_raw.items())
     _check_routes_unique(loader, upstreams)
 
-    if admin.listen is not None and admin.token is None and not _is_loopback(admin.listen.host):
-        loader.warnings.append(
-            f"admin listener {admin.listen} is not on loopback and has no token: "
-            "anyone who can reach it can read the config and trigger reloads"
-        )
+    exposed = admin_exposure_warning(admin.listen, admin.token)
+    if exposed is not None:
+        loader.warnings.append(exposed)
 
     return Config(
         source=loader.source,
@@ -680,6 +683,16 @@ def _check_routes_unique(loader: _Loader, upstreams: tuple[Upstream, ...]) -> No
                     f"upstreams.{upstream.name}.route.hosts",
                     f"{host!r} is already routed to upstream {owner!r}",
                 )
+
+
+def admin_exposure_warning(listen: HostPort | None, token: str | None) -> str | None:
+    """The warning for an admin listener anyone on the network may reach, or None."""
+    if listen is None or token is not None or _is_loopback(listen.host):
+        return None
+    return (
+        f"admin listener {listen} is not on loopback and has no token: "
+        "anyone who can reach it can read the config and trigger reloads (set admin.token)"
+    )
 
 
 def _is_loopback(host: str) -> bool:

@@ -7,7 +7,10 @@ The error tree::
     ├── DestinationNotAllowed          403    destination_not_allowed
     ├── ConnectNotSupported            405    connect_not_supported
     ├── BadRequest                     400    bad_request
+    ├── RequestTimeout                 408    request_timeout
     ├── RequestTooLarge                413    request_too_large
+    ├── UriTooLong                     414    uri_too_long
+    ├── HeadersTooLarge                431    headers_too_large
     ├── Rejected (503, Retry-After)
     │   ├── QueueFull                  503    queue_full
     │   ├── PoolTimeout                503    pool_timeout
@@ -24,6 +27,7 @@ exactly one boundary: :func:`from_upstream_exception`.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 
 import httpx
@@ -58,8 +62,22 @@ class BadRequest(SidecarError):
     status, code = 400, "bad_request"
 
 
+class RequestTimeout(SidecarError):
+    """The caller stalled while sending its request body (inbound.body_idle_timeout)."""
+
+    status, code = 408, "request_timeout"
+
+
 class RequestTooLarge(SidecarError):
     status, code = 413, "request_too_large"
+
+
+class UriTooLong(SidecarError):
+    status, code = 414, "uri_too_long"
+
+
+class HeadersTooLarge(SidecarError):
+    status, code = 431, "headers_too_large"
 
 
 class Rejected(SidecarError):
@@ -129,7 +147,17 @@ def _reason(exc: BaseException) -> str:
     if isinstance(cause, ssl.SSLError):
         return f"TLS handshake failed: {cause.reason or cause}"
     text = str(exc) or str(cause) or type(cause).__name__
-    return text.splitlines()[0][:300]
+    return without_quoted_bytes(text.splitlines()[0])[:300] or type(cause).__name__
+
+
+# Parser errors (h11, aiohttp) quote the offending bytes; a message must not
+# carry them back to a caller (header injection, reflected content).
+_QUOTED_BYTES = re.compile(r":?\s*(?:b['\"]|bytearray\().*", re.DOTALL)
+
+
+def without_quoted_bytes(text: str) -> str:
+    """``"illegal header line: bytearray(b'...')"`` → ``"illegal header line"``."""
+    return _QUOTED_BYTES.sub("", text).strip().rstrip(":")
 
 
 def error_response(error: SidecarError, request_id: str, *, close: bool = False) -> web.Response:

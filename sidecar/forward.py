@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 
 from .config import Inbound
 from .errors import (
     Draining,
+    RequestTimeout,
     RequestTooLarge,
     SidecarError,
     UpstreamProtocolError,
@@ -46,6 +47,8 @@ HOP_BY_HOP = frozenset(
         "upgrade",
         "proxy-authorization",
         "proxy-authenticate",
+        # RFC 9113 §3.2.1: HTTP2-Settings only means something on the hop of an h2c upgrade.
+        "http2-settings",
     }
 )
 # Not forwarded upstream either: Host is rewritten, Expect is answered here,
@@ -144,7 +147,8 @@ class Forwarder:
             exchange.status, exchange.error = error.status, error.code
             exchange.upstream = exchange.upstream or error.upstream
             exchange.extra["exception"] = error
-            return error_response(error, exchange.request_id, close=isinstance(error, Draining))
+            close = isinstance(error, (Draining, RequestTimeout)) or _asks_upgrade(request)
+            return error_response(error, exchange.request_id, close=close)
         except (asyncio.CancelledError, ConnectionResetError):
             exchange.error = exchange.error or "client_disconnected"
             exchange.aborted = True
@@ -235,17 +239,37 @@ class Forwarder:
         )
 
     async def _body(self, request: web.BaseRequest, exchange: Exchange, inbound: Inbound) -> AsyncIterator[bytes]:
-        """The caller's body, chunk by chunk as it arrives, never buffered whole."""
+        """The caller's body, chunk by chunk as it arrives, never buffered whole.
+
+        A caller that pauses longer than ``body_idle_timeout`` while we wait for
+        its next bytes gets 408; one that sends more than ``max_request_body``
+        gets 413.  Either way the upstream only ever saw an unfinished body on a
+        connection that is then closed, never a complete request.
+        """
         limit = inbound.max_request_body
         stream = request.content
-        while True:
-            chunk = await stream.readany()
-            if not chunk:
-                return
-            exchange.bytes_in += len(chunk)
-            if limit is not None and exchange.bytes_in > limit:
-                raise RequestTooLarge(f"request body is over the limit of {limit} bytes", upstream=exchange.upstream)
-            yield chunk
+        watchdog = _IdleWatchdog(stream, inbound.body_idle_timeout)
+        try:
+            while True:
+                watchdog.waiting()
+                try:
+                    chunk = await stream.readany()
+                except BodyIdle:
+                    raise RequestTimeout(
+                        f"request body stalled for more than {inbound.body_idle_timeout:g}s",
+                        upstream=exchange.upstream,
+                    ) from None
+                watchdog.got_data()
+                if not chunk:
+                    return
+                exchange.bytes_in += len(chunk)
+                if limit is not None and exchange.bytes_in > limit:
+                    raise RequestTooLarge(
+                        f"request body is over the limit of {limit} bytes", upstream=exchange.upstream
+                    )
+                yield chunk
+        finally:
+            watchdog.cancel()
 
     async def _relay(
         self, request: web.BaseRequest, response: httpx.Response, exchange: Exchange
@@ -275,6 +299,11 @@ class Forwarder:
         for name, value in downstream_headers:
             downstream.headers.add(name, value)
         downstream.headers["X-Request-Id"] = exchange.request_id
+        if _asks_upgrade(request):
+            # Never tunnelled: the Upgrade header was not forwarded and the
+            # answer is an ordinary response. aiohttp's C parser stops parsing
+            # a connection after an upgrade request, so it cannot be reused.
+            downstream.force_close()
         exchange.status = response.status_code
         await downstream.prepare(request)
         try:
@@ -293,6 +322,55 @@ class Forwarder:
             return downstream
         await downstream.write_eof()
         return downstream
+
+
+class BodyIdle(TimeoutError):
+    """Set on a request body stream whose caller stopped sending.
+
+    A TimeoutError, so that aiohttp's lingering read after the response treats
+    it as the end of waiting rather than an unhandled error.
+    """
+
+
+class _IdleWatchdog:
+    """One timer per request body instead of a ``wait_for`` per chunk.
+
+    It only counts time spent waiting *for the caller*: while the upstream is
+    slow to take the bytes we already have, the caller is not at fault.
+    """
+
+    __slots__ = ("_stream", "_timeout", "_loop", "_since", "_timer")
+
+    def __init__(self, stream: StreamReader, timeout: float) -> None:
+        self._stream = stream
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._check)
+
+    def waiting(self) -> None:
+        self._since = self._loop.time()
+
+    def got_data(self) -> None:
+        self._since = None
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self._since
+        if since is not None and now - since >= self._timeout:
+            self._timer = None
+            self._stream.set_exception(BodyIdle())
+            return
+        self._timer = self._loop.call_at((since if since is not None else now) + self._timeout, self._check)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _asks_upgrade(request: web.BaseRequest) -> bool:
+    return hdrs.UPGRADE in request.headers
 
 
 def _abort(request: web.BaseRequest) -> None:

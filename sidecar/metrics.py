@@ -68,6 +68,12 @@ def status_label(exchange: Exchange) -> int:
     return CLIENT_CLOSED_STATUS if exchange.aborted else 500
 
 
+# Request-level client errors also counted in sidecar_client_errors_total, next
+# to the connection-level ones the proxy protocol reports (header_timeout,
+# bad_request, uri_too_long, headers_too_large).
+CLIENT_ERROR_KINDS = frozenset({"request_timeout", "request_too_large"})
+
+
 def outcome(exchange: Exchange) -> str:
     """One word for how a request ended, for /pools totals: the error code or the status class."""
     if exchange.error is not None:
@@ -229,6 +235,12 @@ class Metrics:
         self.bytes_out = Counter(
             "sidecar_response_bytes_total", "Response body bytes sent to callers", ["upstream"], registry=r
         )
+        self.client_errors = Counter(
+            "sidecar_client_errors_total",
+            "Connections or requests refused for what the caller sent (or failed to send in time)",
+            ["kind"],
+            registry=r,
+        )
         self.reloads = Counter("sidecar_config_reloads_total", "Config reloads by result", ["result"], registry=r)
         r.register(_PoolCollector(pools))
         self._request_series: dict[tuple[str, str, int], Any] = {}
@@ -262,6 +274,8 @@ class Metrics:
                 self.rejected.labels(upstream, error).inc()
             elif error.startswith(_UPSTREAM_ERROR_PREFIX):
                 self.upstream_errors.labels(upstream, error[len(_UPSTREAM_ERROR_PREFIX) :]).inc()
+            if error in CLIENT_ERROR_KINDS:
+                self.client_errors.labels(error).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,8 +21,9 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .config import Config, ConfigError, HostPort, load_config
+from .config import Config, ConfigError, HostPort, admin_exposure_warning, load_config
 from .forward import Exchange, Forwarder, Generation
+from .inbound import GuardedServer
 from .logs import get_logger, log_access, scrubber
 from .metrics import Metrics, outcome
 from .pools import UpstreamPool
@@ -118,8 +119,10 @@ class Sidecar:
             inbound=config.inbound,
         )
         inbound = config.inbound
-        proxy_server = web.Server(
+        proxy_server = GuardedServer(
             self._handle_proxy,
+            header_timeout=lambda: self.generation().inbound.header_timeout,
+            on_client_error=lambda kind: self.metrics.client_errors.labels(kind).inc(),
             handler_cancellation=True,  # a caller that disconnects frees its slot at once
             access_log=None,
             auto_decompress=False,
@@ -145,6 +148,11 @@ class Sidecar:
             admin_socket = _bind(self.admin_listen, reuse_port=reuse_port)
             await web.SockSite(self._admin_runner, admin_socket).start()
             self.admin_port = admin_socket.getsockname()[1]
+            if self.admin_listen != config.admin.listen:
+                # --admin overrode the config file: judge the address actually bound.
+                exposed = admin_exposure_warning(self.admin_listen, config.admin.token)
+                if exposed is not None:
+                    log.warning("config_warning", message=exposed)
         self.ready = not self.draining
         log.info(
             "started",

@@ -242,3 +242,176 @@ class SidecarProcess:
                 self.proc.wait()
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
+
+
+class RawUpstream:
+    """A bare asyncio TCP upstream that records every byte it receives.
+
+    It answers with ``response`` (raw bytes) once per ``answer_after`` seen
+    (by default: once per request head; never when ``response`` is None) and
+    keeps reading until the peer closes.  ``received`` holds the bytes of each
+    connection, so a test can prove that *nothing* reached the upstream.
+    """
+
+    def __init__(self, response: bytes | None = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                 *, answer_after: bytes = b"\r\n\r\n") -> None:
+        self.response = response
+        self.answer_after = answer_after
+        self.received: list[bytearray] = []
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def all_bytes(self) -> bytes:
+        return b"".join(bytes(chunk) for chunk in self.received)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = bytearray()
+        self.received.append(data)
+        self._writers.add(writer)
+        answered = 0
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if self.response is not None:
+                    due = data.count(self.answer_after)
+                    if due > answered:
+                        writer.write(self.response * (due - answered))
+                        answered = due
+                        await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def start(self) -> RawUpstream:
+        self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> RawUpstream:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _complete_sized_response(received: bytearray) -> bool:
+    """True once ``received`` holds a whole response framed by Content-Length."""
+    head_end = received.find(b"\r\n\r\n")
+    if head_end == -1:
+        return False
+    match = re.search(rb"\r\ncontent-length:\s*(\d+)", bytes(received[:head_end]).lower())
+    return match is not None and len(received) - head_end - 4 >= int(match.group(1))
+
+
+async def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0, half_close: bool = False) -> bytes:
+    """Send raw bytes to 127.0.0.1:port; read until the peer closes, a response
+    framed by Content-Length is complete, or ``timeout``."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+        received = bytearray()
+        with suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(timeout):
+                while chunk := await reader.read(65536):
+                    received += chunk
+                    if _complete_sized_response(received):
+                        break
+        return bytes(received)
+    finally:
+        writer.transport.abort()
+
+
+@dataclass
+class FramedRequest:
+    method: str
+    target: str
+    body: bytes
+    complete: bool  # the whole message, end of body included, arrived
+
+
+def requests_in(raw_stream: bytes) -> list[FramedRequest]:
+    """Parse what an upstream received the way an HTTP/1.1 server would (h11):
+    every request framed in it, and whether its body was complete."""
+    import h11
+
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(raw_stream)
+    found: list[FramedRequest] = []
+    while True:
+        try:
+            event = connection.next_event()
+        except h11.RemoteProtocolError:
+            break
+        if isinstance(event, h11.Request):
+            found.append(FramedRequest(event.method.decode(), event.target.decode(), b"", False))
+        elif isinstance(event, h11.Data):
+            found[-1].body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            found[-1].complete = True
+            connection.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+            connection.send(h11.EndOfMessage())
+            connection.start_next_cycle()
+        else:
+            break  # NEED_DATA, PAUSED, ConnectionClosed
+    return found
+
+
+def status_of(raw_response: bytes) -> int:
+    """The status code of the first response in raw bytes (0 if none)."""
+    match = re.match(rb"HTTP/1\.[01] (\d{3})", raw_response)
+    return int(match.group(1)) if match else 0
+
+
+class TLSUpstream(Upstream):
+    """:class:`Upstream` served over TLS with ``ssl_context``; records the SNI
+    name of every handshake and the client certificate of every request."""
+
+    def __init__(self, ssl_context: Any, handler: Handler = ok_handler) -> None:
+        super().__init__(handler)
+        self.ssl_context = ssl_context
+        self.server_names: list[str | None] = []
+        self.client_certs: list[dict[str, Any] | None] = []
+        ssl_context.sni_callback = lambda _sock, name, _ctx: self.server_names.append(name)
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        self.client_certs.append(transport.get_extra_info("peercert") if transport else None)
+        return await super()._dispatch(request)
+
+    async def start(self) -> TLSUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, LOOPBACK, 0, ssl_context=self.ssl_context)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        return self

@@ -1,0 +1,202 @@
+"""The proxy port's connection protocol: a header-read deadline and our own parse-error answers.
+
+aiohttp's server bounds how long an *idle* keep-alive connection may stay open,
+but not how long a caller may take to send a request head: a client trickling
+one header byte every few seconds (slowloris) would hold its connection, its
+buffers and its task forever.  :class:`GuardedRequestHandler` adds that
+deadline (``inbound.header_timeout``):
+
+* it starts when a connection is accepted, and again with the first byte of
+  every later request head on a keep-alive connection;
+* it stops when the parser has the complete head;
+* trickling more bytes never extends it; when it fires the connection is closed.
+
+It also answers requests the HTTP parser rejects with the sidecar's own error
+responses (SPEC §6: ``X-Sidecar-Error`` and a JSON body) instead of aiohttp's
+text pages, which echo the offending bytes and always say 400: a request line
+over ``inbound.max_line_size`` gets 414, a header over ``max_field_size`` or
+more than ``max_headers`` headers get 431, anything else malformed gets 400.
+Each is logged as one concise line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import BadRequest, HeadersTooLarge, SidecarError, UriTooLong, error_response, without_quoted_bytes
+from .forward import new_request_id
+from .logs import get_logger
+
+log = get_logger("sidecar.inbound")
+
+ClientErrorHook = Callable[[str], None]
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's per-connection protocol with a request-head deadline."""
+
+    __slots__ = (
+        "_header_timeout",
+        "_on_client_error",
+        "_head_timer",
+        "_last_payload",
+        "_line_bytes",
+        "_in_request_line",
+        "_line_too_long",
+    )
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        header_timeout: Callable[[], float],
+        on_client_error: ClientErrorHook,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._on_client_error = on_client_error
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._last_payload: Any = None  # the body stream of the last parsed request
+        self._line_bytes = 0
+        self._in_request_line = True
+        self._line_too_long = False
+
+    # ------------------------------------------------------------ deadline
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data and self._head_timer is None and self._between_requests():
+            self._start_head()  # the first byte of the next request head
+        if self._in_request_line and data:
+            self._track_request_line(data)
+        parsed_before = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed_before and self._messages:
+            self._last_payload = self._messages[-1][1]
+            self._stop_head_timer()
+            self._in_request_line = False
+
+    def _between_requests(self) -> bool:
+        payload = self._last_payload
+        return payload is None or payload.is_eof()
+
+    def _start_head(self) -> None:
+        self._line_bytes = 0
+        self._in_request_line = True
+        self._line_too_long = False
+        self._stop_head_timer()
+        self._head_timer = self._loop.call_later(self._header_timeout(), self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is None:
+            return
+        self._on_client_error("header_timeout")
+        log.info("client_header_timeout", peer=_peer(self.transport), timeout_s=self._header_timeout())
+        # No response: a caller this slow is not reading one, and a pipelined
+        # response may be on the wire already.  Closing frees everything.
+        self.force_close()
+
+    def _track_request_line(self, data: bytes) -> None:
+        """Note whether the request line alone is over max_line_size (414, not 431)."""
+        newline = data.find(b"\n")
+        length = self._line_bytes + (len(data) if newline == -1 else newline)
+        self._line_bytes = length
+        if length > self.max_line_size:
+            self._line_too_long = True
+        if newline != -1:
+            self._in_request_line = False
+
+    # -------------------------------------------------------- bad requests
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request the parser rejected (or, status 500, a bug): answer it ourselves, then close."""
+        if status == 500 and exc is not None:
+            # Not client garbage: an error of ours. Keep the traceback.
+            self.log_exception("unhandled_error", exc_info=exc)
+            error: SidecarError = SidecarError("internal error in the sidecar")
+        elif isinstance(exc, HttpProcessingError):
+            error = self._client_error(exc)
+            self._on_client_error(error.code)
+            log.warning(
+                "bad_request_from_client",
+                peer=_peer(self.transport),
+                status=error.status,
+                error=error.code,
+                reason=error.message,
+            )
+        else:
+            error = SidecarError(message or "request failed")
+            error.status = status
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error response")
+        response = error_response(error, new_request_id(), close=True)
+        response.force_close()
+        return response
+
+    def _client_error(self, exc: HttpProcessingError) -> SidecarError:
+        if isinstance(exc, LineTooLong):
+            if self._line_too_long:
+                return UriTooLong(f"request line is longer than {self.max_line_size} bytes")
+            return HeadersTooLarge(f"a request header is longer than {self.max_field_size} bytes")
+        text = exc.message if isinstance(exc.message, str) else str(exc)
+        if isinstance(exc, BadHttpMessage) and text.startswith("Too many headers"):
+            return HeadersTooLarge(f"more than {self.max_headers} request headers")
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        reason = without_quoted_bytes(first_line)[:120]
+        return BadRequest(f"malformed request: {reason or type(exc).__name__}")
+
+
+def _peer(transport: asyncio.BaseTransport | None) -> str | None:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server, making :class:`GuardedRequestHandler` connections."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        header_timeout: Callable[[], float],
+        on_client_error: ClientErrorHook,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._header_timeout = header_timeout
+        self._on_client_error = on_client_error
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(
+            self,
+            header_timeout=self._header_timeout,
+            on_client_error=self._on_client_error,
+            loop=self._loop,
+            **self._kwargs,
+        )
