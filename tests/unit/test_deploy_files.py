@@ -172,6 +172,7 @@ def test_compose_sidecar_mounts_config_read_only_and_publishes_on_loopback_only(
     ports = [with_defaults(p) for p in sidecar["ports"]]
     assert ports == [f"127.0.0.1:{PROXY_PORT}:{PROXY_PORT}", f"127.0.0.1:{ADMIN_PORT}:{ADMIN_PORT}"]
     assert sidecar["init"] is True
+    assert sidecar["read_only"] is True and sidecar["cap_drop"] == ["ALL"]
     assert sidecar["build"]["context"] == "."
     assert with_defaults(sidecar["build"]["args"]["BASE_IMAGE"]) == "python:3.12-slim"
 
