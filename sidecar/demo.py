@@ -2,18 +2,24 @@
 
 It echoes what it received as JSON, so one ``curl`` through the sidecar shows
 the rewritten path, the headers that arrived and the request id.
+``?delay=SECONDS`` (at most 30) holds the answer back, to watch a request in
+flight: a slow pool, or the graceful drain on ``docker compose stop``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
 from aiohttp import web
 
+MAX_DELAY = 30.0
+
 
 async def echo(request: web.Request) -> web.Response:
     body = await request.read()
+    await asyncio.sleep(_delay(request.query.get("delay")))
     answer = {
         "upstream": "demo",
         "method": request.method,
@@ -22,6 +28,14 @@ async def echo(request: web.Request) -> web.Response:
         "body_bytes": len(body),
     }
     return web.Response(text=json.dumps(answer, indent=2) + "\n", content_type="application/json")
+
+
+def _delay(value: str | None) -> float:
+    try:
+        seconds = float(value or 0)
+    except ValueError:
+        return 0.0
+    return min(seconds, MAX_DELAY) if seconds > 0 else 0.0  # NaN and negatives: no delay
 
 
 def main(argv: list[str] | None = None) -> None:
