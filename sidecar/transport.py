@@ -33,11 +33,17 @@ from typing import Any
 import httpcore
 import httpx
 
+from . import h2streams
+
 # Requests whose exchange can be repeated safely on a fresh connection when a
 # kept-alive connection turns out to have been closed by the upstream.
 _RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _SWEEP_INTERVAL = 1.0
+# While a new connection has not yet told us how many streams it allows (its
+# SETTINGS frame, read by httpcore while serving the first request), waiters
+# re-check this often instead of waiting for a release.
+_WARMUP_POLL = 0.005
 _ids = itertools.count(1)
 
 
@@ -58,7 +64,7 @@ class PoolStats:
 class _Connection:
     """One upstream connection and what the pool knows about it."""
 
-    __slots__ = ("conn", "id", "streams", "multiplexed", "http_version", "idle_since", "closed")
+    __slots__ = ("conn", "id", "streams", "multiplexed", "http_version", "idle_since", "closed", "retiring")
 
     def __init__(self, conn: httpcore.AsyncHTTPConnection, multiplexed: bool) -> None:
         self.conn = conn
@@ -68,6 +74,7 @@ class _Connection:
         self.http_version: str | None = None  # None until the first response
         self.idle_since = time.monotonic()
         self.closed = False
+        self.retiring = False  # takes no new requests; closed when its last one ends
 
 
 class PoolTransport(httpx.AsyncBaseTransport):
@@ -164,7 +171,18 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 with _map_exceptions():
                     response = await connection.conn.handle_async_request(core_request)
             except BaseException as exc:
+                if connection.multiplexed:
+                    self._forget_abandoned_streams(connection, core_request)
                 self._release(connection)
+                if isinstance(exc, httpcore.ConnectionNotAvailable):
+                    # HTTP/2 GOAWAY below our stream id, or the connection closed
+                    # under us: the upstream did not process this request.
+                    if may_retry:
+                        may_retry = False
+                        continue
+                    raise httpx.RemoteProtocolError(
+                        "upstream closed the HTTP/2 connection (GOAWAY) before processing the request"
+                    ) from exc
                 if may_retry and reused and isinstance(exc, _STALE_CONNECTION_ERRORS):
                     may_retry = False  # once: the kept-alive connection had gone stale
                     continue
@@ -178,7 +196,13 @@ class PoolTransport(httpx.AsyncBaseTransport):
             return httpx.Response(
                 status_code=response.status,
                 headers=response.headers,
-                stream=_PooledStream(response.stream, self, connection),  # type: ignore[arg-type]
+                stream=_PooledStream(
+                    response.stream,  # type: ignore[arg-type]
+                    self,
+                    connection,
+                    core_request,
+                    response.extensions.get("stream_id"),
+                ),
                 extensions=response.extensions,
             )
 
@@ -199,9 +223,13 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 raise httpx.PoolTimeout("no upstream connection became free in time")
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
+            warming = self._http2 and self._warming()
+            wait = remaining if not warming else min(_WARMUP_POLL, _WARMUP_POLL if remaining is None else remaining)
             try:
-                await asyncio.wait_for(waiter, remaining)
+                await asyncio.wait_for(waiter, wait)
             except TimeoutError:
+                if warming:
+                    continue  # a new connection may have learnt its stream limit
                 raise httpx.PoolTimeout("no upstream connection became free in time") from None
             except BaseException:
                 if waiter.done() and not waiter.cancelled():
@@ -210,6 +238,27 @@ class PoolTransport(httpx.AsyncBaseTransport):
             finally:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+
+    def _warming(self) -> bool:
+        """Is a new connection still learning whether (and how far) it multiplexes?
+
+        An ALPN connection whose handshake chose h2 is shared from here on, before
+        its first response.  Requests wait for a warming connection rather than
+        open another one: HTTP/2 is there to need fewer connections.
+        """
+        warming = False
+        for connection in self._all.values():
+            if connection.http_version is not None or connection.closed or connection.retiring:
+                continue
+            protocol = h2streams.protocol_of(connection.conn)
+            if protocol == "HTTP/1.1":
+                continue
+            if protocol == "HTTP/2" and not connection.multiplexed:
+                connection.multiplexed = True
+                self._shared[connection.id] = connection
+            if protocol is None or h2streams.granted_streams(connection.conn) in (None, 1):
+                warming = True
+        return warming
 
     def _take_available(self) -> tuple[_Connection, bool] | None:
         for connection in self._shared.values():
@@ -223,7 +272,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 continue
             connection.streams = 1
             return connection, True
-        if len(self._all) < self._max_connections:
+        if len(self._all) < self._max_connections and not (self._http2 and self._warming()):
             return self._open(), False
         return None
 
@@ -247,12 +296,31 @@ class PoolTransport(httpx.AsyncBaseTransport):
     def _stream_limit(self, connection: _Connection) -> int:
         # httpcore caps streams at min(server MAX_CONCURRENT_STREAMS, 100) and
         # makes extra streams wait on a semaphore with no timeout; never ask for
-        # more than it will grant (TRAPS.md §8).
-        inner = getattr(connection.conn, "_connection", None)
-        granted = getattr(inner, "_max_streams", None)
-        if isinstance(granted, int) and granted > 0:
-            return min(granted, self._streams)
-        return self._streams
+        # more than it will grant (TRAPS.md §8).  Until the connection is set up
+        # it grants one stream (so do we); it raises the limit when the server's
+        # SETTINGS arrive, which waiting requests notice (see _WARMUP_POLL).
+        granted = h2streams.granted_streams(connection.conn)
+        if granted is None or granted < 1:
+            return 1
+        return min(granted, self._streams)
+
+    def _forget_abandoned_streams(self, connection: _Connection, request: httpcore.Request) -> None:
+        """Reset streams httpcore dropped without RST_STREAM (TRAPS.md §9), or
+        retire the connection if its internals are not what we know."""
+        if connection.closed:
+            return
+        inner = h2streams.h2_state_of(connection.conn)
+        if inner is None:
+            if connection.http_version is not None:
+                self._retire(connection)
+            return
+        if h2streams.cancel_orphans(inner):
+            self._spawn(h2streams.flush(inner, request))
+
+    def _retire(self, connection: _Connection) -> None:
+        """Take no new requests on ``connection``; close it once its last one ends."""
+        connection.retiring = True
+        self._shared.pop(connection.id, None)
 
     def _release(self, connection: _Connection) -> None:
         """The request on ``connection`` is over: idle it, share it or drop it."""
@@ -260,6 +328,9 @@ class PoolTransport(httpx.AsyncBaseTransport):
         conn = connection.conn
         if connection.closed:
             pass
+        elif connection.retiring:
+            if connection.streams == 0:
+                self._discard(connection)
         elif conn.is_closed() or (not connection.multiplexed and not conn.is_idle()):
             self._discard(connection)
         elif connection.multiplexed:
@@ -340,23 +411,36 @@ async def _close_quietly(conn: httpcore.AsyncHTTPConnection) -> None:
 class _PooledStream(httpx.AsyncByteStream):
     """A response body that gives its connection back to the pool when closed."""
 
-    __slots__ = ("_stream", "_pool", "_connection", "_released")
+    __slots__ = ("_stream", "_pool", "_connection", "_request", "_stream_id", "_complete", "_released")
 
-    def __init__(self, stream: AsyncIterator[bytes], pool: PoolTransport, connection: _Connection) -> None:
+    def __init__(
+        self,
+        stream: AsyncIterator[bytes],
+        pool: PoolTransport,
+        connection: _Connection,
+        request: httpcore.Request,
+        stream_id: int | None,
+    ) -> None:
         self._stream = stream
         self._pool = pool
         self._connection = connection
+        self._request = request
+        self._stream_id = stream_id
+        self._complete = False
         self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with _map_exceptions():
             async for chunk in self._stream:
                 yield chunk
+        self._complete = True
 
     async def aclose(self) -> None:
         if self._released:
             return
         self._released = True
+        if not self._complete and self._stream_id is not None:
+            self._abandon_stream(self._stream_id)
         try:
             closer = getattr(self._stream, "aclose", None)
             if closer is not None:
@@ -364,6 +448,20 @@ class _PooledStream(httpx.AsyncByteStream):
                     await closer()
         finally:
             self._pool._release(self._connection)
+
+    def _abandon_stream(self, stream_id: int) -> None:
+        """The caller stopped reading an HTTP/2 response: reset its stream now,
+        so the upstream stops sending and the connection window is given back
+        (TRAPS.md §9); retire the connection if we cannot."""
+        connection, pool = self._connection, self._pool
+        if connection.closed:
+            return
+        inner = h2streams.h2_state_of(connection.conn)
+        if inner is None:
+            pool._retire(connection)
+            return
+        h2streams.cancel_stream(inner, stream_id)
+        pool._spawn(h2streams.flush(inner, self._request))
 
 
 _EXCEPTION_MAP: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (

@@ -415,3 +415,155 @@ class TLSUpstream(Upstream):
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         return self
+
+
+# --------------------------------------------------------------------- HTTP/2
+# A real HTTP/2 server (hypercorn, in this process) for the HTTP/2 tests: h2c
+# with prior knowledge on cleartext, ALPN over TLS with trustme certificates.
+
+
+@dataclass
+class TLSFiles:
+    """A throwaway CA and a server certificate it signed (PEM files)."""
+
+    ca_file: Path
+    cert_file: Path  # certificate chain
+    key_file: Path
+
+
+def tls_files(directory: Path, *hostnames: str) -> TLSFiles:
+    """A trustme CA in ``directory`` and a server certificate for ``hostnames``."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(*(hostnames or (LOOPBACK,)))
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    for blob in cert.cert_chain_pems:
+        blob.write_to_path(str(cert_file), append=True)
+    cert.private_key_pem.write_to_path(str(key_file))
+    return TLSFiles(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+
+
+class HypercornUpstream:
+    """An ASGI upstream served by hypercorn on 127.0.0.1:0 (HTTP/1.1, h2c, or TLS + ALPN).
+
+    Paths: ``/big?size=N`` streams N bytes in 64 KiB chunks; ``/hold`` answers
+    (``ok``, or N bytes with ``?size=N``) only once :attr:`release` is set;
+    anything else answers ``ok``.
+    ``http_versions`` records the ASGI ``http_version`` of every request and
+    ``peers`` every client (ip, port), i.e. one entry per TCP connection.
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: TLSFiles | None = None,
+        alpn: tuple[str, ...] = ("h2", "http/1.1"),
+        max_concurrent_streams: int = 100,
+    ) -> None:
+        self.tls = tls
+        self.alpn = alpn
+        self.max_concurrent_streams = max_concurrent_streams
+        self.http_versions: list[str] = []
+        self.peers: set[tuple[str, int]] = set()
+        self.in_handler = 0
+        self.max_in_handler = 0
+        self.release = asyncio.Event()
+        self.port = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._socket: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        self.http_versions.append(scope["http_version"])
+        client = scope.get("client") or ("?", 0)
+        self.peers.add((client[0], client[1]))
+        self.in_handler += 1
+        self.max_in_handler = max(self.max_in_handler, self.in_handler)
+        try:
+            await self._answer(scope, send)
+        finally:
+            self.in_handler -= 1
+
+    async def _answer(self, scope: dict[str, Any], send: Any) -> None:
+        path = scope["path"]
+        headers = [(b"content-type", b"text/plain"), (b"x-http-version", scope["http_version"].encode())]
+        query = dict(part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part)
+        if path == "/hold":
+            await self.release.wait()
+        if path == "/big" or "size" in query:
+            size = int(query.get("size", str(1024 * 1024)))
+            headers.append((b"content-length", str(size).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            chunk = b"x" * 65536
+            sent = 0
+            while sent < size:
+                piece = chunk[: min(len(chunk), size - sent)]
+                sent += len(piece)
+                await send({"type": "http.response.body", "body": piece, "more_body": sent < size})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def start(self) -> HypercornUpstream:
+        import socket as socket_module
+
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config as HypercornConfig
+
+        sock = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_STREAM)
+        sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, 0))
+        sock.listen(1024)
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        config = HypercornConfig()
+        config.bind = [f"fd://{sock.fileno()}"]
+        config.accesslog = None
+        config.errorlog = None
+        config.loglevel = "WARNING"
+        config.h2_max_concurrent_streams = self.max_concurrent_streams
+        config.keep_alive_timeout = 60
+        config.graceful_timeout = 1
+        if self.tls is not None:
+            config.certfile = str(self.tls.cert_file)
+            config.keyfile = str(self.tls.key_file)
+            config.alpn_protocols = list(self.alpn)
+        self._task = asyncio.get_running_loop().create_task(
+            serve(self.app, config, shutdown_trigger=self._stop.wait, mode="asgi")  # type: ignore[arg-type]
+        )
+        await asyncio.sleep(0.1)  # let hypercorn take the socket
+        if self._task.done():
+            self._task.result()
+        return self
+
+    async def stop(self) -> None:
+        self.release.set()
+        self._stop.set()
+        if self._task is not None:
+            with suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 5)
+            self._task = None
+        if self._socket is not None:
+            with suppress(OSError):  # hypercorn adopted the descriptor and closed it already
+                self._socket.close()
+            self._socket = None
+
+    async def __aenter__(self) -> HypercornUpstream:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
