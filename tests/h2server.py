@@ -9,6 +9,7 @@ Paths:
 * ``/goaway``  GOAWAY(NO_ERROR, last_stream_id = highest stream seen); the
                stream is never answered; streams already open are answered,
                then the TCP connection is closed
+* ``/kill``    the TCP connection is aborted at once (a read error for every stream on it)
 * ``/goaway1`` GOAWAY(last_stream_id=1) and close at once: streams above 1
                were not processed
 
@@ -85,6 +86,9 @@ class _Protocol(asyncio.Protocol):
             self.closing = True
             self.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=self.highest)
             self.maybe_close()
+        elif path == "/kill":
+            if self.transport is not None:
+                self.transport.abort()
         elif path == "/goaway1":
             self.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=1)
             self.flush()

@@ -102,6 +102,24 @@ async def test_alpn_falls_back_to_http11_when_the_server_offers_only_http11(tmp_
         _assert_pool_at_rest(sidecar)
 
 
+async def test_true_on_a_cleartext_url_stays_http11_and_validate_warns(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    async with HypercornUpstream() as upstream:
+        path = write_config(tmp_path, _yaml(upstream.url, "true"), name="validate.yaml")
+        result = subprocess.run(
+            [sys.executable, "-m", "sidecar", "validate", "-c", str(path)], capture_output=True, text=True
+        )
+        assert result.returncode == 0
+        assert "stays HTTP/1.1" in result.stdout + result.stderr
+        async with running_sidecar(tmp_path, _yaml(upstream.url, "true")) as sidecar, aiohttp.ClientSession() as client:
+            status, _, _ = await _get(client, proxy_url(sidecar) + "/up/")
+            assert status == 200
+            assert upstream.http_versions == ["1.1"]
+            assert (await _pools(client, sidecar))["http_versions"] == {"HTTP/1.1": 1}
+
+
 async def test_wrong_host_certificate_is_502_upstream_connect_error(tmp_path: Path) -> None:
     tls = tls_files(tmp_path, "wrong.example")
     extra = f"        tls: {{ ca_file: {tls.ca_file} }}"
@@ -238,6 +256,30 @@ async def test_goaway_fails_that_request_cleanly_and_the_next_use_a_fresh_connec
         assert server.connections >= 2
         assert server.paths[-10:] == ["/ok"] * 10
         _assert_pool_at_rest(sidecar)
+
+
+async def test_a_broken_connection_fails_its_streams_cleanly_and_is_replaced(tmp_path: Path) -> None:
+    """One read error fails every stream on an h2 connection (TRAPS.md §10):
+    each gets a clean 502 (or its retry succeeds), and the pool opens a fresh
+    connection instead of handing out the broken one."""
+    async with RawH2Server() as server, running_sidecar(
+        tmp_path, _yaml(server.url, "prior-knowledge").replace("max_connections: 2", "max_connections: 1")
+    ) as sidecar, aiohttp.ClientSession() as client:
+        held = asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/hold") for _ in range(3)))
+        await asyncio.sleep(0.05)
+        post = client.post(proxy_url(sidecar) + "/up/kill", data=b"not retried")
+        async with post as response:
+            assert response.status == 502
+            assert response.headers["X-Sidecar-Error"] == "upstream_protocol_error"
+        for status, headers, body in await held:
+            assert (status, body) == (200, b"held") or (
+                status == 502 and headers["X-Sidecar-Error"] == "upstream_protocol_error"
+            )
+        results = await asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/ok") for _ in range(10)))
+        assert [(s, b) for s, _, b in results] == [(200, b"ok")] * 10
+        assert server.connections >= 2
+        _assert_pool_at_rest(sidecar)
+        assert sidecar.generation().pools["up"].stats().connections == 1
 
 
 async def test_goaway_below_the_stream_is_a_clean_502(tmp_path: Path) -> None:
