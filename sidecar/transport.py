@@ -102,6 +102,9 @@ class PoolTransport(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._http1, self._http2 = http1, http2
         self._prior_knowledge = http2 and not http1
+        # What the upstream chose last time ALPN was asked: once it said
+        # HTTP/1.1, new connections open in parallel like any HTTP/1.1 pool.
+        self._negotiated: str | None = "HTTP/2" if self._prior_knowledge else None
         self._ssl_context = ssl_context
         self._streams = streams_per_connection
         self._network_backend = network_backend
@@ -190,6 +193,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
             if connection.http_version is None:
                 version = response.extensions.get("http_version", b"HTTP/1.1")
                 connection.http_version = version.decode("ascii", "replace")
+                self._negotiated = "HTTP/2" if version == b"HTTP/2" else "HTTP/1.1"
                 if version == b"HTTP/2" and not connection.multiplexed:
                     connection.multiplexed = True
                     self._shared[connection.id] = connection
@@ -244,14 +248,17 @@ class PoolTransport(httpx.AsyncBaseTransport):
 
         An ALPN connection whose handshake chose h2 is shared from here on, before
         its first response.  Requests wait for a warming connection rather than
-        open another one: HTTP/2 is there to need fewer connections.
+        open another one (HTTP/2 is there to need fewer connections), unless the
+        upstream last negotiated HTTP/1.1.
         """
         warming = False
         for connection in self._all.values():
             if connection.http_version is not None or connection.closed or connection.retiring:
                 continue
             protocol = h2streams.protocol_of(connection.conn)
-            if protocol == "HTTP/1.1":
+            if protocol is not None:
+                self._negotiated = protocol
+            if protocol == "HTTP/1.1" or (protocol is None and self._negotiated == "HTTP/1.1"):
                 continue
             if protocol == "HTTP/2" and not connection.multiplexed:
                 connection.multiplexed = True

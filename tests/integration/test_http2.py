@@ -93,10 +93,18 @@ async def test_alpn_falls_back_to_http11_when_the_server_offers_only_http11(tmp_
     tls = tls_files(tmp_path)
     extra = f"        tls: {{ ca_file: {tls.ca_file} }}"
     async with HypercornUpstream(tls=tls, alpn=("http/1.1",)) as upstream, running_sidecar(
-        tmp_path, _yaml(upstream.url, "true", extra=extra)
+        tmp_path, _yaml(upstream.url, "true", extra=extra).replace("max_connections: 2", "max_connections: 10")
     ) as sidecar, aiohttp.ClientSession() as client:
-        results = await asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/") for _ in range(10)))
+        held = asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/hold") for _ in range(10)))
+        for _ in range(150):  # one HTTP/1.1 connection per request, opened side by side
+            if upstream.in_handler == 10:
+                break
+            await asyncio.sleep(0.02)
+        assert upstream.in_handler == 10
+        upstream.release.set()
+        results = await held
         assert [status for status, _, _ in results] == [200] * 10
+        assert len(upstream.peers) == 10
         assert set(upstream.http_versions) == {"1.1"}
         assert set((await _pools(client, sidecar))["http_versions"]) == {"HTTP/1.1"}
         _assert_pool_at_rest(sidecar)
