@@ -33,7 +33,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from . import h2streams
+from . import h2deadlines, h2streams
 
 # Requests whose exchange can be repeated safely on a fresh connection when a
 # kept-alive connection turns out to have been closed by the upstream.
@@ -107,6 +107,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
         self._negotiated: str | None = "HTTP/2" if self._prior_knowledge else None
         self._ssl_context = ssl_context
         self._streams = streams_per_connection
+        if network_backend is None and http2:
+            network_backend = h2deadlines.WatchedBackend()
         self._network_backend = network_backend
         self._all: dict[int, _Connection] = {}
         self._idle: list[_Connection] = []  # HTTP/1.1 only; LIFO
@@ -160,7 +162,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
             url=httpcore.URL(scheme=self._scheme, host=self._host, port=self._port, target=target),
             headers=request.headers.raw,
             content=request.stream,
-            extensions=request.extensions,
+            extensions=dict(request.extensions),  # per attempt: "trace" and "timeout" change
         )
         headers = request.headers
         may_retry = (
@@ -172,7 +174,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
             connection, reused = await self._acquire(timeouts.get("pool"))
             try:
                 with _map_exceptions():
-                    response = await connection.conn.handle_async_request(core_request)
+                    response = await self._send(connection, core_request, timeouts)
             except BaseException as exc:
                 if connection.multiplexed:
                     self._forget_abandoned_streams(connection, core_request)
@@ -206,9 +208,36 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     connection,
                     core_request,
                     response.extensions.get("stream_id"),
+                    timeouts.get("read") if connection.multiplexed else None,
                 ),
                 extensions=response.extensions,
             )
+
+    async def _send(
+        self, connection: _Connection, request: httpcore.Request, timeouts: dict[str, float | None]
+    ) -> httpcore.Response:
+        """One attempt on ``connection``; on a multiplexed one the read timeout
+        is the stream's own (see h2deadlines)."""
+        read = timeouts.get("read")
+        extensions = request.extensions
+        if not connection.multiplexed or read is None:
+            extensions.pop("trace", None)
+            extensions["timeout"] = timeouts
+            return await connection.conn.handle_async_request(request)
+        extensions["timeout"] = {**timeouts, "read": read * h2deadlines.BACKSTOP_FACTOR}
+        try:
+            async with asyncio.timeout(None) as scope:
+                extensions["trace"] = h2deadlines.HeaderDeadline(scope, read)
+                return await connection.conn.handle_async_request(request)
+        except TimeoutError:
+            self._read_timed_out(connection, read)
+            raise httpx.ReadTimeout("no response headers from the upstream within the read timeout") from None
+
+    def _read_timed_out(self, connection: _Connection, read: float) -> None:
+        """A stream's read deadline fired: if its connection received nothing at
+        all meanwhile, presume it dead and take no new requests on it."""
+        if not connection.closed and h2deadlines.silent_for(connection.conn, read):
+            self._retire(connection)
 
     # -------------------------------------------------- acquire and release
 
@@ -418,7 +447,7 @@ async def _close_quietly(conn: httpcore.AsyncHTTPConnection) -> None:
 class _PooledStream(httpx.AsyncByteStream):
     """A response body that gives its connection back to the pool when closed."""
 
-    __slots__ = ("_stream", "_pool", "_connection", "_request", "_stream_id", "_complete", "_released")
+    __slots__ = ("_stream", "_pool", "_connection", "_request", "_stream_id", "_read", "_complete", "_released")
 
     def __init__(
         self,
@@ -427,8 +456,10 @@ class _PooledStream(httpx.AsyncByteStream):
         connection: _Connection,
         request: httpcore.Request,
         stream_id: int | None,
+        read: float | None,
     ) -> None:
         self._stream = stream
+        self._read = read  # per-chunk deadline on multiplexed connections
         self._pool = pool
         self._connection = connection
         self._request = request
@@ -437,9 +468,23 @@ class _PooledStream(httpx.AsyncByteStream):
         self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = self._read
         with _map_exceptions():
-            async for chunk in self._stream:
-                yield chunk
+            if read is None:
+                async for chunk in self._stream:
+                    yield chunk
+            else:
+                chunks = aiter(self._stream)
+                while True:
+                    try:
+                        async with asyncio.timeout(read):
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        self._pool._read_timed_out(self._connection, read)
+                        raise httpx.ReadTimeout("the upstream sent no body bytes within the read timeout") from None
+                    yield chunk
         self._complete = True
 
     async def aclose(self) -> None:

@@ -9,6 +9,9 @@ Paths:
 * ``/goaway``  GOAWAY(NO_ERROR, last_stream_id = highest stream seen); the
                stream is never answered; streams already open are answered,
                then the TCP connection is closed
+* ``/never``   never answered (the stream stays open)
+* ``/stall``   headers and 5 body bytes of 10, then nothing more
+* ``/freeze``  the connection goes silent: nothing more is read or answered on it
 * ``/kill``    the TCP connection is aborted at once (a read error for every stream on it)
 * ``/goaway1`` GOAWAY(last_stream_id=1) and close at once: streams above 1
                were not processed
@@ -39,6 +42,7 @@ class _Protocol(asyncio.Protocol):
         self.open_streams: set[int] = set()
         self.highest = 0
         self.closing = False
+        self.frozen = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -56,6 +60,8 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(self.h2.data_to_send())
 
     def data_received(self, data: bytes) -> None:
+        if self.frozen:
+            return
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
@@ -86,6 +92,13 @@ class _Protocol(asyncio.Protocol):
             self.closing = True
             self.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=self.highest)
             self.maybe_close()
+        elif path == "/never":
+            pass
+        elif path == "/stall":
+            self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", "10")])
+            self.h2.send_data(stream_id, b"12345")
+        elif path == "/freeze":
+            self.frozen = True
         elif path == "/kill":
             if self.transport is not None:
                 self.transport.abort()
@@ -99,7 +112,7 @@ class _Protocol(asyncio.Protocol):
             self.respond(stream_id, b"ok")
 
     def respond(self, stream_id: int, body: bytes) -> None:
-        if stream_id not in self.open_streams or self.transport is None or self.transport.is_closing():
+        if self.frozen or stream_id not in self.open_streams or self.transport is None or self.transport.is_closing():
             return
         self.open_streams.discard(stream_id)
         try:

@@ -290,6 +290,104 @@ async def test_a_broken_connection_fails_its_streams_cleanly_and_is_replaced(tmp
         assert sidecar.generation().pools["up"].stats().connections == 1
 
 
+async def test_a_stream_without_answer_times_out_alone_while_others_flow(tmp_path: Path) -> None:
+    """httpcore's read timeout is per socket read, not per stream (TRAPS.md §10):
+    with other streams keeping the connection busy, a stream that never gets its
+    answer never timed out; when the connection went quiet its timeout failed
+    every other stream on it too."""
+    async with RawH2Server(hold_seconds=0.5) as server, running_sidecar(
+        tmp_path,
+        f"""
+        upstreams:
+          up:
+            url: {server.url}
+            http2: prior-knowledge
+            limits: {{ max_connections: 1 }}
+            timeouts: {{ read: 1s }}
+        """,
+    ) as sidecar, aiohttp.ClientSession() as client:
+        stop = asyncio.Event()
+        traffic: list[int] = []
+
+        async def keep_busy() -> None:
+            while not stop.is_set():
+                traffic.append((await _get(client, proxy_url(sidecar) + "/up/ok"))[0])
+                await asyncio.sleep(0.05)
+
+        async def late_hold() -> tuple[int, CIMultiDict[str], bytes]:
+            await asyncio.sleep(0.8)  # in flight when the other stream's deadline fires
+            return await _get(client, proxy_url(sidecar) + "/up/hold")
+
+        busy = asyncio.ensure_future(keep_busy())
+        hold = asyncio.ensure_future(late_hold())
+        started = asyncio.get_running_loop().time()
+        status, headers, _ = await asyncio.wait_for(_get(client, proxy_url(sidecar) + "/up/never"), 5)
+        assert status == 504 and headers["X-Sidecar-Error"] == "upstream_timeout"
+        assert asyncio.get_running_loop().time() - started < 3
+        status, _, body = await asyncio.wait_for(hold, 5)
+        assert (status, body) == (200, b"held")
+        stop.set()
+        await busy
+        assert traffic and set(traffic) == {200}
+        assert server.connections == 1  # the connection kept serving
+        _assert_pool_at_rest(sidecar)
+
+
+async def test_a_stalled_body_times_out_alone_while_others_flow(tmp_path: Path) -> None:
+    """timeouts.read is "between bytes": it holds per stream for the body too."""
+    async with RawH2Server() as server, running_sidecar(
+        tmp_path,
+        f"""
+        upstreams:
+          up:
+            url: {server.url}
+            http2: prior-knowledge
+            limits: {{ max_connections: 1 }}
+            timeouts: {{ read: 1s }}
+        """,
+    ) as sidecar, aiohttp.ClientSession() as client:
+        stop = asyncio.Event()
+        traffic: list[int] = []
+
+        async def keep_busy() -> None:
+            while not stop.is_set():
+                traffic.append((await _get(client, proxy_url(sidecar) + "/up/ok"))[0])
+                await asyncio.sleep(0.05)
+
+        busy = asyncio.ensure_future(keep_busy())
+        async with client.get(proxy_url(sidecar) + "/up/stall") as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(response.read(), 5)  # aborted: never a clean, short body
+        stop.set()
+        await busy
+        assert traffic and set(traffic) == {200}
+        assert server.connections == 1
+        _assert_pool_at_rest(sidecar)
+
+
+async def test_a_silent_connection_is_retired_after_a_read_timeout(tmp_path: Path) -> None:
+    async with RawH2Server() as server, running_sidecar(
+        tmp_path,
+        f"""
+        upstreams:
+          up:
+            url: {server.url}
+            http2: prior-knowledge
+            limits: {{ max_connections: 1 }}
+            timeouts: {{ read: 500ms }}
+        """,
+    ) as sidecar, aiohttp.ClientSession() as client:
+        status, headers, _ = await asyncio.wait_for(_get(client, proxy_url(sidecar) + "/up/freeze"), 5)
+        assert status == 504 and headers["X-Sidecar-Error"] == "upstream_timeout"
+        status, _, body = await asyncio.wait_for(_get(client, proxy_url(sidecar) + "/up/ok"), 5)
+        assert (status, body) == (200, b"ok")
+        assert server.connections == 2
+        await asyncio.sleep(0.1)
+        _assert_pool_at_rest(sidecar)
+        assert sidecar.generation().pools["up"].stats().connections == 1
+
+
 async def test_goaway_below_the_stream_is_a_clean_502(tmp_path: Path) -> None:
     """GOAWAY(last_stream_id=1) for stream 3: httpcore raises
     ConnectionNotAvailable, which is no httpx error; it must still become a
