@@ -227,6 +227,42 @@ async def test_callers_gone_before_response_headers_do_not_stall_the_connection(
         assert pool.stats().opened_total == 1
 
 
+async def test_hundreds_of_cancellations_leave_nothing_behind(tmp_path: Path) -> None:
+    """Callers cancelled at random points (waiting, before headers, mid-body):
+    every slot, stream and connection comes back, and the connection still
+    carries full downloads afterwards."""
+    import random
+
+    rng = random.Random(4)
+    async with HypercornUpstream() as upstream, running_sidecar(
+        tmp_path, _yaml(upstream.url, "prior-knowledge")
+    ) as sidecar:
+        pool = sidecar.generation().pools["up"]
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+
+            async def download() -> None:
+                async with client.get(proxy_url(sidecar) + f"/up/big?size={MiB}") as response:
+                    await response.read()
+
+            tasks = [asyncio.ensure_future(download()) for _ in range(300)]
+            await asyncio.sleep(0.01)
+            for task in tasks:
+                asyncio.get_running_loop().call_later(rng.uniform(0, 0.3), task.cancel)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(200):
+            if pool.admission.in_flight == 0 and pool.stats().active == 0:
+                break
+            await asyncio.sleep(0.02)
+        _assert_pool_at_rest(sidecar)
+        async with aiohttp.ClientSession() as client:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(_get(client, proxy_url(sidecar) + f"/up/big?size={4 * MiB}") for _ in range(5))), 20
+            )
+            assert [(status, len(body)) for status, _, body in results] == [(200, 4 * MiB)] * 5
+        assert pool.stats().connections <= 2
+        _assert_pool_at_rest(sidecar)
+
+
 # --------------------------------------------------- GOAWAY and RST (§10)
 
 
