@@ -9,6 +9,7 @@ with it, so ``sidecar validate`` can print it without a traceback.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -193,7 +194,7 @@ def parse_duration(value: object) -> float:
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
         raise ValueError(f"must be a duration like 250ms, 5s or 2m, got {value!r}")
-    if seconds <= 0:
+    if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"must be a positive duration, got {value!r}")
     return seconds
 
@@ -227,19 +228,38 @@ def parse_host_port(value: object) -> HostPort:
     return HostPort(host, int(port_text))
 
 
+def _integer(value: object) -> int | None:
+    """An int, or the decimal digits a ${VAR} expanded to; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
+        return int(value)
+    return None
+
+
 def _positive_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    number = _integer(value)
+    if number is None or number <= 0:
         raise ValueError(f"must be a positive integer, got {value!r}")
-    return value
+    return number
 
 
 def _non_negative_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    number = _integer(value)
+    if number is None or number < 0:
         raise ValueError(f"must be a non-negative integer, got {value!r}")
-    return value
+    return number
+
+
+# ${VAR} always expands to a string; these are the spellings a boolean may take then.
+_BOOLEAN_WORDS = {"true": True, "false": False}
 
 
 def _boolean(value: object) -> bool:
+    if isinstance(value, str) and value in _BOOLEAN_WORDS:
+        return _BOOLEAN_WORDS[value]
     if not isinstance(value, bool):
         raise ValueError(f"must be true or false, got {value!r}")
     return value
@@ -252,6 +272,8 @@ def _string(value: object) -> str:
 
 
 def _http2_mode(value: object) -> HTTP2Mode:
+    if isinstance(value, str) and value in _BOOLEAN_WORDS:
+        value = _BOOLEAN_WORDS[value]
     if value is False:
         return HTTP2Mode.OFF
     if value is True:
@@ -426,7 +448,9 @@ def _build(loader: _Loader, document: object) -> Config:
     defaults = loader.mapping(top.get("defaults"), "defaults", _SETTINGS_KEYS)
     default_layer = _layer(loader, defaults, "defaults")
 
-    upstreams_raw = loader.mapping(top.get("upstreams"), "upstreams", tuple(top.get("upstreams") or ()))
+    declared = top.get("upstreams")
+    names = tuple(declared) if isinstance(declared, dict) else ()
+    upstreams_raw = loader.mapping(declared, "upstreams", names)
     if not upstreams_raw:
         raise loader.error("upstreams", "must define at least one upstream")
     upstreams = tuple(_upstream(loader, name, raw, default_layer) for name, raw in upstreams_raw.items())

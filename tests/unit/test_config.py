@@ -1,0 +1,560 @@
+"""config.py: the SPEC §3 schema, parsed once into typed objects (no sockets)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import (
+    ConfigError,
+    HostPort,
+    HTTP2Mode,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+    public_view,
+)
+
+
+def parse(yaml_text: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return parse_config(textwrap.dedent(yaml_text), source="test.yaml", env=env or {})
+
+
+def rejected(yaml_text: str, env: dict[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse(yaml_text, env)
+    return info.value
+
+
+MINIMAL = """
+upstreams:
+  api:
+    url: http://127.0.0.1:9000
+"""
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_minimal_config_gets_every_spec_default() -> None:
+    config = parse(MINIMAL)
+    assert config.listen == HostPort("127.0.0.1", 8088)
+    assert config.admin.listen == HostPort("127.0.0.1", 8089)
+    assert config.admin.token is None
+    assert config.shutdown_timeout == 30.0
+    assert config.workers == 1
+    assert config.inbound.max_request_body is None
+    assert config.inbound.header_timeout == 10.0
+    assert config.inbound.body_idle_timeout == 30.0
+    (api,) = config.upstreams
+    assert api.http2 is HTTP2Mode.OFF
+    assert api.limits.max_connections == 100
+    assert api.limits.max_keepalive_connections == 100  # null = max_connections
+    assert api.limits.keepalive_expiry == 5.0
+    assert api.limits.max_concurrent_requests == 100  # HTTP/1.1: = max_connections
+    assert api.limits.max_pending == 1000
+    assert (api.timeouts.connect, api.timeouts.read, api.timeouts.write, api.timeouts.pool) == (5.0, 30.0, 5.0, 1.0)
+    assert api.tls.verify is True
+    assert (api.tls.ca_file, api.tls.client_cert, api.tls.client_key) == (None, None, None)
+    assert api.route.path_prefix == "/api"
+    assert api.route.strip_prefix is True
+    assert api.route.hosts == ()
+    assert api.headers.set == () and api.headers.remove == ()
+    assert config.warnings == ()
+
+
+def test_defaults_are_inherited_field_by_field() -> None:
+    config = parse(
+        """
+        defaults:
+          limits: { max_connections: 10, max_pending: 7 }
+          timeouts: { connect: 2s, read: 20s }
+        upstreams:
+          a:
+            url: http://a.internal
+            limits: { max_pending: 3 }        # max_connections still from defaults
+            timeouts: { read: 1s }            # connect still from defaults
+          b:
+            url: http://b.internal
+        """
+    )
+    a, b = config.upstreams
+    assert a.limits.max_connections == 10
+    assert a.limits.max_pending == 3
+    assert a.limits.keepalive_expiry == 5.0  # built-in, neither layer sets it
+    assert a.timeouts.connect == 2.0
+    assert a.timeouts.read == 1.0
+    assert a.timeouts.write == 5.0 and a.timeouts.pool == 1.0
+    assert b.limits.max_connections == 10 and b.limits.max_pending == 7
+    assert b.timeouts.connect == 2.0 and b.timeouts.read == 20.0
+
+
+def test_defaults_http2_and_tls_are_inherited_and_overridable() -> None:
+    config = parse(
+        """
+        defaults:
+          http2: true
+          tls: { verify: false }
+        upstreams:
+          a: { url: "https://a.internal" }
+          b: { url: "https://b.internal", http2: false, tls: { verify: true } }
+        """
+    )
+    a, b = config.upstreams
+    assert a.http2 is HTTP2Mode.ALPN and a.tls.verify is False
+    assert b.http2 is HTTP2Mode.OFF and b.tls.verify is True
+    # verify: false is allowed but always warned about, naming where it came from.
+    assert any("defaults.tls.verify" in w and "'a'" in w for w in config.warnings)
+
+
+def test_upstream_url_parts() -> None:
+    config = parse(
+        """
+        upstreams:
+          plain: { url: "http://plain.internal" }
+          tls: { url: "https://secure.internal:8443/api/" }
+          v6: { url: "http://[::1]:9000/x" }
+        """
+    )
+    plain, secure, v6 = config.upstreams
+    assert (plain.scheme, plain.host, plain.port, plain.base_path, plain.host_header) == (
+        "http",
+        "plain.internal",
+        80,
+        "",
+        "plain.internal",
+    )
+    assert (secure.scheme, secure.port, secure.base_path, secure.host_header) == (
+        "https",
+        8443,
+        "/api",  # trailing slash dropped
+        "secure.internal:8443",
+    )
+    assert (v6.host, v6.host_header, v6.base_path) == ("::1", "[::1]:9000", "/x")
+
+
+def test_route_settings() -> None:
+    config = parse(
+        """
+        upstreams:
+          payments:
+            url: http://p.internal
+            route: { path_prefix: /pay/, strip_prefix: false, hosts: [Payments.Internal, p2.internal] }
+        """
+    )
+    route = config.upstreams[0].route
+    assert route.path_prefix == "/pay"  # trailing slash normalised
+    assert route.strip_prefix is False
+    assert route.hosts == ("payments.internal", "p2.internal")  # host names are case-insensitive
+
+
+def test_header_rules() -> None:
+    config = parse(
+        """
+        upstreams:
+          api:
+            url: http://a.internal
+            headers:
+              set: { Authorization: "Bearer ${TOKEN}", X-Team: core }
+              remove: [X-Debug, Cookie]
+        """,
+        env={"TOKEN": "s3cret-token"},
+    )
+    headers = config.upstreams[0].headers
+    assert headers.set == (("Authorization", "Bearer s3cret-token"), ("X-Team", "core"))
+    assert headers.remove == ("X-Debug", "Cookie")
+
+
+def test_admin_forms() -> None:
+    assert parse("admin: 'off'\n" + MINIMAL).admin.listen is None
+    assert parse("admin: 127.0.0.1:0\n" + MINIMAL).admin.listen == HostPort("127.0.0.1", 0)
+    config = parse(
+        "admin: { listen: '[::1]:9999', token: '${ADMIN_TOKEN}' }\n" + MINIMAL, env={"ADMIN_TOKEN": "tok-123"}
+    )
+    assert config.admin.listen == HostPort("::1", 9999)
+    assert config.admin.token == "tok-123"
+    assert "tok-123" in config.secrets
+
+
+def test_admin_off_loopback_without_token_is_warned() -> None:
+    config = parse("admin: 0.0.0.0:8089\n" + MINIMAL)
+    assert any("not on loopback" in warning for warning in config.warnings)
+
+
+# ------------------------------------------------- durations and sizes
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), (3, 3.0), (0.5, 0.5), ("1.5s", 1.5), ("7", 7.0)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["5 minutes", "-1s", "abc", "", 0, -2, True, None, [1], "1d", ".nan", float("nan")])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512KiB", 512 * 1024), ("10MiB", 10 * 1024**2), ("1GiB", 1024**3), (4096, 4096), ("100", 100), ("1MB", 10**6)],
+)
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["10 mb", "-5", "big", 0, -1, 1.5, True, "1TiB"])
+def test_bad_sizes(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_durations_and_sizes_in_the_file() -> None:
+    config = parse(
+        """
+        shutdown_timeout: 2m
+        inbound: { max_request_body: 10MiB, header_timeout: 250ms }
+        defaults:
+          limits: { keepalive_expiry: 90s }
+          timeouts: { pool: 100ms, read: 1.5 }
+        upstreams:
+          api: { url: "http://a.internal" }
+        """
+    )
+    assert config.shutdown_timeout == 120.0
+    assert config.inbound.max_request_body == 10 * 1024**2
+    assert config.inbound.header_timeout == 0.25
+    api = config.upstreams[0]
+    assert api.limits.keepalive_expiry == 90.0
+    assert api.timeouts.pool == pytest.approx(0.1)
+    assert api.timeouts.read == 1.5
+
+
+# ------------------------------------------------------------ ${VAR}
+
+
+def test_variables_are_substituted_from_the_environment() -> None:
+    config = parse(
+        """
+        listen: "${HOST}:${PORT}"
+        upstreams:
+          api:
+            url: "${API_URL}/v1"
+        """,
+        env={"HOST": "0.0.0.0", "PORT": "9000", "API_URL": "https://api.internal"},
+    )
+    assert config.listen == HostPort("0.0.0.0", 9000)
+    assert config.upstreams[0].url == "https://api.internal/v1"
+    assert config.upstreams[0].base_path == "/v1"
+
+
+def test_variable_defaults_apply_only_when_unset() -> None:
+    text = """
+        upstreams:
+          api:
+            url: "${API_URL:-http://fallback.internal}"
+            timeouts: { read: "${READ:-7s}" }
+    """
+    api = parse(text).upstreams[0]
+    assert api.url == "http://fallback.internal" and api.timeouts.read == 7.0
+    api = parse(text, env={"API_URL": "http://set.internal", "READ": "2s"}).upstreams[0]
+    assert api.url == "http://set.internal" and api.timeouts.read == 2.0
+    # An empty default is allowed and gives an empty string.
+    config = parse(
+        """
+        upstreams:
+          api:
+            url: http://a.internal
+            headers: { set: { X-Optional: "${OPTIONAL:-}" } }
+        """
+    )
+    assert config.upstreams[0].headers.set == (("X-Optional", ""),)
+
+
+def test_numbers_and_booleans_may_come_from_variables() -> None:
+    config = parse(
+        """
+        workers: "${WORKERS:-2}"
+        defaults:
+          http2: "${H2:-true}"
+          limits: { max_connections: "${MAXCONN}", max_pending: "${PENDING:-0}" }
+          tls: { verify: "${VERIFY:-true}" }
+        upstreams:
+          api: { url: "https://a.internal", route: { strip_prefix: "${STRIP}" } }
+        """,
+        env={"MAXCONN": "12", "STRIP": "false"},
+    )
+    assert config.workers == 2
+    api = config.upstreams[0]
+    assert api.limits.max_connections == 12
+    assert api.limits.max_pending == 0
+    assert api.http2 is HTTP2Mode.ALPN
+    assert api.tls.verify is True
+    assert api.route.strip_prefix is False
+    error = rejected("upstreams:\n  a: { url: 'http://a', limits: { max_connections: '${N}' } }\n", env={"N": "ten"})
+    assert error.path == "upstreams.a.limits.max_connections" and "positive integer" in error.problem
+
+
+def test_variable_values_are_secrets_and_redacted_in_public_view() -> None:
+    config = parse(
+        """
+        upstreams:
+          api:
+            url: http://a.internal
+            headers: { set: { Authorization: "Bearer ${TOKEN}" } }
+        """,
+        env={"TOKEN": "hunter2-token"},
+    )
+    assert "hunter2-token" in config.secrets
+    view = public_view(config)
+    assert "hunter2-token" not in repr(view)
+    assert view["upstreams"]["api"]["headers"]["set"] == {"Authorization": "<redacted>"}
+    assert view["upstreams"]["api"]["limits"]["max_connections"] == 100
+
+
+def test_missing_variable_is_an_error_naming_the_path() -> None:
+    error = rejected(
+        """
+        upstreams:
+          api:
+            url: http://a.internal
+            headers: { set: { Authorization: "Bearer ${PAYMENTS_TOKEN}" } }
+        """
+    )
+    assert error.path == "upstreams.api.headers.set.Authorization"
+    assert "PAYMENTS_TOKEN" in error.problem
+    assert str(error).startswith("test.yaml: upstreams.api.headers.set.Authorization: ")
+
+
+# ------------------------------------------------------------- http2
+
+
+@pytest.mark.parametrize(
+    ("url", "value", "mode", "concurrent"),
+    [
+        ("http://a.internal", "false", HTTP2Mode.OFF, 10),
+        ("https://a.internal", "true", HTTP2Mode.ALPN, 1000),  # h2 possible: x100
+        ("http://a.internal", "true", HTTP2Mode.ALPN, 10),  # stays HTTP/1.1 on http://
+        ("http://a.internal", "prior-knowledge", HTTP2Mode.PRIOR_KNOWLEDGE, 1000),
+        ("https://a.internal", "prior-knowledge", HTTP2Mode.PRIOR_KNOWLEDGE, 1000),
+    ],
+)
+def test_http2_modes_and_default_concurrency(url: str, value: str, mode: HTTP2Mode, concurrent: int) -> None:
+    config = parse(
+        f"""
+        upstreams:
+          api:
+            url: "{url}"
+            http2: {value}
+            limits: {{ max_connections: 10 }}
+        """
+    )
+    api = config.upstreams[0]
+    assert api.http2 is mode
+    assert api.limits.max_concurrent_requests == concurrent
+
+
+def test_http2_true_on_plain_http_is_warned() -> None:
+    config = parse("upstreams:\n  api: { url: 'http://a.internal', http2: true }\n")
+    assert any("upstreams.api.http2" in w and "prior-knowledge" in w for w in config.warnings)
+
+
+def test_explicit_concurrency_is_kept_and_capped_at_what_connections_carry() -> None:
+    config = parse(
+        """
+        upstreams:
+          low: { url: "http://a.internal", limits: { max_connections: 10, max_concurrent_requests: 4 } }
+          high: { url: "http://b.internal", limits: { max_connections: 10, max_concurrent_requests: 50 } }
+        """
+    )
+    low, high = config.upstreams
+    assert low.limits.max_concurrent_requests == 4
+    assert high.limits.max_concurrent_requests == 10
+    assert any("upstreams.high.limits.max_concurrent_requests" in w for w in config.warnings)
+
+
+def test_explicit_keepalive_limit() -> None:
+    limits = "{ max_connections: 8, max_keepalive_connections: 2 }"
+    api = parse(f"upstreams:\n  api: {{ url: 'http://a.internal', limits: {limits} }}\n").upstreams[0]
+    assert api.limits.max_keepalive_connections == 2
+
+
+# ---------------------------------------------------------- rejections
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "path", "words"),
+    [
+        pytest.param(
+            "upstreams:\n  payments:\n    url: http://p\n    limits: { max_connections: -3 }\n",
+            "upstreams.payments.limits.max_connections",
+            "must be a positive integer, got -3",
+            id="negative-limit",
+        ),
+        pytest.param(
+            "defaults:\n  limits: { max_pending: -1 }\nupstreams:\n  a: { url: 'http://a' }\n",
+            "defaults.limits.max_pending",
+            "non-negative integer",
+            id="negative-default-limit",
+        ),
+        pytest.param(
+            "upstreams:\n  a:\n    url: http://a\n    limits: { max_conections: 5 }\n",
+            "upstreams.a.limits.max_conections",
+            "unknown key",
+            id="unknown-key-typo",
+        ),
+        pytest.param("listn: 127.0.0.1:1\n" + MINIMAL, "listn", "unknown key", id="unknown-top-key"),
+        pytest.param(
+            "upstreams:\n  a:\n    url: http://a\n    route: { prefix: /a }\n",
+            "upstreams.a.route.prefix",
+            "unknown key",
+            id="unknown-route-key",
+        ),
+        pytest.param(
+            "upstreams:\n  a:\n    url: http://a\n    timeouts: { read: 5 minutes }\n",
+            "upstreams.a.timeouts.read",
+            "must be a duration",
+            id="bad-duration",
+        ),
+        pytest.param(
+            "defaults:\n  timeouts: { pool: 0s }\nupstreams:\n  a: { url: 'http://a' }\n",
+            "defaults.timeouts.pool",
+            "positive duration",
+            id="zero-duration",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'ftp://a.internal' }\n",
+            "upstreams.a.url",
+            "http:// or https://",
+            id="bad-url-scheme",
+        ),
+        pytest.param("upstreams:\n  a: { url: 'http://' }\n", "upstreams.a.url", "must name a host", id="no-host"),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a:99999' }\n", "upstreams.a.url", "not a valid URL", id="bad-port"
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://user:pw@a' }\n", "upstreams.a.url", "credentials", id="url-userinfo"
+        ),
+        pytest.param("upstreams:\n  a: { url: 'http://a/?x=1' }\n", "upstreams.a.url", "query", id="url-query"),
+        pytest.param("upstreams:\n  a: { route: {} }\n", "upstreams.a.url", "is required", id="missing-url"),
+        pytest.param("upstreams:\n  Bad_Name: { url: 'http://a' }\n", "upstreams.Bad_Name", "[a-z0-9]", id="name"),
+        pytest.param("listen: 8088\n" + MINIMAL, "listen", "HOST:PORT", id="bad-listen"),
+        pytest.param("workers: 0\n" + MINIMAL, "workers", "positive integer", id="zero-workers"),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', http2: yes-please }\n",
+            "upstreams.a.http2",
+            "prior-knowledge",
+            id="bad-http2",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', tls: { verify: 'no' } }\n",
+            "upstreams.a.tls.verify",
+            "true or false",
+            id="verify-string",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', tls: { ca_file: /nonexistent/ca.pem } }\n",
+            "upstreams.a.tls.ca_file",
+            "file not found",
+            id="missing-ca-file",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', limits: { max_connections: 2, max_keepalive_connections: 3 } }\n",
+            "upstreams.a.limits.max_keepalive_connections",
+            "must not exceed",
+            id="keepalive-over-max",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', route: { path_prefix: x } }\n",
+            "upstreams.a.route.path_prefix",
+            "must start with '/'",
+            id="relative-prefix",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', route: { hosts: a.internal } }\n",
+            "upstreams.a.route.hosts",
+            "list",
+            id="hosts-not-list",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a' }\n  b: { url: 'http://b', route: { path_prefix: /a } }\n",
+            "upstreams.b.route.path_prefix",
+            "already the prefix",
+            id="duplicate-prefix",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', route: { hosts: [x] } }\n"
+            "  b: { url: 'http://b', route: { hosts: [X] } }\n",
+            "upstreams.b.route.hosts",
+            "already routed",
+            id="duplicate-host",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', headers: { set: { 'Bad Header': x } } }\n",
+            "upstreams.a.headers.set.Bad Header",
+            "header name",
+            id="bad-header-name",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', headers: { set: { X-A: \"a\\r\\nX-B: b\" } } }\n",
+            "upstreams.a.headers.set.X-A",
+            "CR, LF",
+            id="header-injection",
+        ),
+        pytest.param("upstreams: {}\n", "upstreams", "at least one", id="no-upstreams"),
+        pytest.param("upstreams: 5\n", "upstreams", "mapping", id="upstreams-not-mapping"),
+        pytest.param("upstreams: [a, b]\n", "upstreams", "mapping", id="upstreams-list"),
+        pytest.param("upstreams:\n  a: 5\n", "upstreams.a", "mapping", id="upstream-not-mapping"),
+        pytest.param("- 1\n- 2\n", "(top level)", "mapping", id="top-level-list"),
+        pytest.param("inbound: { max_request_body: lots }\n" + MINIMAL, "inbound.max_request_body", "size", id="size"),
+    ],
+)
+def test_rejections_name_the_yaml_path(yaml_text: str, path: str, words: str) -> None:
+    error = rejected(yaml_text)
+    assert error.path == path
+    assert words in error.problem
+    assert str(error) == f"test.yaml: {path}: {error.problem}"
+
+
+def test_unknown_key_error_lists_the_allowed_keys() -> None:
+    error = rejected("upstreams:\n  a:\n    url: http://a\n    timeouts: { raed: 5s }\n")
+    assert "connect, read, write, pool" in error.problem
+
+
+def test_malformed_yaml_names_line_and_column() -> None:
+    error = rejected("upstreams:\n  a: { url: http://a\n  b: [\n")
+    assert error.path == ""
+    assert "malformed YAML" in error.problem
+    assert "line " in error.problem and "column " in error.problem
+
+
+def test_empty_file_needs_upstreams() -> None:
+    assert rejected("").path == "upstreams"
+
+
+def test_load_config_reports_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value) and "file not found" in str(info.value)
+
+
+def test_load_config_reads_the_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.yaml"
+    path.write_text("upstreams:\n  api: { url: '${U}' }\n")
+    config = load_config(path, env={"U": "http://x.internal:81"})
+    assert config.source == str(path)
+    assert config.upstreams[0].port == 81
+
+
+def test_shipped_config_is_valid() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "config" / "upstreams.yaml"
+    config = load_config(shipped, env={})
+    assert [u.name for u in config.upstreams] == ["demo"]
+    assert config.upstreams[0].url == "http://127.0.0.1:8090"
+    assert config.warnings == ()
