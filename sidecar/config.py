@@ -12,6 +12,7 @@ import enum
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -638,7 +639,22 @@ def _tls(loader: _Loader, own: _Layer, defaults: _Layer, name: str) -> TLSSettin
     client_cert, client_key = file_or_none("client_cert"), file_or_none("client_key")
     if client_key is not None and client_cert is None:
         raise loader.error(f"upstreams.{name}.tls.client_cert", "is required when client_key is set")
-    return TLSSettings(verify=verify, ca_file=file_or_none("ca_file"), client_cert=client_cert, client_key=client_key)
+    ca_file = file_or_none("ca_file")
+    # Load the files now: a file that exists but holds no usable PEM would
+    # otherwise pass `validate` and fail only when the pool opens (or reloads).
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise loader.error(_pick("tls", "ca_file", own, defaults)[0], f"no usable PEM certificate: {exc}") from None
+    if client_cert is not None:
+        try:
+            # An encrypted key cannot be used (no passphrase setting): fail here, never prompt.
+            ssl.create_default_context().load_cert_chain(client_cert, client_key, password=lambda: b"")
+        except (ssl.SSLError, OSError) as exc:
+            where = _pick("tls", "client_cert", own, defaults)[0]
+            raise loader.error(where, f"no usable PEM certificate and unencrypted key: {exc}") from None
+    return TLSSettings(verify=verify, ca_file=ca_file, client_cert=client_cert, client_key=client_key)
 
 
 def _route(loader: _Loader, raw: object, path: str, name: str) -> Route:

@@ -558,3 +558,35 @@ def test_shipped_config_is_valid() -> None:
     assert [u.name for u in config.upstreams] == ["demo"]
     assert config.upstreams[0].url == "http://127.0.0.1:8090"
     assert config.warnings == ()
+
+
+def test_tls_files_are_loaded_at_validation(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    client = ca.issue_cert("client.internal")
+    client.cert_chain_pems[0].write_to_path(str(cert_file))
+    client.private_key_pem.write_to_path(str(key_file))
+    text = f"""
+        upstreams:
+          a:
+            url: https://a.internal
+            tls: {{ ca_file: "{ca_file}", client_cert: "{cert_file}", client_key: "{key_file}" }}
+    """
+    tls = parse(text).upstreams[0].tls
+    assert (tls.ca_file, tls.client_cert, tls.client_key) == (str(ca_file), str(cert_file), str(key_file))
+
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("not a certificate\n")
+    error = rejected(f"upstreams:\n  a: {{ url: 'https://a', tls: {{ ca_file: '{not_pem}' }} }}\n")
+    assert error.path == "upstreams.a.tls.ca_file" and "no usable PEM" in error.problem
+    error = rejected(f"defaults:\n  tls: {{ client_cert: '{not_pem}' }}\nupstreams:\n  a: {{ url: 'https://a' }}\n")
+    assert error.path == "defaults.tls.client_cert"
+    # A certificate with someone else's key.
+    other_key = tmp_path / "other.key"
+    ca.issue_cert("other.internal").private_key_pem.write_to_path(str(other_key))
+    error = rejected(
+        f"upstreams:\n  a: {{ url: 'https://a', tls: {{ client_cert: '{cert_file}', client_key: '{other_key}' }} }}\n"
+    )
+    assert error.path == "upstreams.a.tls.client_cert"

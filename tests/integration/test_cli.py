@@ -1,0 +1,218 @@
+"""The command line as users run it: real child processes, exit codes, stderr. SPEC §2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "config" / "upstreams.yaml"
+# The console script installed next to this interpreter (pip install -e .).
+CONSOLE_SCRIPT = Path(sys.executable).with_name("sidecar")
+
+ENTRY_POINTS = {
+    "module": [sys.executable, "-m", "sidecar"],
+    "script": [str(CONSOLE_SCRIPT)],
+}
+
+
+def run_cli(
+    entry: str, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    environment = {key: value for key, value in os.environ.items() if key != "SIDECAR_CONFIG"}
+    environment.update(env or {})
+    return subprocess.run(
+        [*ENTRY_POINTS[entry], *args],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=environment,
+        cwd=cwd,
+        timeout=60,
+    )
+
+
+@pytest.fixture(params=sorted(ENTRY_POINTS))
+def entry(request: pytest.FixtureRequest) -> str:
+    if request.param == "script" and not CONSOLE_SCRIPT.exists():
+        pytest.fail(f"console script not installed at {CONSOLE_SCRIPT}: run scripts/setup")
+    return str(request.param)
+
+
+BAD_CONFIGS = {
+    "negative-limit": (
+        """
+        upstreams:
+          payments:
+            url: http://127.0.0.1:9000
+            limits: { max_connections: -3 }
+        """,
+        "upstreams.payments.limits.max_connections",
+        "must be a positive integer, got -3",
+    ),
+    "unknown-key": (
+        """
+        upstreams:
+          payments:
+            url: http://127.0.0.1:9000
+            timeouts: { raed: 5s }
+        """,
+        "upstreams.payments.timeouts.raed",
+        "unknown key",
+    ),
+    "bad-duration": (
+        """
+        defaults:
+          timeouts: { connect: soon }
+        upstreams:
+          payments: { url: "http://127.0.0.1:9000" }
+        """,
+        "defaults.timeouts.connect",
+        "must be a duration",
+    ),
+    "missing-variable": (
+        """
+        upstreams:
+          payments:
+            url: http://127.0.0.1:9000
+            headers: { set: { Authorization: "Bearer ${SIDECAR_TEST_UNSET_TOKEN}" } }
+        """,
+        "upstreams.payments.headers.set.Authorization",
+        "SIDECAR_TEST_UNSET_TOKEN is not set",
+    ),
+    "bad-url": (
+        """
+        upstreams:
+          payments: { url: "payments.internal:8443" }
+        """,
+        "upstreams.payments.url",
+        "must start with http:// or https://",
+    ),
+    "malformed-yaml": (
+        """
+        upstreams:
+          payments: { url: http://127.0.0.1:9000
+          other: [
+        """,
+        "",
+        "malformed YAML: line ",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_validate_rejects_bad_config_without_traceback(entry: str, case: str, tmp_path: Path) -> None:
+    text, yaml_path, problem = BAD_CONFIGS[case]
+    config = tmp_path / f"{case}.yaml"
+    config.write_text(textwrap.dedent(text))
+    result = run_cli(entry, "validate", "-c", str(config))
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    where = f"{config}: {yaml_path}: " if yaml_path else f"{config}: "
+    assert result.stderr.startswith(f"sidecar: invalid config: {where}")
+    assert problem in result.stderr
+    assert result.stderr.count("\n") == 1, "one line, not a dump"
+
+
+def test_run_rejects_bad_config_the_same_way(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(textwrap.dedent(BAD_CONFIGS["negative-limit"][0]))
+    result = run_cli("module", "run", "-c", str(config), "--listen", "127.0.0.1:0", "--admin", "off")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{config}: upstreams.payments.limits.max_connections: must be a positive integer, got -3" in result.stderr
+
+
+def test_missing_config_file_exits_2(entry: str, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    result = run_cli(entry, "validate", "-c", str(missing))
+    assert result.returncode == 2
+    assert f"{missing}: file not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_shipped_config_prints_a_summary(entry: str) -> None:
+    result = run_cli(entry, "validate", "-c", str(SHIPPED))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{SHIPPED}: OK"
+    assert "listen 127.0.0.1:8088" in lines
+    assert "admin 127.0.0.1:8089" in lines
+    (demo,) = [line for line in lines if line.startswith("upstream demo:")]
+    assert "/demo -> http://127.0.0.1:8090" in demo
+    assert "max_connections=20" in demo and "max_pending=200" in demo
+
+
+def test_default_config_path_is_config_upstreams_yaml(tmp_path: Path) -> None:
+    result = run_cli("module", "validate")  # cwd is the repository: config/upstreams.yaml
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config/upstreams.yaml: OK")
+    result = run_cli("module", "validate", cwd=tmp_path)  # nothing there
+    assert result.returncode == 2
+    assert "config/upstreams.yaml: file not found" in result.stderr
+
+
+def test_sidecar_config_environment_variable_is_honoured(entry: str, tmp_path: Path) -> None:
+    good = tmp_path / "from-env.yaml"
+    good.write_text("upstreams:\n  envonly: { url: 'http://127.0.0.1:9' }\n")
+    result = run_cli(entry, "validate", env={"SIDECAR_CONFIG": str(good)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{good}: OK")
+    assert "upstream envonly:" in result.stdout
+    # -c wins over $SIDECAR_CONFIG.
+    result = run_cli(entry, "validate", "-c", str(SHIPPED), env={"SIDECAR_CONFIG": str(good)})
+    assert result.returncode == 0 and "upstream demo:" in result.stdout
+    bad = tmp_path / "bad-from-env.yaml"
+    bad.write_text("upstreams:\n  a: { url: 'http://a', bogus: 1 }\n")
+    result = run_cli(entry, "validate", env={"SIDECAR_CONFIG": str(bad)})
+    assert result.returncode == 2
+    assert f"{bad}: upstreams.a.bogus: unknown key" in result.stderr
+
+
+def test_empty_config_is_rejected(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    result = run_cli("module", "validate", "-c", str(empty))
+    assert result.returncode == 2
+    assert "upstreams: must define at least one upstream" in result.stderr
+
+
+def test_validate_summary_includes_warnings(tmp_path: Path) -> None:
+    config = tmp_path / "warn.yaml"
+    config.write_text("upstreams:\n  a: { url: 'https://a.internal', tls: { verify: false } }\n")
+    result = run_cli("module", "validate", "-c", str(config))
+    assert result.returncode == 0
+    assert "warning: upstreams.a.tls.verify: TLS verification is OFF for upstream 'a'" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([], id="no-command"),
+        pytest.param(["frobnicate"], id="unknown-command"),
+        pytest.param(["validate", "--bogus"], id="unknown-option"),
+        pytest.param(["run", "--listen", "nonsense"], id="bad-listen"),
+        pytest.param(["run", "--admin", "localhost"], id="bad-admin"),
+        pytest.param(["run", "--log-format", "xml"], id="bad-log-format"),
+        pytest.param(["validate", "-c"], id="missing-value"),
+    ],
+)
+def test_usage_errors_exit_2(entry: str, args: list[str]) -> None:
+    result = run_cli(entry, *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "usage: sidecar" in result.stderr
+    assert "sidecar: error:" in result.stderr
+
+
+def test_help_exits_0() -> None:
+    result = run_cli("module", "--help")
+    assert result.returncode == 0
+    assert "validate" in result.stdout and "run" in result.stdout
