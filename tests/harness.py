@@ -567,3 +567,122 @@ class HypercornUpstream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+# --------------------------------------------------------------------------
+# Scripted sockets: for bytes no HTTP library would send or accept as-is
+# --------------------------------------------------------------------------
+
+ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class ScriptedUpstream:
+    """A TCP server on 127.0.0.1:0 whose per-connection coroutine a test writes.
+
+    For upstream behaviour an HTTP framework will not produce: no Server or
+    Content-Type header, closing before or in the middle of a response,
+    answering one request per connection and then dropping the next.
+    ``connections`` counts accepted TCP connections.
+    """
+
+    def __init__(self, handle: ConnectionHandler) -> None:
+        self.handle = handle
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            await self.handle(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            writer.close()
+
+    async def __aenter__(self) -> ScriptedUpstream:
+        self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]]:
+    """One request line and its headers from a raw connection (body left unread)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = [(name, value.strip()) for name, _, value in (line.partition(":") for line in lines[1:] if line)]
+    return lines[0], headers
+
+
+@dataclass
+class RawResponse:
+    status_line: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    @property
+    def status(self) -> int:
+        return int(self.status_line.split(" ", 2)[1])
+
+    def header(self, name: str) -> str | None:
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader, *, method: str = "GET") -> RawResponse:
+    """Read exactly one HTTP/1.1 response, framed as the caller's client would frame it."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = [(name, value.strip()) for name, _, value in (line.partition(":") for line in lines[1:] if line)]
+    response = RawResponse(lines[0], headers, b"")
+    if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
+        return response
+    length = response.header("Content-Length")
+    if response.header("Transfer-Encoding") == "chunked":
+        body = bytearray()
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        response.body = bytes(body)
+    elif length is not None:
+        response.body = await reader.readexactly(int(length))
+    else:
+        response.body = await reader.read()
+    return response
+
+
+async def raw_request(port: int, data: bytes, *, method: str = "GET", timeout: float = 10.0) -> RawResponse:
+    """Send raw bytes on a new connection and read one response."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(read_response(reader, method=method), timeout)
+    finally:
+        writer.close()
