@@ -835,3 +835,26 @@ async def test_upstream_closed_idle_connection_is_not_reused(tmp_path: Path) -> 
                 async with client.post(proxy_url(sidecar) + "/api/x", data=b"not retryable") as response:
                     assert response.status == 200
         assert upstream.connections == 5
+
+
+@pytest.mark.parametrize(
+    ("method", "sent_headers", "body", "expected"),
+    [
+        ("POST", ["Content-Length: 0"], b"", {"content-length": "0"}),
+        ("POST", ["Content-Length: 5"], b"hello", {"content-length": "5"}),
+        ("PUT", ["Transfer-Encoding: chunked"], b"5\r\nhello\r\n0\r\n\r\n", {"transfer-encoding": "chunked"}),
+        ("GET", [], b"", {}),
+        ("DELETE", [], b"", {}),
+    ],
+)
+async def test_request_body_framing_is_exactly_one_of_length_or_chunked(
+    tmp_path: Path, method: str, sent_headers: list[str], body: bytes, expected: dict[str, str]
+) -> None:
+    async with Upstream() as upstream, running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar:
+        response = await raw_request(sidecar.proxy_port, get("/api/x", *sent_headers, method=method) + body)
+        assert response.status == 200
+        (recorded,) = upstream.requests
+        framing = {n.lower(): v for n, v in recorded.headers if n.lower() in ("content-length", "transfer-encoding")}
+        assert framing == expected
+        assert recorded.method == method
+        assert recorded.body == (b"hello" if b"hello" in body else b"")
