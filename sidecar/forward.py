@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
-from aiohttp import StreamReader, hdrs, web
+from aiohttp import HttpVersion11, StreamReader, hdrs, web
 
 from .config import Inbound
 from .errors import (
@@ -179,8 +179,6 @@ class Forwarder:
         # must see the request, or it could close the pool under it.
         pool.request_started()
         try:
-            if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             waited_from = time.monotonic()
             exchange.queued = True
             try:
@@ -246,6 +244,10 @@ class Forwarder:
         gets 413.  Either way the upstream only ever saw an unfinished body on a
         connection that is then closed, never a complete request.
         """
+        if request.version >= HttpVersion11 and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+            # Only now that the upstream is connected and wants the body: a caller
+            # refused earlier (404, 503, 502) gets its final answer without uploading.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         limit = inbound.max_request_body
         stream = request.content
         watchdog = _IdleWatchdog(stream, inbound.body_idle_timeout)

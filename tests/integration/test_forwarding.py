@@ -368,10 +368,15 @@ async def test_expect_100_continue(tmp_path: Path) -> None:
     async def echo(request: web.Request) -> web.StreamResponse:
         return web.Response(body=await request.read())
 
-    async with (
-        Upstream(echo, read_body=False) as upstream,
-        running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar,
-    ):
+    refused = f"http://{LOOPBACK}:{_unused_port()}"
+    config = f"""
+        upstreams:
+          api: {{ url: "{{up}}/base" }}
+          down: {{ url: "{refused}" }}
+        """
+    async with Upstream(echo, read_body=False) as upstream, running_sidecar(
+        tmp_path, config.replace("{up}", upstream.url)
+    ) as sidecar:
         reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
         try:
             writer.write(get("/api/x", "Content-Length: 5", "Expect: 100-continue", method="POST"))
@@ -383,6 +388,14 @@ async def test_expect_100_continue(tmp_path: Path) -> None:
         finally:
             writer.close()
         assert all(name.lower() != "expect" for name, _ in upstream.requests[0].headers)
+
+        # Refused before the body is wanted: the final answer comes at once, no 100, no upload.
+        for target, status in (("/down/x", 502), ("/nowhere", 404)):
+            response = await raw_request(
+                sidecar.proxy_port,
+                get(target, "Content-Length: 5", "Expect: 100-continue", "Connection: close", method="POST"),
+            )
+            assert response.status == status
 
 
 # ============================================================ streaming
