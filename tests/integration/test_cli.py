@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -127,6 +128,19 @@ def test_run_rejects_bad_config_the_same_way(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"{config}: upstreams.payments.limits.max_connections: must be a positive integer, got -3" in result.stderr
+
+
+def test_run_exits_1_when_it_cannot_listen(tmp_path: Path) -> None:
+    config = tmp_path / "ok.yaml"
+    config.write_text("upstreams:\n  a: { url: 'http://127.0.0.1:9' }\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("module", "run", "-c", str(config), "--listen", f"127.0.0.1:{port}", "--admin", "off")
+    assert result.returncode == 1
+    assert "sidecar: cannot start:" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_config_file_exits_2(entry: str, tmp_path: Path) -> None:

@@ -362,6 +362,7 @@ async def test_no_invented_content_type_or_server_header(tmp_path: Path) -> None
         assert response.header("Content-Type") is None
         assert response.header("Server") is None
         assert response.header("X-Only") == "this"
+        assert response.header("Date") is not None  # RFC 9110 §6.6.1: a forwarder with a clock adds one
 
 
 async def test_expect_100_continue(tmp_path: Path) -> None:
