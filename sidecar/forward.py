@@ -119,6 +119,25 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+_MAX_REQUEST_ID = 200
+
+
+def _caller_request_id(value: str | None) -> str | None:
+    """The caller's X-Request-Id if it is safe to echo, log and forward: visible ASCII."""
+    if value and len(value) <= _MAX_REQUEST_ID and value.isascii() and value.isprintable() and " " not in value:
+        return value
+    return None
+
+
+def _header_text(raw: bytes) -> str:
+    """A response header value as aiohttp will write it back: UTF-8 round-trips byte
+    for byte; other bytes (obs-text) are read as ISO-8859-1, HTTP's historical charset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 class Forwarder:
     """The aiohttp handler of the proxy port."""
 
@@ -134,7 +153,7 @@ class Forwarder:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(
-            request_id=request.headers.get("X-Request-Id") or new_request_id(),
+            request_id=_caller_request_id(request.headers.get("X-Request-Id")) or new_request_id(),
             method=request.method,
             # Encoded and without the query: no secrets in query strings, no
             # control characters from percent-decoding in a log line.
@@ -213,18 +232,19 @@ class Forwarder:
         self, request: web.BaseRequest, match: RouteMatch, pool: UpstreamPool, exchange: Exchange
     ) -> httpx.Request:
         upstream = pool.upstream
-        inbound = request.headers
-        named = _connection_tokens(inbound.get(hdrs.CONNECTION))
+        named = _connection_tokens(request.headers.get(hdrs.CONNECTION))
         removed = {name.lower() for name in upstream.headers.remove}
         overridden = {name.lower() for name, _ in upstream.headers.set}
-        headers: list[tuple[str, str]] = [("Host", upstream.host_header)]
-        for name, value in inbound.items():
-            lower = name.lower()
+        # The caller's header bytes as received (aiohttp's str view would have to be
+        # re-encoded, and httpx encodes str values as ASCII: non-ASCII bytes broke it).
+        headers: list[tuple[bytes, bytes]] = [(b"Host", upstream.host_header.encode("utf-8"))]
+        for raw_name, raw_value in request.raw_headers:
+            lower = raw_name.decode("latin-1").lower()
             if lower in _NOT_FORWARDED or lower in named or lower in removed or lower in overridden:
                 continue
-            headers.append((name, value))
-        headers.extend(upstream.headers.set)
-        headers.append(("X-Request-Id", exchange.request_id))
+            headers.append((raw_name, raw_value))
+        headers.extend((name.encode("latin-1"), value.encode("utf-8")) for name, value in upstream.headers.set)
+        headers.append((b"X-Request-Id", exchange.request_id.encode("ascii")))
         content = None
         if request.body_exists:
             content = self._body(request, exchange, self._generation().inbound)
@@ -286,7 +306,7 @@ class Forwarder:
             lower = name.lower()
             if lower in HOP_BY_HOP or lower in named or lower == "x-request-id":
                 continue
-            value = raw_value.decode("latin-1")
+            value = _header_text(raw_value)
             if "\r" in value or "\n" in value or "\0" in value:
                 raise UpstreamProtocolError(
                     f"upstream sent an invalid value for header {name!r}", upstream=exchange.upstream

@@ -255,6 +255,39 @@ async def test_request_id_is_kept_or_generated_and_returned(tmp_path: Path) -> N
         assert second == [generated]
 
 
+async def test_unsafe_caller_request_id_is_replaced(tmp_path: Path) -> None:
+    async with Upstream() as upstream, running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar:
+        for unsafe in ("caf\u00e9".encode(), b"a b", b"x" * 201, b"tab\there"):
+            response = await raw_request(
+                sidecar.proxy_port, get("/api/x")[:-2] + b"X-Request-Id: " + unsafe + b"\r\n\r\n"
+            )
+            assert response.status == 200
+            returned = response.header("X-Request-Id")
+            assert returned is not None and re.fullmatch(r"[0-9a-f]{32}", returned)
+            sent = [v for n, v in upstream.requests[-1].headers if n.lower() == "x-request-id"]
+            assert sent == [returned]
+
+
+async def test_non_ascii_header_bytes_pass_unchanged(tmp_path: Path) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.Response(text="ok")
+        response.headers["X-Utf8"] = "caf\u00e9 \u2713"
+        response.headers["Content-Disposition"] = "attachment; filename*=UTF-8''na%C3%AFve.txt"
+        return response
+
+    async with Upstream(handler) as upstream, running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar:
+        utf8, latin1 = "caf\u00e9 \u2713".encode(), "na\u00efve".encode("latin-1")
+        response = await raw_request(
+            sidecar.proxy_port, get("/api/x")[:-2] + b"X-Utf8: " + utf8 + b"\r\nX-Latin1: " + latin1 + b"\r\n\r\n"
+        )
+        assert response.status == 200
+        sent = {n.lower(): v.encode("latin-1") for n, v in upstream.requests[-1].headers}
+        assert sent["x-utf8"] == utf8
+        assert sent["x-latin1"] == latin1
+        # read_response decodes as ISO-8859-1: encoding back gives the bytes on the wire.
+        assert response.header("X-Utf8").encode("latin-1") == utf8  # type: ignore[union-attr]
+
+
 async def test_upstream_request_id_does_not_replace_ours(tmp_path: Path) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         return web.Response(text="x", headers={"X-Request-Id": "upstream-made-this-up"})
@@ -375,9 +408,10 @@ async def test_expect_100_continue(tmp_path: Path) -> None:
           api: {{ url: "{{up}}/base" }}
           down: {{ url: "{refused}" }}
         """
-    async with Upstream(echo, read_body=False) as upstream, running_sidecar(
-        tmp_path, config.replace("{up}", upstream.url)
-    ) as sidecar:
+    async with (
+        Upstream(echo, read_body=False) as upstream,
+        running_sidecar(tmp_path, config.replace("{up}", upstream.url)) as sidecar,
+    ):
         reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
         try:
             writer.write(get("/api/x", "Content-Length: 5", "Expect: 100-continue", method="POST"))
