@@ -503,6 +503,26 @@ async def test_chunked_upload_without_content_length(tmp_path: Path) -> None:
         assert sent["transfer-encoding"] == "chunked"
 
 
+async def test_upstream_body_delimited_by_close(tmp_path: Path) -> None:
+    payload = os.urandom(300_000)
+
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + payload)  # no length, no chunking: ends at close
+        await writer.drain()
+        writer.close()
+
+    async with ScriptedUpstream(until_close) as upstream, running_sidecar(
+        tmp_path, one_upstream(upstream.url)
+    ) as sidecar:
+        for _ in range(2):
+            response = await raw_request(sidecar.proxy_port, get("/api/x"))
+            assert response.status == 200
+            assert response.body == payload
+        assert upstream.connections == 2  # such a connection is never reused
+        await eventually(lambda: sidecar.generation().pools["api"].stats().connections == 0)
+
+
 def _block(seed: int) -> bytes:
     """1 MiB of incompressible, reproducible data."""
     return hashlib.sha256(seed.to_bytes(8, "big")).digest() * (MiB // 32)
