@@ -590,3 +590,33 @@ def test_tls_files_are_loaded_at_validation(tmp_path: Path) -> None:
         f"upstreams:\n  a: {{ url: 'https://a', tls: {{ client_cert: '{cert_file}', client_key: '{other_key}' }} }}\n"
     )
     assert error.path == "upstreams.a.tls.client_cert"
+
+
+def test_duplicate_keys_are_rejected() -> None:
+    error = rejected("upstreams:\n  a: { url: 'http://a' }\n  a: { url: 'http://b' }\n")
+    assert "duplicate key 'a'" in error.problem and "line 3" in error.problem
+    error = rejected("upstreams:\n  a: { url: 'http://a', url: 'http://b' }\n")
+    assert "duplicate key 'url'" in error.problem
+
+
+def test_yaml_merge_keys_may_be_overridden() -> None:
+    config = parse(
+        """
+        upstreams:
+          base: &common
+            url: http://common
+            limits: { max_connections: 3 }
+          a:
+            <<: *common
+            url: http://a
+        """
+    )
+    a = config.upstream("a")
+    assert a is not None
+    assert a.url == "http://a"
+    assert a.limits.max_connections == 3
+
+
+def test_python_tags_are_not_constructed() -> None:
+    error = rejected("!!python/object/apply:os.system ['true']\n")
+    assert "malformed YAML" in error.problem
