@@ -688,6 +688,31 @@ async def test_upstream_closing_before_headers_is_502_protocol_error(tmp_path: P
             _pool_is_clean(sidecar)
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok",  # aiohttp would refuse to write it
+        b"HTTP/1.1 200 OK\r\nX-Bad: a\x7fb\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX Bad: v\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    ],
+    ids=["control-char", "del-char", "space-in-name", "bad-status-line", "conflicting-length"],
+)
+async def test_malformed_upstream_response_is_502(tmp_path: Path, head: bytes) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(head)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with ScriptedUpstream(answer) as upstream, running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar:
+        response = await raw_request(sidecar.proxy_port, get("/api/x"))
+        assert_sidecar_error(response.status, _Headers(response.headers), response.body, 502, "upstream_protocol_error")
+        await eventually(lambda: sidecar.generation().pools["api"].stats().connections == 0)
+        _pool_is_clean(sidecar)
+
+
 async def test_upstream_read_timeout_is_504(tmp_path: Path) -> None:
     async def slow(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(5)
