@@ -956,3 +956,20 @@ async def test_request_body_framing_is_exactly_one_of_length_or_chunked(
         assert framing == expected
         assert recorded.method == method
         assert recorded.body == (b"hello" if b"hello" in body else b"")
+
+
+async def test_draining_refusal_really_closes_the_connection(tmp_path: Path) -> None:
+    async with Upstream() as upstream, running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar:
+        sidecar.draining = True
+        try:
+            reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
+            writer.write(get("/api/x"))
+            response = await asyncio.wait_for(read_response(reader), 5)
+            assert_sidecar_error(response.status, _Headers(response.headers), response.body, 503, "draining")
+            assert response.header("Connection") == "close"
+            assert response.header("Retry-After") == "1"
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the sidecar, not left open
+            writer.close()
+        finally:
+            sidecar.draining = False
+        assert upstream.requests == []
