@@ -1017,3 +1017,34 @@ async def test_tls_upstream_verified_and_handshake_failure_is_502(tmp_path: Path
 
 async def _echo_target(request: web.Request) -> web.StreamResponse:
     return web.Response(text=request.raw_path)
+
+
+async def test_upstream_connect_timeout_is_504(tmp_path: Path) -> None:
+    # A listener that never accepts, with its backlog filled: further SYNs are dropped.
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex((LOOPBACK, port))
+            fillers.append(filler)
+        await asyncio.sleep(0.1)
+        extra = "timeouts: { connect: 300ms }"
+        async with running_sidecar(tmp_path, one_upstream(f"http://{LOOPBACK}:{port}", extra)) as sidecar:
+            started = time.monotonic()
+            async with aiohttp.ClientSession() as client:
+                async with client.get(proxy_url(sidecar) + "/api/x") as response:
+                    payload = assert_sidecar_error(
+                        response.status, response.headers, await response.read(), 504, "upstream_timeout"
+                    )
+            assert "connecting" in payload["message"]
+            assert time.monotonic() - started < 3
+            _pool_is_clean(sidecar)
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
