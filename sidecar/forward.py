@@ -236,7 +236,8 @@ class Forwarder:
         self, request: web.BaseRequest, match: RouteMatch, pool: UpstreamPool, exchange: Exchange
     ) -> httpx.Request:
         upstream = pool.upstream
-        named = _connection_tokens(request.headers.get(hdrs.CONNECTION))
+        # Every Connection line counts: a second one may name more hop-by-hop headers.
+        named = _connection_tokens(",".join(request.headers.getall(hdrs.CONNECTION, ())))
         removed = {name.lower() for name in upstream.headers.remove}
         overridden = {name.lower() for name, _ in upstream.headers.set}
         # The caller's header bytes as received (aiohttp's str view would have to be

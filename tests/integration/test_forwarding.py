@@ -164,6 +164,8 @@ HOP_BY_HOP_SENT = [
     "Connection: keep-alive, X-Hop-Named, x-other-named",
     "X-Hop-Named: must-not-pass",
     "X-Other-Named: must-not-pass",
+    "Connection: X-Second-Line",  # a second Connection line names more
+    "X-Second-Line: must-not-pass",
     "Keep-Alive: timeout=5",
     "Proxy-Connection: keep-alive",
     "TE: trailers",
@@ -197,6 +199,7 @@ async def test_request_header_hygiene(tmp_path: Path) -> None:
         names = [name.lower() for name, _ in recorded.headers]
         for gone in (
             "connection",
+            "x-second-line",
             "x-hop-named",
             "x-other-named",
             "keep-alive",
@@ -225,6 +228,8 @@ async def test_response_header_hygiene(tmp_path: Path) -> None:
         response = web.Response(body=b"hello")
         response.headers["Connection"] = "X-Upstream-Hop"  # aiohttp sends this as-is on keep-alive
         response.headers["X-Upstream-Hop"] = "secret"
+        response.headers.add("Connection", "X-Second-Hop")
+        response.headers["X-Second-Hop"] = "secret"
         response.headers["Keep-Alive"] = "timeout=5"
         response.headers["Proxy-Authenticate"] = "Basic"
         response.headers["Trailer"] = "X-Checksum"
@@ -236,7 +241,7 @@ async def test_response_header_hygiene(tmp_path: Path) -> None:
         response = await raw_request(sidecar.proxy_port, get("/api/x"))
         assert response.status == 200 and response.body == b"hello"
         names = {name.lower() for name, _ in response.headers}
-        for gone in ("x-upstream-hop", "keep-alive", "proxy-authenticate", "trailer", "upgrade"):
+        for gone in ("x-upstream-hop", "x-second-hop", "keep-alive", "proxy-authenticate", "trailer", "upgrade"):
             assert gone not in names, gone
         assert response.all("Connection") in ([], ["keep-alive"])  # only the sidecar's own, about its own hop
         assert response.header("X-Kept") == "yes"
