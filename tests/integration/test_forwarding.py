@@ -1053,3 +1053,21 @@ async def test_upstream_connect_timeout_is_504(tmp_path: Path) -> None:
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+async def test_target_passes_byte_for_byte(tmp_path: Path) -> None:
+    async with Upstream() as upstream, running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar:
+        targets = [
+            "/api/a/../b/%2e%2E/./c",
+            "/api//double//slash/",
+            "/api/x%2Fy%20z?b=2&a=1&a=%41&plus=a+b&empty=&=&&",
+            "/api/q?x=|{}^`'",
+            "/api/semi;param=1/x",
+        ]
+        for target in targets:
+            response = await raw_request(sidecar.proxy_port, get(target))
+            assert response.status == 200
+            assert upstream.requests[-1].path == "/base" + target.removeprefix("/api")
+        response = await raw_request(sidecar.proxy_port, get("http://api.internal/a/../%7e?x=%zz", host="api.internal"))
+        assert response.status == 200
+        assert upstream.requests[-1].path == "/base/a/../%7e?x=%zz"
