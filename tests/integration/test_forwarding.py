@@ -824,13 +824,14 @@ async def test_aborted_downloads_release_their_pool_slots(tmp_path: Path) -> Non
         handler = {"/base/slow": slow_headers, "/base/upload": sink}.get(request.path, endless)
         return await handler(request)
 
-    extra = "limits: { max_connections: 5, max_pending: 1000 }"
+    # A generous pool timeout: "promptly" is asserted below, not by the admission clock on a busy machine.
+    extra = "limits: { max_connections: 5, max_pending: 1000 }\n            timeouts: { pool: 10s }"
     async with (
         Upstream(route, read_body=False) as upstream,
         running_sidecar(tmp_path, one_upstream(upstream.url, extra)) as sidecar,
     ):
         pool = sidecar.generation().pools["api"]
-        assert pool.admission.capacity == 5
+        assert pool.admission.capacity == 5 and pool.admission.pool_timeout == 10
 
         async def abort_mid_download() -> None:
             reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
@@ -934,7 +935,7 @@ async def test_upstream_closed_idle_connection_is_not_reused(tmp_path: Path) -> 
     ):
         async with aiohttp.ClientSession() as client:
             for _ in range(5):
-                await asyncio.sleep(0.05)  # the FIN has arrived by now
+                await asyncio.sleep(0.1)  # the FIN has arrived by now
                 async with client.post(proxy_url(sidecar) + "/api/x", data=b"not retryable") as response:
                     assert response.status == 200
         assert upstream.connections == 5
