@@ -1072,3 +1072,37 @@ async def test_target_passes_byte_for_byte(tmp_path: Path) -> None:
         response = await raw_request(sidecar.proxy_port, get("http://api.internal/a/../%7e?x=%zz", host="api.internal"))
         assert response.status == 200
         assert upstream.requests[-1].path == "/base/a/../%7e?x=%zz"
+
+
+async def test_caller_leaving_while_the_upstream_connection_opens_leaks_nothing(tmp_path: Path) -> None:
+    # TRAPS.md §2: a request cancelled while its connection is being opened must not
+    # leave a phantom connection (or slot) behind.
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex((LOOPBACK, port))
+            fillers.append(filler)
+        await asyncio.sleep(0.1)
+        extra = "limits: { max_connections: 2 }\n            timeouts: { connect: 30s }"
+        async with running_sidecar(tmp_path, one_upstream(f"http://{LOOPBACK}:{port}", extra)) as sidecar:
+            pool = sidecar.generation().pools["api"]
+            for _ in range(50):
+                _, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
+                writer.write(get("/api/x"))
+                await writer.drain()
+                await eventually(lambda: pool.stats().connecting == 1)
+                writer.transport.abort()
+                # At once, not by the idle sweeper (1 s) finding a dead connection later.
+                await eventually(lambda: pool.stats().connections == 0 and pool.admission.in_flight == 0, 0.9)
+            _pool_is_clean(sidecar)
+            assert pool.stats().opened_total == pool.stats().closed_total == 50
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
