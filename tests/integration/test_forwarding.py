@@ -517,7 +517,10 @@ async def test_upstream_body_delimited_by_close(tmp_path: Path) -> None:
         await writer.drain()
         writer.close()
 
-    async with ScriptedUpstream(until_close) as upstream, running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar:
+    async with (
+        ScriptedUpstream(until_close) as upstream,
+        running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar,
+    ):
         for _ in range(2):
             response = await raw_request(sidecar.proxy_port, get("/api/x"))
             assert response.status == 200
@@ -682,7 +685,10 @@ async def test_upstream_closing_before_headers_is_502_protocol_error(tmp_path: P
         await writer.drain()
 
     for behaviour in (hang_up, garbage):
-        async with ScriptedUpstream(behaviour) as upstream, running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar:
+        async with (
+            ScriptedUpstream(behaviour) as upstream,
+            running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar,
+        ):
             async with aiohttp.ClientSession() as client:
                 for method in ("GET", "POST"):
                     async with client.request(method, proxy_url(sidecar) + "/api/x", data=b"x") as response:
