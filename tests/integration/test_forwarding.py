@@ -629,6 +629,7 @@ async def test_large_bodies_stream_with_flat_memory(tmp_path: Path) -> None:
                                 await asyncio.sleep(1.0)
                     assert received == download_size
                     assert download_hash.hexdigest() == expected.hexdigest()
+            print(f"sidecar RSS: baseline {watch.baseline / MiB:.1f} MiB, growth {watch.growth / MiB:.1f} MiB")
             assert watch.growth < 100 * MiB, f"sidecar RSS grew by {watch.growth / MiB:.1f} MiB"
             # The whole upload (64 MiB) fits under that bound; holding even most of it does not fit under this.
             assert upload_growth < 40 * MiB, f"sidecar RSS grew by {upload_growth / MiB:.1f} MiB during the upload"
