@@ -28,13 +28,16 @@ W = TypeVar("W")
 # clamped to this range (whole seconds).
 RETRY_AFTER_MIN = 1
 RETRY_AFTER_MAX = 60
+# Weight of the newest sample in the smoothed slot hold time: about the last
+# ten requests count, so the estimate follows a slowing upstream within a
+# fraction of a second under load without jumping on one outlier.
 _EWMA_WEIGHT = 0.1
 
 
 class AdmissionCore(Generic[W]):
     """Slots and a FIFO of waiters; decides, never waits."""
 
-    __slots__ = ("capacity", "max_pending", "in_flight", "_waiters", "_ewma_hold")
+    __slots__ = ("capacity", "max_pending", "in_flight", "_waiters", "_ewma_hold", "_samples")
 
     def __init__(self, capacity: int, max_pending: int) -> None:
         self.capacity = capacity
@@ -42,6 +45,7 @@ class AdmissionCore(Generic[W]):
         self.in_flight = 0
         self._waiters: OrderedDict[W, None] = OrderedDict()
         self._ewma_hold = 0.0  # seconds a slot is held, smoothed
+        self._samples = 0
 
     @property
     def pending(self) -> int:
@@ -69,10 +73,21 @@ class AdmissionCore(Generic[W]):
 
     def release(self, held_for: float | None = None) -> W | None:
         """Give a slot back; returns the waiter it was handed to, if any."""
+        if self.in_flight <= 0:
+            raise RuntimeError("admission slot released twice")
         if held_for is not None:
-            self._ewma_hold += _EWMA_WEIGHT * (held_for - self._ewma_hold)
+            self.observe_hold(held_for)
         self.in_flight -= 1
         return self._grant_next()
+
+    def observe_hold(self, held_for: float) -> None:
+        """Fold one slot hold time into the estimate behind :meth:`retry_after`."""
+        held_for = max(0.0, held_for)
+        if self._samples == 0:
+            self._ewma_hold = held_for  # the first sample, not a blend with 0
+        else:
+            self._ewma_hold += _EWMA_WEIGHT * (held_for - self._ewma_hold)
+        self._samples += 1
 
     def resize(self, capacity: int, max_pending: int) -> list[W]:
         """Change limits at runtime; returns waiters that now get a slot.
@@ -95,7 +110,13 @@ class AdmissionCore(Generic[W]):
         return None
 
     def retry_after(self) -> int:
-        """Seconds until a retry is likely to find room: the queue's drain time."""
+        """Seconds until a retry is likely to find room: the queue's drain time.
+
+        ``capacity`` slots each free up about once per smoothed hold time, so
+        the ``pending`` waiters ahead plus the retry itself are through after
+        ``hold * (pending + 1) / capacity`` seconds.  Rounded up to whole
+        seconds (RFC 9110 delay-seconds), at least 1, at most 60.
+        """
         if self.capacity <= 0:
             return RETRY_AFTER_MAX
         estimate = self._ewma_hold * (len(self._waiters) + 1) / self.capacity
@@ -187,6 +208,10 @@ class Admission:
                 retry_after=self._core.retry_after(),
             )
         )
+
+    def retry_after(self) -> int:
+        """Whole seconds for Retry-After on a 503 from this upstream."""
+        return self._core.retry_after()
 
     def release(self, held_for: float | None = None) -> None:
         """Give the slot back; hands it straight to the next live waiter."""
