@@ -258,8 +258,15 @@ class Forwarder:
             pool.base_url,
             headers=headers,
             content=content,
-            extensions={"timeout": pool.timeout_extension, "target": match.target.encode("latin-1")},
+            extensions={"timeout": self._timeouts(pool, exchange), "target": match.target.encode("latin-1")},
         )
+
+    @staticmethod
+    def _timeouts(pool: UpstreamPool, exchange: Exchange) -> dict[str, float]:
+        # The connection pool may only wait for what is left of timeouts.pool
+        # after the admission queue, so no request waits longer in total.
+        left = max(0.0, pool.admission.pool_timeout - exchange.pool_wait)
+        return {**pool.timeout_extension, "pool": left}
 
     async def _body(self, request: web.BaseRequest, exchange: Exchange, inbound: Inbound) -> AsyncIterator[bytes]:
         """The caller's body, chunk by chunk as it arrives, never buffered whole.

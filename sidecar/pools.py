@@ -63,6 +63,7 @@ class UpstreamPool:
             http2=mode is not HTTP2Mode.OFF and upstream.speaks_http2,
             ssl_context=ssl_context_for(upstream),
         )
+        self.transport.on_stream_limit = self._streams_granted
         self.client = httpx.AsyncClient(
             transport=self.transport,
             cookies=_NoCookies(),
@@ -86,6 +87,16 @@ class UpstreamPool:
     @property
     def name(self) -> str:
         return self.upstream.name
+
+    def _streams_granted(self, per_connection: int) -> None:
+        """The upstream told us how many requests a connection carries (HTTP/2
+        SETTINGS, or ALPN settling on HTTP/1.1): never admit more than the
+        pool's connections can carry, so the excess waits in admission's FIFO,
+        not in the connection pool (TRAPS.md §8)."""
+        limits = self.upstream.limits
+        capacity = min(limits.max_concurrent_requests, per_connection * limits.max_connections)
+        if capacity != self.admission.capacity:
+            self.admission.resize(capacity, limits.max_pending, self.upstream.timeouts.pool)
 
     def stats(self) -> PoolStats:
         return self.transport.stats()

@@ -26,7 +26,7 @@ import itertools
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,11 @@ class PoolTransport(httpx.AsyncBaseTransport):
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
+        # Told how many requests one connection carries once the upstream has
+        # said so (HTTP/2 SETTINGS, or ALPN choosing HTTP/1.1), so that the
+        # admission layer never admits more than the connections can carry.
+        self.on_stream_limit: Callable[[int], None] | None = None
+        self._stream_limit_reported: int | None = None
 
     # ---------------------------------------------------------------- stats
 
@@ -199,6 +204,10 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 if version == b"HTTP/2" and not connection.multiplexed:
                     connection.multiplexed = True
                     self._shared[connection.id] = connection
+                if version == b"HTTP/2":
+                    self._report_stream_limit(self._stream_limit(connection))  # SETTINGS precede responses
+                elif self._http2:
+                    self._report_stream_limit(1)  # ALPN chose HTTP/1.1: one request per connection
             return httpx.Response(
                 status_code=response.status,
                 headers=response.headers,
@@ -263,6 +272,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
             except TimeoutError:
                 if warming:
                     continue  # a new connection may have learnt its stream limit
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken in the same tick as the timeout: pass the turn on
                 raise httpx.PoolTimeout("no upstream connection became free in time") from None
             except BaseException:
                 if waiter.done() and not waiter.cancelled():
@@ -292,8 +303,11 @@ class PoolTransport(httpx.AsyncBaseTransport):
             if protocol == "HTTP/2" and not connection.multiplexed:
                 connection.multiplexed = True
                 self._shared[connection.id] = connection
-            if protocol is None or h2streams.granted_streams(connection.conn) in (None, 1):
+            granted = h2streams.granted_streams(connection.conn)
+            if protocol is None or granted in (None, 1):
                 warming = True
+            elif granted is not None:
+                self._report_stream_limit(min(granted, self._streams))
         return warming
 
     def _take_available(self) -> tuple[_Connection, bool] | None:
@@ -392,6 +406,12 @@ class PoolTransport(httpx.AsyncBaseTransport):
             self._idle.remove(connection)
         self._closed_total += 1
         self._spawn(_close_quietly(connection.conn))
+
+    def _report_stream_limit(self, limit: int) -> None:
+        if limit != self._stream_limit_reported:
+            self._stream_limit_reported = limit
+            if self.on_stream_limit is not None:
+                self.on_stream_limit(limit)
 
     def _wake_one(self) -> None:
         while self._waiters:

@@ -1,0 +1,543 @@
+"""SPEC §6 backpressure on real sockets: shed at once, never hang, never leak.
+
+* overload: a saturated upstream gets exactly ``max_connections`` connections,
+  the queue holds ``max_pending``, everyone else gets 503 ``queue_full`` at
+  once and the queue's tail 503 ``pool_timeout`` after ``timeouts.pool``;
+* FIFO: waiters reach the upstream in arrival order;
+* storms of callers that disconnect (or whose handler is cancelled twice) at
+  every stage leave no slot, waiter, connection or file descriptor behind;
+* HTTP/2: the in-flight limit follows what the server's streams can carry,
+  and what they cannot carry gets a 503 within ``timeouts.pool``, not a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from multidict import CIMultiDict
+
+from sidecar.forward import Exchange
+from sidecar.pools import UpstreamPool
+from sidecar.server import Sidecar
+from tests.harness import LOOPBACK, Upstream, proxy_url, running_sidecar
+
+# ------------------------------------------------------------------ helpers
+
+
+@dataclass
+class Outcome:
+    status: int
+    elapsed: float
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+async def timed_get(session: aiohttp.ClientSession, url: str) -> Outcome:
+    started = time.monotonic()
+    async with session.get(url) as response:
+        body = await response.read()
+        return Outcome(response.status, time.monotonic() - started, CIMultiDict(response.headers), body)
+
+
+def assert_spec_503(outcome: Outcome, code: str, upstream: str = "api") -> None:
+    """SPEC §6: X-Sidecar-Error, the JSON body and a whole-seconds Retry-After >= 1."""
+    assert outcome.status == 503
+    assert outcome.headers["X-Sidecar-Error"] == code
+    retry_after = outcome.headers["Retry-After"]
+    assert retry_after.isdigit() and int(retry_after) >= 1, retry_after
+    body = json.loads(outcome.body)
+    assert body["error"] == code
+    assert body["upstream"] == upstream
+    assert body["message"]
+    assert body["request_id"] == outcome.headers["X-Request-Id"]
+
+
+def only_pool(sidecar: Sidecar) -> UpstreamPool:
+    (pool,) = sidecar.generation().pools.values()
+    return pool
+
+
+async def wait_until_quiet(pool: UpstreamPool, timeout: float = 10.0) -> None:
+    """Cancelled handlers finish asynchronously: give them a moment, bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = pool.stats()
+        if pool.admission.in_flight == 0 and pool.admission.pending == 0 and pool.active == 0 and stats.active == 0:
+            return
+        await asyncio.sleep(0.05)
+
+
+def assert_nothing_held(pool: UpstreamPool, max_connections: int) -> None:
+    stats = pool.stats()
+    assert pool.admission.in_flight == 0
+    assert pool.admission.pending == 0
+    assert pool.active == 0
+    assert stats.active == 0, stats
+    assert stats.waiting == 0, stats
+    assert stats.connections <= max_connections, stats
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def unlimited_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+
+
+# ------------------------------------------------------------ overload
+
+
+async def test_overload_sheds_at_once_and_times_out_the_queue_tail(tmp_path: Path) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(2.0)
+        return web.Response(text="done")
+
+    async with Upstream(slow) as upstream, running_sidecar(
+        tmp_path,
+        f"""
+        upstreams:
+          api:
+            url: {upstream.url}
+            limits: {{ max_connections: 4, max_pending: 8 }}
+            timeouts: {{ pool: 1s }}
+        """,
+    ) as sidecar, unlimited_session() as session:
+        exchanges: list[Exchange] = []
+        finished = sidecar.forwarder._finished
+
+        def record(exchange: Exchange) -> None:
+            exchanges.append(exchange)
+            finished(exchange)
+
+        sidecar.forwarder._finished = record
+        url = proxy_url(sidecar) + "/api/work"
+        outcomes = await asyncio.gather(*(timed_get(session, url) for _ in range(40)))
+        pool = only_pool(sidecar)
+        await wait_until_quiet(pool)
+        assert_nothing_held(pool, 4)
+
+    by_kind: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        kind = outcome.headers.get("X-Sidecar-Error", str(outcome.status))
+        by_kind.setdefault(kind, []).append(outcome)
+    assert set(by_kind) <= {"200", "queue_full", "pool_timeout"}, {k: len(v) for k, v in by_kind.items()}
+
+    full = by_kind.get("queue_full", [])
+    assert len(full) >= 28
+    for outcome in full:
+        assert outcome.elapsed < 0.5, outcome.elapsed
+        assert_spec_503(outcome, "queue_full")
+
+    # The upstream takes 2 s: no slot frees within the 1 s pool timeout.
+    timed_out = by_kind.get("pool_timeout", [])
+    assert len(timed_out) == 40 - len(full) - 4
+    for outcome in timed_out:
+        assert 1.0 <= outcome.elapsed < 1.5, outcome.elapsed
+        assert_spec_503(outcome, "pool_timeout")
+
+    # The access log shows how long a timed-out waiter waited.
+    waits = sorted(e.pool_wait for e in exchanges if e.error == "pool_timeout")
+    assert len(waits) == len(timed_out) and waits[0] >= 1.0, waits
+
+    admitted = by_kind.get("200", [])
+    assert len(admitted) == 4
+    assert all(outcome.body == b"done" for outcome in admitted)
+    assert len(upstream.requests) == 4
+    assert upstream.max_open <= 4
+    assert len(upstream.peers) <= 4
+
+
+async def test_waiters_reach_the_upstream_in_arrival_order(tmp_path: Path) -> None:
+    async def record(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.05)
+        return web.Response(text=request.path)
+
+    async with Upstream(record) as upstream, running_sidecar(
+        tmp_path,
+        f"""
+        upstreams:
+          api:
+            url: {upstream.url}
+            limits: {{ max_connections: 1, max_pending: 50 }}
+            timeouts: {{ pool: 30s }}
+        """,
+    ) as sidecar, unlimited_session() as session:
+        pool = only_pool(sidecar)
+        base = proxy_url(sidecar) + "/api/"
+        tasks = []
+        for number in range(12):
+            tasks.append(asyncio.ensure_future(timed_get(session, f"{base}{number}")))
+            # Each request is queued before the next one is sent, so arrival
+            # order is known; the slot is busy the whole time.
+            deadline = time.monotonic() + 5
+            while pool.admission.in_flight + pool.admission.pending < number + 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.002)
+        outcomes = await asyncio.gather(*tasks)
+        assert [o.status for o in outcomes] == [200] * 12
+        await wait_until_quiet(pool)
+        assert_nothing_held(pool, 1)
+    assert [r.path for r in upstream.requests] == [f"/{n}" for n in range(12)]
+
+
+# ------------------------------------------------------------ cancellation storms
+
+STORM_REQUESTS = 2000
+STORM_CONCURRENCY = 200
+STORM_CONNECTIONS = 10
+_BODY_CHUNK = b"x" * 16384
+
+
+async def streaming_upstream(request: web.Request) -> web.StreamResponse:
+    """Headers after a short think, then 64 KiB in four paced chunks."""
+    await asyncio.sleep(random.random() * 0.02)
+    response = web.StreamResponse()
+    response.content_length = 4 * len(_BODY_CHUNK)
+    await response.prepare(request)
+    for _ in range(4):
+        await response.write(_BODY_CHUNK)
+        await asyncio.sleep(0.003)
+    await response.write_eof()
+    return response
+
+
+async def raw_client(port: int, rng: random.Random) -> str:
+    """One caller on a raw socket that may walk away at any stage."""
+    mode = rng.choice(("complete", "complete", "early", "early", "mid_body"))
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(b"GET /api/storm HTTP/1.1\r\nHost: storm\r\nConnection: close\r\n\r\n")
+        if mode == "early":
+            # Waiting in the queue, or admitted and waiting for upstream headers.
+            await asyncio.sleep(rng.random() * 0.06)
+            return mode
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1].decode()
+        if mode == "mid_body":
+            if status == "200":
+                await reader.readexactly(rng.randrange(1, 3 * len(_BODY_CHUNK)))
+            return f"{mode}:{status}"
+        await reader.read()
+        return f"{mode}:{status}"
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return f"{mode}:reset"
+    finally:
+        if rng.random() < 0.5:
+            writer.transport.abort()  # RST-like: the sidecar sees an error, not EOF
+        else:
+            writer.close()
+
+
+async def run_storm(port: int, seed: int) -> Counter[str]:
+    rng = random.Random(seed)
+    results: Counter[str] = Counter()
+    remaining = iter(range(STORM_REQUESTS))
+
+    async def worker() -> None:
+        for _ in remaining:
+            results[await raw_client(port, rng)] += 1
+
+    await asyncio.gather(*(worker() for _ in range(STORM_CONCURRENCY)))
+    return results
+
+
+async def fresh_requests_succeed(sidecar: Sidecar, count: int = 50) -> None:
+    async with unlimited_session() as session:
+        started = time.monotonic()
+        outcomes = await asyncio.gather(*(timed_get(session, proxy_url(sidecar) + "/api/after") for _ in range(count)))
+    assert [o.status for o in outcomes] == [200] * count
+    assert len(outcomes[0].body) == 4 * len(_BODY_CHUNK)
+    assert time.monotonic() - started < 10  # promptly: ~50 x 30 ms over 10 connections
+
+
+STORM_CONFIG = """
+upstreams:
+  api:
+    url: {url}
+    limits: {{ max_connections: 10, max_pending: 1000 }}
+    timeouts: {{ pool: 2s }}
+"""
+
+
+@asynccontextmanager
+async def storm_setup(tmp_path: Path) -> AsyncIterator[Sidecar]:
+    async with Upstream(streaming_upstream, read_body=False) as upstream:
+        fds_before = open_fds()
+        async with running_sidecar(tmp_path, STORM_CONFIG.format(url=upstream.url), admin=False) as sidecar:
+            yield sidecar
+            pool = only_pool(sidecar)
+            await wait_until_quiet(pool)
+            assert_nothing_held(pool, STORM_CONNECTIONS)
+            assert upstream.open_connections <= STORM_CONNECTIONS
+            await fresh_requests_succeed(sidecar)
+            await wait_until_quiet(pool)
+            assert_nothing_held(pool, STORM_CONNECTIONS)
+            # Pooled keep-alive connections are two fds each (both ends live here).
+            assert open_fds() <= fds_before + 2 * STORM_CONNECTIONS + 5
+
+
+async def test_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
+    async with storm_setup(tmp_path) as sidecar:
+        results = await run_storm(sidecar.proxy_port, seed=3)
+        assert sum(results.values()) == STORM_REQUESTS
+        # Every stage was exercised.
+        assert results["early"] > 300
+        assert results["mid_body:200"] > 100
+        assert results["complete:200"] > 100
+
+
+async def test_double_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
+    """TRAPS §3: a second cancel landing in the cleanup (finally/close) path.
+
+    Besides callers walking away (aiohttp cancels the handler), a third of the
+    handler tasks are cancelled by us twice: the second cancel arrives in the
+    next loop iteration or a millisecond later, i.e. while the first one is
+    still unwinding through ``response.aclose()`` and the admission release.
+    """
+    async with storm_setup(tmp_path) as sidecar:
+        loop = asyncio.get_running_loop()
+        rng = random.Random(11)
+        original = sidecar.forwarder._handle
+        double_cancelled = 0
+
+        def cancel_twice(task: asyncio.Task[Any]) -> None:
+            nonlocal double_cancelled
+            if task.done():
+                return
+            double_cancelled += 1
+            task.cancel()
+            if rng.random() < 0.5:
+                loop.call_soon(task.cancel)
+            else:
+                loop.call_later(rng.random() * 0.002, task.cancel)
+
+        async def handle_and_maybe_cancel(request: web.BaseRequest, exchange: Any) -> web.StreamResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            if rng.random() < 0.35:
+                loop.call_later(rng.random() * 0.08, cancel_twice, task)
+            return await original(request, exchange)
+
+        sidecar.forwarder._handle = handle_and_maybe_cancel  # type: ignore[method-assign]
+        results = await run_storm(sidecar.proxy_port, seed=5)
+        assert sum(results.values()) == STORM_REQUESTS
+        assert double_cancelled > 300
+        sidecar.forwarder._handle = original  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------------ HTTP/2
+
+
+class H2Upstream:
+    """A hypercorn h2c (prior knowledge) upstream on port 0 that counts streams."""
+
+    def __init__(self, *, delay: float, max_streams: int = 100) -> None:
+        self.delay = delay
+        self.max_streams = max_streams
+        self.current = 0
+        self.max_concurrent = 0
+        self.served = 0
+        self.port = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        self.current += 1
+        self.max_concurrent = max(self.max_concurrent, self.current)
+        try:
+            await asyncio.sleep(self.delay)
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": scope["http_version"].encode()})
+            self.served += 1
+        finally:
+            self.current -= 1
+
+    async def __aenter__(self) -> H2Upstream:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((LOOPBACK, 0))
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        config = HypercornConfig()
+        config.bind = [f"fd://{sock.detach()}"]
+        config.h2_max_concurrent_streams = self.max_streams
+        config.accesslog = None
+        config.errorlog = None
+        config.graceful_timeout = 0.5
+        self._task = asyncio.ensure_future(hypercorn_serve(self.app, config, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 10)
+
+
+H2_CONFIG = """
+upstreams:
+  api:
+    url: {url}
+    http2: prior-knowledge
+    limits: {{ max_connections: 2, max_pending: 100 }}
+    timeouts: {{ pool: 1s }}
+"""
+
+
+async def test_http2_limit_defaults_to_100_streams_per_connection(tmp_path: Path) -> None:
+    async with H2Upstream(delay=0.0) as upstream, running_sidecar(
+        tmp_path, H2_CONFIG.format(url=upstream.url), admin=False
+    ) as sidecar, unlimited_session() as session:
+        pool = only_pool(sidecar)
+        assert pool.admission.capacity == 2 * 100
+        outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
+        assert outcome.status == 200
+        assert outcome.body == b"2"
+        # hypercorn grants 100 streams: the limit stays what two connections carry.
+        assert pool.admission.capacity == 2 * 100
+
+
+async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path: Path) -> None:
+    """TRAPS §8: httpcore's wait for a free stream has no timeout.
+
+    The server allows 5 streams per connection, two connections: 10 streams.
+    Thirty callers at once on a cold pool (nothing known about the server
+    yet), then again once its limit is known: 10 are served, the rest get 503
+    pool_timeout within timeouts.pool (+ slack), nobody hangs.
+    """
+    async with H2Upstream(delay=2.0, max_streams=5) as upstream, running_sidecar(
+        tmp_path, H2_CONFIG.format(url=upstream.url), admin=False
+    ) as sidecar, unlimited_session() as session:
+        pool = only_pool(sidecar)
+        url = proxy_url(sidecar) + "/api/x"
+        for wave in ("cold", "warm"):
+            outcomes = await asyncio.gather(*(timed_get(session, url) for _ in range(30)))
+            served = [o for o in outcomes if o.status == 200]
+            refused = [o for o in outcomes if o.status != 200]
+            assert upstream.max_concurrent <= 10, wave
+            assert len(served) == 10, (wave, Counter(o.status for o in outcomes))
+            for outcome in refused:
+                assert_spec_503(outcome, "pool_timeout")
+                assert 0.9 <= outcome.elapsed < 1.6, (wave, outcome.elapsed)
+            for outcome in served:
+                assert outcome.elapsed < 2.0 + 1.0, (wave, outcome.elapsed)
+            # What two connections of five streams carry, learned from SETTINGS.
+            assert pool.admission.capacity == 10
+            await wait_until_quiet(pool)
+            assert_nothing_held(pool, 2)
+
+
+# ------------------------------------------------ double cancellation, aimed
+
+DOUBLE_CANCEL_CONFIG = """
+upstreams:
+  api:
+    url: {url}
+    http2: {http2}
+    limits: {{ max_connections: 1, max_pending: 10 }}
+    timeouts: {{ pool: 2s }}
+"""
+
+
+class SlowBodyH2(H2Upstream):
+    """h2c upstream whose body never finishes while the test runs."""
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await super().app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+        await asyncio.sleep(30)
+
+
+async def slow_body_h1(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    await response.prepare(request)
+    await response.write(b"x" * 1024)
+    await asyncio.sleep(30)
+    return response
+
+
+@pytest.mark.parametrize("protocol", ["http1", "http2"])
+@pytest.mark.parametrize("second", ["next_tick", "one_ms_later"])
+async def test_second_cancel_during_the_upstream_close_leaks_nothing(
+    tmp_path: Path, protocol: str, second: str
+) -> None:
+    """TRAPS §3, aimed: the second cancel lands while ``response.aclose()``
+    is closing the upstream exchange (the caller stalled mid-response, the
+    first cancel unwinds into the close, the second interrupts it)."""
+    h1 = Upstream(slow_body_h1, read_body=False)
+    h2 = SlowBodyH2(delay=0)
+    upstream: Any = h1 if protocol == "http1" else h2
+    http2 = "false" if protocol == "http1" else "prior-knowledge"
+    loop = asyncio.get_running_loop()
+    async with upstream, running_sidecar(
+        tmp_path, DOUBLE_CANCEL_CONFIG.format(url=upstream.url, http2=http2), admin=False
+    ) as sidecar:
+        pool = only_pool(sidecar)
+        forwarder = sidecar.forwarder
+        original_relay, original_handle = forwarder._relay, forwarder._handle
+        handlers: list[asyncio.Task[Any]] = []
+
+        async def stalled_relay(request: web.BaseRequest, response: Any, exchange: Any) -> web.StreamResponse:
+            await asyncio.sleep(30)  # a caller that stopped reading
+            raise AssertionError("not reached")
+
+        async def recorded_handle(request: web.BaseRequest, exchange: Any) -> web.StreamResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.append(task)
+            return await original_handle(request, exchange)
+
+        forwarder._relay = stalled_relay  # type: ignore[method-assign]
+        forwarder._handle = recorded_handle  # type: ignore[method-assign]
+        for _ in range(3):
+            # A raw socket: aiohttp's client would silently retry the GET.
+            reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
+            writer.write(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while pool.stats().active == 0 or not handlers or handlers[-1].done():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # well inside stalled_relay
+            task = handlers[-1]
+            task.cancel()
+            if second == "next_tick":
+                loop.call_soon(task.cancel)
+            else:
+                loop.call_later(0.001, task.cancel)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, no response
+            writer.close()
+            await wait_until_quiet(pool, timeout=5)
+            assert_nothing_held(pool, 1)
+        forwarder._relay = original_relay  # type: ignore[method-assign]
+        forwarder._handle = original_handle  # type: ignore[method-assign]
