@@ -541,3 +541,51 @@ async def test_second_cancel_during_the_upstream_close_leaks_nothing(
             assert_nothing_held(pool, 1)
         forwarder._relay = original_relay  # type: ignore[method-assign]
         forwarder._handle = original_handle  # type: ignore[method-assign]
+
+
+async def test_http2_over_tls_that_falls_back_to_http1_admits_one_per_connection(tmp_path: Path) -> None:
+    """``http2: true`` on https is a wish (ALPN): a server that picks HTTP/1.1
+    carries one request per connection, so the limit drops from
+    ``max_connections x 100`` to ``max_connections``."""
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert(LOOPBACK).configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", _ok)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0, ssl_context=server_context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with running_sidecar(
+            tmp_path,
+            f"""
+            upstreams:
+              api:
+                url: https://{LOOPBACK}:{port}
+                http2: true
+                limits: {{ max_connections: 2 }}
+                tls: {{ ca_file: {ca_file} }}
+            """,
+            admin=False,
+        ) as sidecar, unlimited_session() as session:
+            pool = only_pool(sidecar)
+            assert pool.admission.capacity == 200
+            outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
+            assert outcome.status == 200
+            assert pool.stats().http_versions == {"HTTP/1.1": 1}
+            assert pool.admission.capacity == 2
+    finally:
+        await runner.cleanup()
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
