@@ -120,12 +120,17 @@ class UpstreamTimeout(UpstreamError):
     status, code = 504, "upstream_timeout"
 
 
-def from_upstream_exception(exc: Exception, upstream: str) -> SidecarError:
-    """Translate an httpx/OS error raised before response headers into our tree."""
+def from_upstream_exception(exc: Exception, upstream: str, *, retry_after: int = 1) -> SidecarError:
+    """Translate an httpx/OS error raised before response headers into our tree.
+
+    ``retry_after`` is the Retry-After of a refusal for lack of capacity (503).
+    """
     if isinstance(exc, httpx.PoolTimeout):
         # The connection pool's own safety net (e.g. an HTTP/2 upstream allows
         # fewer streams than admission let in): capacity, not an upstream fault.
-        return PoolTimeout("no upstream connection or stream became free in time", upstream=upstream)
+        return PoolTimeout(
+            "no upstream connection or stream became free in time", upstream=upstream, retry_after=retry_after
+        )
     if isinstance(exc, (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout)):
         phase = {httpx.ConnectTimeout: "connecting", httpx.ReadTimeout: "waiting for response headers"}
         what = phase.get(type(exc), "sending the request")

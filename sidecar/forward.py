@@ -224,7 +224,7 @@ class Forwarder:
         try:
             response = await pool.client.send(upstream_request, stream=True)
         except httpx.TransportError as exc:
-            raise from_upstream_exception(exc, pool.name) from None
+            raise from_upstream_exception(exc, pool.name, retry_after=pool.admission.retry_after()) from None
         try:
             exchange.upstream_time = time.monotonic() - sent
             exchange.http_version = response.http_version

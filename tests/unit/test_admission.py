@@ -393,3 +393,13 @@ async def test_many_waiters_cancelled_and_expiring_at_random_leave_nothing_behin
     await asyncio.gather(*tasks, return_exceptions=True)
     assert (admission.in_flight, admission.pending) == (0, 0)
     assert admission.oldest_wait() == 0.0
+
+
+def test_the_connection_pools_own_timeout_is_a_503_with_the_admission_retry_after() -> None:
+    import httpx
+
+    from sidecar.errors import from_upstream_exception
+
+    error = from_upstream_exception(httpx.PoolTimeout("no stream"), "api", retry_after=3)
+    assert isinstance(error, PoolTimeout)
+    assert (error.status, error.code, error.retry_after, error.upstream) == (503, "pool_timeout", 3, "api")
