@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,9 @@ POOL_TIMEOUT = 1.0
 MAX_PENDING = 30  # what 10 connections at 200 ms serve well within the 1 s pool timeout
 CAPACITY = POOL_CONNECTIONS / UPSTREAM_LATENCY  # req/s
 HANG_BUDGET = POOL_TIMEOUT + UPSTREAM_LATENCY + 0.1
+# All callers connect and send in the same instant at the start: that burst
+# is reported, and so is the steady state after it.
+WARM_UP = 1.0
 ROOT = Path(__file__).resolve().parent.parent
 
 SIDECAR_CONFIG = """\
@@ -106,9 +110,7 @@ class Child:
 
 def _spawn(args: Sequence[str], ready: str, timeout: float = 20.0) -> tuple[Child, str]:
     """Start a child and return the first stdout line containing ``ready``."""
-    proc = subprocess.Popen(
-        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT
-    )
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     child = Child(proc)
     found = threading.Event()
     match: list[str] = []
@@ -184,8 +186,8 @@ class Result:
     def ok(self) -> list[float]:
         return [s.latency for s in self.samples if s.status == 200]
 
-    def rejected(self) -> list[float]:
-        return [s.latency for s in self.samples if s.status == 503]
+    def rejected(self, after: float = 0.0) -> list[float]:
+        return [s.latency for s in self.samples if s.status == 503 and s.started >= after]
 
     def ok_per_second(self) -> float:
         inside = sum(1 for s in self.samples if s.status == 200 and s.started + s.latency <= self.duration)
@@ -228,7 +230,10 @@ async def hammer(url: str, clients: int, duration: float, honour_retry_after: bo
                     status = 0
                 samples.append(Sample(started - origin, time.monotonic() - started, status))
                 if retry_after:
-                    await asyncio.sleep(min(retry_after, max(0.0, stop_at - time.monotonic())))
+                    # With a little jitter, as well-behaved clients do: callers
+                    # refused together do not all come back in the same instant.
+                    pause = retry_after + random.uniform(0, 0.5)
+                    await asyncio.sleep(min(pause, max(0.0, stop_at - time.monotonic())))
 
         await asyncio.gather(*(caller() for _ in range(clients)))
     return samples
@@ -256,8 +261,9 @@ def _ms(seconds: float) -> str:
 def table(results: list[Result]) -> str:
     lines = [
         "| proxy | ok req/s | % of capacity | 503s | other errors "
-        "| ok p50 / p99 / max (ms) | 503 p50 / p99 / max (ms) | longest wait (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
+        "| ok p50 / p99 / max (ms) | 503 p50 / p99 / max (ms) | 503 p99 after the first second (ms) "
+        "| longest wait (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
     ]
     for r in results:
         ok, rejected = r.ok(), r.rejected()
@@ -267,6 +273,7 @@ def table(results: list[Result]) -> str:
             f"| {_ms(percentile(ok, 0.5))} / {_ms(percentile(ok, 0.99))} / {_ms(max(ok, default=float('nan')))} "
             f"| {_ms(percentile(rejected, 0.5))} / {_ms(percentile(rejected, 0.99))} "
             f"/ {_ms(max(rejected, default=float('nan')))} "
+            f"| {_ms(percentile(r.rejected(after=WARM_UP), 0.99))} "
             f"| {_ms(r.longest())} |"
         )
     return "\n".join(lines)
@@ -276,6 +283,10 @@ def verdict(result: Result) -> list[str]:
     checks = [
         (f">= 95 % of capacity ({0.95 * CAPACITY:.1f} req/s)", result.ok_per_second() >= 0.95 * CAPACITY),
         ("rejections p99 < 50 ms", percentile(result.rejected(), 0.99) < 0.05 if result.rejected() else True),
+        (
+            "rejections p99 < 50 ms after the first second",
+            percentile(result.rejected(WARM_UP), 0.99) < 0.05 if result.rejected(WARM_UP) else True,
+        ),
         (f"nobody waits > {HANG_BUDGET * 1000:.0f} ms", result.longest() <= HANG_BUDGET),
     ]
     return [f"- {result.name}: {what}: {'met' if ok else 'NOT met'}" for what, ok in checks]
@@ -299,13 +310,18 @@ def report(results: list[Result], clients: int, duration: float) -> str:
         "",
         *[line for r in results if r.name.startswith("sidecar") for line in verdict(r)],
         "",
+        "The *upstream direct* row is the ceiling this machine reached at the time of the run: "
+        f"{POOL_CONNECTIONS} callers, one per connection, straight to the upstream.",
+        "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"load average before the run {load}. Upstream, proxy and load generator share the machine, "
         "which other jobs also use: expect noise of several percent and occasional latency outliers.",
         "",
         "*ok req/s* counts answers completed inside the window. *longest wait* is the longest any "
         "caller waited for any answer (success, 503 or error). Callers that honour Retry-After "
-        "sleep for it after a 503; the others retry at once (a flood of rejections).",
+        "sleep for it (plus up to 0.5 s of jitter) after a 503; the others retry at once (a flood "
+        "of rejections). All 200 callers open their connection and send in the same instant at the "
+        "start; the slowest rejections of a run are that burst, hence the steady-state column.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -324,6 +340,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: list[Result] = []
     with upstream() as upstream_url:
+        # The ceiling on this machine right now: as many callers as pooled
+        # connections, straight to the upstream, nothing in between.
+        results.append(
+            run_scenario(
+                f"upstream direct, {POOL_CONNECTIONS} callers",
+                upstream_url + "/work",
+                POOL_CONNECTIONS,
+                args.duration,
+                False,
+            )
+        )
         if args.only in (None, "sidecar"):
             for honour in (True, False):
                 with sidecar(upstream_url) as url:

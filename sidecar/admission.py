@@ -201,12 +201,13 @@ class Admission:
     def _expire(self, waiter: asyncio.Future[None]) -> None:
         if waiter.done() or not self._core.remove(waiter):
             return
-        waiter.set_exception(
-            PoolTimeout(
-                f"no slot for upstream {self.upstream!r} within {self.pool_timeout:g}s (timeouts.pool)",
-                upstream=self.upstream,
-                retry_after=self._core.retry_after(),
-            )
+        waiter.set_exception(self._timed_out())
+
+    def _timed_out(self) -> PoolTimeout:
+        return PoolTimeout(
+            f"no slot for upstream {self.upstream!r} within {self.pool_timeout:g}s (timeouts.pool)",
+            upstream=self.upstream,
+            retry_after=self._core.retry_after(),
         )
 
     def retry_after(self) -> int:
@@ -223,9 +224,21 @@ class Admission:
             self._hand_over(waiter)
 
     def _hand_over(self, waiter: asyncio.Future[None] | None) -> None:
-        # A waiter whose task was cancelled already has a cancelled future but
-        # may not have run its cleanup yet: skip it and pass the slot along.
-        while waiter is not None and waiter.done():
-            waiter = self._core.release()
-        if waiter is not None:
+        now: float | None = None
+        while waiter is not None:
+            if waiter.done():
+                # Its task was cancelled (the future with it) but has not run
+                # its cleanup yet: skip it and pass the slot along.
+                waiter = self._core.release()
+                continue
+            if now is None:
+                now = self._clock()
+            if now - self._started.get(waiter, now) >= self.pool_timeout:
+                # Past its deadline, its timer not yet run (a busy loop runs
+                # callbacks late): it gets its 503 now, the slot goes on, so
+                # no request starts upstream after waiting over timeouts.pool.
+                waiter.set_exception(self._timed_out())
+                waiter = self._core.release()
+                continue
             waiter.set_result(None)
+            return

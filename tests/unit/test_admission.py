@@ -403,3 +403,24 @@ def test_the_connection_pools_own_timeout_is_a_503_with_the_admission_retry_afte
     error = from_upstream_exception(httpx.PoolTimeout("no stream"), "api", retry_after=3)
     assert isinstance(error, PoolTimeout)
     assert (error.status, error.code, error.retry_after, error.upstream) == (503, "pool_timeout", 3, "api")
+
+
+async def test_a_waiter_past_its_deadline_is_not_handed_a_slot_when_its_timer_runs_late() -> None:
+    """On a busy loop the release can run before the waiter's timer: the
+    waiter has waited timeouts.pool and must get its 503, not the slot."""
+    now = [100.0]
+    admission = Admission("api", capacity=1, max_pending=8, pool_timeout=1.0, clock=lambda: now[0])
+    await admission.acquire()
+    late = asyncio.ensure_future(admission.acquire())
+    await settle()
+    now[0] += 0.5
+    fresh = asyncio.ensure_future(admission.acquire())
+    await settle()
+    now[0] += 0.6  # `late` waited 1.1 s, `fresh` 0.6 s; no timer has fired yet
+    admission.release()
+    with pytest.raises(PoolTimeout):
+        await late
+    await fresh
+    assert (admission.in_flight, admission.pending) == (1, 0)
+    admission.release()
+    assert (admission.in_flight, admission.pending) == (0, 0)
