@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from aiohttp import web
@@ -27,6 +27,7 @@ from aiohttp import web
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"}
 )
+T = TypeVar("T")
 CLIENT: web.AppKey[httpx.AsyncClient] = web.AppKey("client")
 UPSTREAM: web.AppKey[str] = web.AppKey("upstream")
 
@@ -82,7 +83,7 @@ async def run(upstream: str, host: str, port: int) -> None:
         await client.aclose()
 
 
-def run_loop() -> Callable[[Coroutine[Any, Any, None]], None]:
+def run_loop() -> Callable[[Coroutine[Any, Any, T]], T]:
     """uvloop's runner when installed (as the sidecar uses), else asyncio's."""
     try:
         import uvloop
