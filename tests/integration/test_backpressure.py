@@ -593,3 +593,37 @@ async def test_http2_over_tls_that_falls_back_to_http1_admits_one_per_connection
 
 async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
+
+
+async def test_expect_100_continue_gets_the_503_not_an_invitation_to_send_the_body(tmp_path: Path) -> None:
+    held = asyncio.Event()
+
+    async def hold(request: web.Request) -> web.StreamResponse:
+        held.set()
+        await asyncio.sleep(5)
+        return web.Response(text="late")
+
+    async with Upstream(hold) as upstream, running_sidecar(
+        tmp_path,
+        f"""
+        upstreams:
+          api:
+            url: {upstream.url}
+            limits: {{ max_connections: 1, max_pending: 0 }}
+        """,
+        admin=False,
+    ) as sidecar:
+        _, holder = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)  # takes the only slot
+        holder.write(b"GET /api/hold HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(held.wait(), 5)
+
+        reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
+        writer.write(
+            b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        assert status_line.startswith(b"HTTP/1.1 503"), status_line
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"X-Sidecar-Error: queue_full" in head
+        writer.close()
+        holder.close()
