@@ -210,10 +210,6 @@ class Forwarder:
                 admitted = time.monotonic()
                 exchange.pool_wait = admitted - waited_from
             try:
-                # Only once admitted: a caller about to get a 503 must not be
-                # invited to send its body first.
-                if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
-                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 return await self._exchange(request, match, pool, exchange)
             finally:
                 pool.admission.release(time.monotonic() - admitted)
