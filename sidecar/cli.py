@@ -65,7 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidecar: invalid config: {error}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "validate":
-        print(summary(config))
+        try:
+            print(summary(config), flush=True)
+        except BrokenPipeError:
+            # `sidecar validate | head`: the reader had what it wanted. Point
+            # stdout at /dev/null so the interpreter's final flush stays quiet.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     return run(config, args)
 

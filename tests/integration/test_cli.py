@@ -230,3 +230,22 @@ def test_help_exits_0() -> None:
     result = run_cli("module", "--help")
     assert result.returncode == 0
     assert "validate" in result.stdout and "run" in result.stdout
+
+
+def test_validate_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`sidecar validate | head -1`: the reader leaves early; no traceback."""
+    upstreams = "".join(f"  u{index}:\n    url: http://127.0.0.1:{1000 + index}\n" for index in range(3000))
+    config = tmp_path / "many.yaml"
+    config.write_text("upstreams:\n" + upstreams)
+    process = subprocess.Popen(
+        [*ENTRY_POINTS["module"], "validate", "-c", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.readline()
+    process.stdout.close()  # the summary is far larger than a pipe buffer: the writer hits EPIPE
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 0
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
