@@ -238,14 +238,13 @@ class Forwarder:
         upstream = pool.upstream
         # Every Connection line counts: a second one may name more hop-by-hop headers.
         named = _connection_tokens(",".join(request.headers.getall(hdrs.CONNECTION, ())))
-        removed = {name.lower() for name in upstream.headers.remove}
-        overridden = {name.lower() for name, _ in upstream.headers.set}
+        skipped = pool.headers_not_forwarded
         # The caller's header bytes as received (aiohttp's str view would have to be
         # re-encoded, and httpx encodes str values as ASCII: non-ASCII bytes broke it).
         headers: list[tuple[bytes, bytes]] = [(b"Host", upstream.host_header.encode("utf-8"))]
         for raw_name, raw_value in request.raw_headers:
             lower = raw_name.decode("latin-1").lower()
-            if lower in _NOT_FORWARDED or lower in named or lower in removed or lower in overridden:
+            if lower in _NOT_FORWARDED or lower in skipped or (named and lower in named):
                 continue
             headers.append((raw_name, raw_value))
         headers.extend((name.encode("latin-1"), value.encode("utf-8")) for name, value in upstream.headers.set)

@@ -25,6 +25,29 @@ class _NoCookies(http.cookiejar.CookieJar):
         return None
 
 
+class _InertCookies(httpx.Cookies):
+    """Cookies that are never read from responses: httpx builds urllib
+    compatibility objects (copying every header) for each response before the
+    jar gets a chance to ignore them — a few percent of a proxied request."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class _SharedClient(httpx.AsyncClient):
+    """The per-upstream client: no cookie jar at all (TRAPS.md §12)."""
+
+    _no_cookies = _InertCookies(_NoCookies())
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        return None
+
+
 def ssl_context_for(upstream: Upstream) -> ssl.SSLContext | None:
     """The TLS settings of an https upstream; None for http://."""
     if upstream.scheme != "https":
@@ -64,7 +87,7 @@ class UpstreamPool:
             ssl_context=ssl_context_for(upstream),
         )
         self.transport.on_stream_limit = self._streams_granted
-        self.client = httpx.AsyncClient(
+        self.client: httpx.AsyncClient = _SharedClient(
             transport=self.transport,
             cookies=_NoCookies(),
             trust_env=False,
@@ -78,6 +101,10 @@ class UpstreamPool:
             "pool": timeouts.pool,
         }
         self.base_url = httpx.URL(f"{upstream.scheme}://{upstream.host_header}/")
+        # Lower-cased names the upstream's header rules replace or drop, computed
+        # once here rather than on every request.
+        rules = upstream.headers
+        self.headers_not_forwarded = frozenset(name.lower() for name in (*rules.remove, *(n for n, _ in rules.set)))
         self.outcomes: Counter[str] = Counter()
         self.active = 0  # requests routed here and not finished: waiting or in flight
         self._idle = asyncio.Event()
