@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -443,6 +444,20 @@ def _parser_in_use() -> str:
     return "c" if http_parser.HttpRequestParser is not http_parser.HttpRequestParserPy else "python"
 
 
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections for a long-running proxy.
+
+    With a thousand requests in flight the young generations hold hundreds of
+    thousands of objects and the default thresholds (700/10/10) make full
+    collections frequent and slow: at c=1000 this cut the CPU per request by a
+    quarter in bench/run.  Objects alive after start-up (modules, config,
+    pools) are frozen out of the collector's scans altogether.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 async def serve(sidecar: Sidecar) -> int:
     """Run until SIGTERM/SIGINT, then drain; a second signal exits at once (code 1)."""
     loop = asyncio.get_running_loop()
@@ -471,6 +486,7 @@ async def serve(sidecar: Sidecar) -> int:
     watcher: asyncio.Task[None] | None = None
     try:
         await sidecar.start()
+        tune_gc()
         watcher = loop.create_task(sidecar.watch_config())
         await stop.wait()
     finally:
