@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, HostPort, load_config, parse_host_port
 
@@ -29,6 +29,16 @@ def _address(value: str) -> HostPort:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return number
+
+
 def _admin_address(value: str) -> HostPort | None:
     return None if value == "off" else _address(value)
 
@@ -43,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", type=_address, metavar="HOST:PORT", help="proxy listen address")
     run.add_argument(
         "--admin", type=_admin_address, default=argparse.SUPPRESS, metavar="HOST:PORT|off", help="admin listen address"
+    )
+    run.add_argument(
+        "--workers", type=_positive_int, metavar="N", help="processes sharing the listen port (default: config workers)"
     )
     run.add_argument("--log-format", choices=("json", "console"), help="default: console on a TTY, else json")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -92,11 +105,29 @@ def summary(config: Config) -> str:
 
 def run(config: Config, args: argparse.Namespace) -> int:
     from .logs import configure_logging
-    from .server import Sidecar, serve
 
+    workers = args.workers or config.workers
+    if workers > 1:
+        from .workers import check_divisible
+
+        try:
+            check_divisible(config, workers)
+        except ConfigError as error:
+            print(f"sidecar: invalid config: {error}", file=sys.stderr)
+            return EXIT_USAGE
     configure_logging(args.log_format, args.log_level)
     admin: HostPort | str | None = getattr(args, "admin", "config")
-    sidecar = Sidecar(config, listen=args.listen, admin=admin)
+    if workers == 1:
+        return _serve(config, args.listen, admin, None)
+    return _run_workers(config, args.listen or config.listen, admin, workers)
+
+
+def _serve(
+    config: Config, listen: HostPort | None, admin: HostPort | str | None, shape: Callable[[Config], Config] | None
+) -> int:
+    from .server import Sidecar, serve
+
+    sidecar = Sidecar(config, listen=listen, admin=admin, shape=shape)
     try:
         import uvloop
 
@@ -109,3 +140,29 @@ def run(config: Config, args: argparse.Namespace) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _run_workers(config: Config, listen: HostPort, admin: HostPort | str | None, workers: int) -> int:
+    from .workers import reserve_port, supervise, worker_config
+
+    try:
+        reserved, listen = reserve_port(listen)
+    except OSError as exc:
+        print(f"sidecar: cannot start: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+    def run_worker(index: int) -> int:
+        import structlog
+
+        reserved.close()
+        # Every event of this process says which worker wrote it.
+        structlog.contextvars.bind_contextvars(worker=index)
+
+        def shape(loaded: Config) -> Config:
+            return worker_config(loaded, workers, index)
+
+        # Only worker 0 serves the admin endpoints (see sidecar/workers.py).
+        return _serve(shape(config), listen, admin if index == 0 else None, shape)
+
+    with reserved:
+        return supervise(workers, run_worker)

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -61,8 +61,11 @@ class Sidecar:
         *,
         listen: HostPort | None = None,
         admin: HostPort | str | None = "config",
+        shape: Callable[[Config], Config] | None = None,
     ) -> None:
         self.config = config
+        # Applied to every config loaded on reload (a worker's share of the limits).
+        self._shape = shape
         self.listen = listen or config.listen
         self.admin_listen: HostPort | None = config.admin.listen if isinstance(admin, str) else admin
         self.metrics = Metrics(self._observed_pools)
@@ -184,6 +187,8 @@ class Sidecar:
             self._attempted_signature = await asyncio.to_thread(file_signature, source)
             try:
                 new = await asyncio.to_thread(load_config, source)
+                if self._shape is not None:
+                    new = self._shape(new)
                 plan, generation = self._prepare(new)
             except ConfigError as error:
                 self.metrics.reloads.labels("failure").inc()
