@@ -34,6 +34,7 @@ import httpcore
 import httpx
 
 from . import h2deadlines, h2streams
+from .netio import AsyncioBackend, install_fast_locks
 
 # Requests whose exchange can be repeated safely on a fresh connection when a
 # kept-alive connection turns out to have been closed by the upstream.
@@ -107,9 +108,13 @@ class PoolTransport(httpx.AsyncBaseTransport):
         self._negotiated: str | None = "HTTP/2" if self._prior_knowledge else None
         self._ssl_context = ssl_context
         self._streams = streams_per_connection
-        if network_backend is None and http2:
-            network_backend = h2deadlines.WatchedBackend()
+        if network_backend is None:
+            # Plain asyncio under httpcore's protocol code, not anyio (see netio.py).
+            network_backend = AsyncioBackend()
+            if http2:
+                network_backend = h2deadlines.WatchedBackend(network_backend)
         self._network_backend = network_backend
+        install_fast_locks()
         self._all: dict[int, _Connection] = {}
         self._idle: list[_Connection] = []  # HTTP/1.1 only; LIFO
         self._shared: dict[int, _Connection] = {}  # multiplexed, with stream capacity
