@@ -603,7 +603,7 @@ def main() -> int:
         "naive-aiohttp": (f"http://{LOOPBACK}:{p_aiohttp}", "naive-aiohttp"),
         "sidecar": (f"http://{LOOPBACK}:{p_sidecar}/up", "sidecar"),
         "sidecar-2w": (f"http://{LOOPBACK}:{p_sidecar2}/up", "sidecar-2w"),
-        "direct-h2c-upstream": (f"http://{LOOPBACK}:{h1}", None),
+        "direct-h1": (f"http://{LOOPBACK}:{h1}", None),
         "sidecar-h2c-upstream": (f"http://{LOOPBACK}:{p_sidecar}/h2", "sidecar"),
         "direct-delay": (f"http://{LOOPBACK}:{delay}", None),
         "sidecar-delay": (f"http://{LOOPBACK}:{p_sidecar}/delay", "sidecar"),
@@ -614,7 +614,7 @@ def main() -> int:
         scenarios += [
             Scenario("GET 64 KiB", "/64k", (50,), ("direct", "nginx", "haproxy", "sidecar")),
             Scenario("workers", "/1k", (50, 500), ("direct", "sidecar", "sidecar-2w")),
-            Scenario("h2c upstream", "/1k", (50, 500), ("direct-h2c-upstream", "sidecar-h2c-upstream"), "h2c"),
+            Scenario("h2c upstream", "/1k", (50, 500), ("direct-h1", "sidecar-h2c-upstream"), "h2c"),
             Scenario("10 ms upstream", "/10", (50, 500), ("direct-delay", "sidecar-delay"), "delay"),
         ]
     ports = {"h1": h1, "h2c": h2c, "delay": delay}
