@@ -326,6 +326,7 @@ class Run:
     upstream_conns: int = 0
     errors: int = 0
     ratio: float | None = None
+    settled: bool = True  # False: still busy 20 s after the load stopped (restarted before the next run)
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -364,17 +365,18 @@ def wrk(url: str, concurrency: int, seconds: float, latency: bool = True) -> str
     return subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False).stdout
 
 
-def settle(pid: int | None, limit: float = 20.0) -> None:
+def settle(pid: int | None, limit: float = 20.0) -> bool:
     """Wait until the proxy is idle again (a collapsed proxy keeps working after wrk stops)."""
     if pid is None:
         time.sleep(0.3)
-        return
+        return True
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         before = cpu_seconds(pid)
         time.sleep(0.5)
         if cpu_seconds(pid) - before < 0.03:
-            return
+            return True
+    return False
 
 
 def measure(
@@ -400,7 +402,7 @@ def measure(
         run.cpu_us = (cpu_seconds(pid) - cpu_before) / max(1, _requests(out)) * 1e6
     parse_wrk(out, run)
     run.upstream_conns = max(samples, default=0)
-    settle(pid)
+    run.settled = settle(pid)
     return run
 
 
@@ -651,6 +653,12 @@ def main() -> int:
                             ports[scenario.upstream],
                         )
                         sweep_runs.append(run)
+                        if not run.settled and service_key:
+                            # A collapsed proxy still working through its backlog would
+                            # steal CPU 0 from the next target: restart it.
+                            print(f"  {name} still busy after the run: restarting it", flush=True)
+                            services[service_key].stop()
+                            services[service_key].start()
                         print(
                             f"  sweep {sweep + 1} {scenario.name} c={concurrency} {name}: {run.rps:,.0f} req/s "
                             f"p99 {run.p99_ms:.1f} ms cpu {fmt(run.cpu_us, ',.0f')} µs/req "
