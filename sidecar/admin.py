@@ -111,6 +111,8 @@ async def pools(request: web.Request) -> web.Response:
     body: dict[str, Any] = {
         "time": time.time(),
         "draining": sidecar.draining,
+        # With `workers: N` each worker answers for itself and its share of the limits.
+        "worker": {"index": sidecar.worker, "of": sidecar.config.workers},
         "upstreams": {pool.name: pool_snapshot(pool, secrets) for pool in sidecar.all_pools()},
     }
     retired = sidecar.retired_pools()

@@ -123,11 +123,16 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _serve(
-    config: Config, listen: HostPort | None, admin: HostPort | str | None, shape: Callable[[Config], Config] | None
+    config: Config,
+    listen: HostPort | None,
+    admin: HostPort | str | None,
+    shape: Callable[[Config], Config] | None,
+    *,
+    worker: int = 0,
 ) -> int:
     from .server import Sidecar, serve
 
-    sidecar = Sidecar(config, listen=listen, admin=admin, shape=shape)
+    sidecar = Sidecar(config, listen=listen, admin=admin, shape=shape, worker=worker)
     try:
         import uvloop
 
@@ -143,7 +148,7 @@ def _serve(
 
 
 def _run_workers(config: Config, listen: HostPort, admin: HostPort | str | None, workers: int) -> int:
-    from .workers import reserve_port, supervise, worker_config
+    from .workers import reserve_port, supervise, worker_admin, worker_config
 
     try:
         reserved, listen = reserve_port(listen)
@@ -161,8 +166,8 @@ def _run_workers(config: Config, listen: HostPort, admin: HostPort | str | None,
         def shape(loaded: Config) -> Config:
             return worker_config(loaded, workers, index)
 
-        # Only worker 0 serves the admin endpoints (see sidecar/workers.py).
-        return _serve(shape(config), listen, admin if index == 0 else None, shape)
+        # Every worker has its own admin listener: base port + index (see sidecar/workers.py).
+        return _serve(shape(config), listen, worker_admin(config, admin, index), shape, worker=index)
 
     with reserved:
         return supervise(workers, run_worker)

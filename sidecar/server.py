@@ -62,8 +62,10 @@ class Sidecar:
         listen: HostPort | None = None,
         admin: HostPort | str | None = "config",
         shape: Callable[[Config], Config] | None = None,
+        worker: int = 0,
     ) -> None:
         self.config = config
+        self.worker = worker  # index among `workers` processes (0 when there is one)
         # Applied to every config loaded on reload (a worker's share of the limits).
         self._shape = shape
         self.listen = listen or config.listen

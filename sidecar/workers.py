@@ -12,8 +12,10 @@ Limits stay host-wide totals.  Worker ``i`` of ``N`` gets, of a total ``T``,
 config error, since any rounding up would break the configured total.
 ``max_pending`` and ``max_keepalive_connections`` may split to 0.
 
-Only worker 0 runs the admin listener: its ``/metrics`` and ``/pools`` describe
-worker 0 and its share of each limit (see README, "Multi-core").  SIGTERM,
+Every worker runs its own admin listener, on the configured admin port plus
+its index (8089, 8090, ... ; port 0 gives each a free port): its ``/metrics``
+and ``/pools`` describe that worker and its share of each limit, so
+Prometheus scrapes each worker as a target (see README, "Multi-core").  SIGTERM,
 SIGINT and SIGHUP sent to the parent are passed to every worker; the parent
 exits with 0 when every worker did, else with the first non-zero code.  A
 worker that dies on its own takes the others down with it (exit 1): a
@@ -79,6 +81,14 @@ def _split(upstream: Upstream, workers: int, index: int) -> Upstream:
             max_pending=share(limits.max_pending, workers, index),
         ),
     )
+
+
+def worker_admin(config: Config, admin: HostPort | str | None, index: int) -> HostPort | None:
+    """Worker ``index``'s admin address: the configured one shifted by ``index``."""
+    base = config.admin.listen if isinstance(admin, str) else admin
+    if base is None or base.port == 0:
+        return base
+    return dataclasses.replace(base, port=base.port + index)
 
 
 def reserve_port(address: HostPort) -> tuple[socket.socket, HostPort]:

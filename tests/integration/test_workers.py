@@ -68,13 +68,22 @@ async def test_two_workers_share_the_port_and_never_exceed_max_connections(tmp_p
             assert 1 <= upstream.max_open <= 4
             assert len(upstream.requests) == 120
 
-            async with aiohttp.ClientSession() as client, client.get(sidecar.admin_url + "/pools") as response:
-                pools = await response.json()
-            # Worker 0's admin view shows its own share of the host-wide limit.
-            limits = pools["upstreams"]["api"]["limits"]
-            assert limits["max_connections"] == 2
-            assert limits["max_concurrent_requests"] == 2
-            assert limits["max_pending"] == 250
+            # Each worker has its own admin listener showing its share of the
+            # host-wide limits; together they account for every request.
+            admins = sorted({(line["worker"], line["admin"]) for line in started})
+            assert len({admin for _, admin in admins}) == 2, admins
+            served = 0
+            async with aiohttp.ClientSession() as client:
+                for index, admin in admins:
+                    async with client.get(f"http://{admin}/pools") as response:
+                        pools = await response.json()
+                    assert pools["worker"] == {"index": index, "of": 2}
+                    limits = pools["upstreams"]["api"]["limits"]
+                    assert limits["max_connections"] == 2
+                    assert limits["max_concurrent_requests"] == 2
+                    assert limits["max_pending"] == 250
+                    served += pools["upstreams"]["api"]["totals"]["requests"]
+            assert served == 120
         finally:
             sidecar.signal(signal.SIGTERM)
             code = await sidecar.wait(30)

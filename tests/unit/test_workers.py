@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import ConfigError, load_config
-from sidecar.workers import check_divisible, share, worker_config
+from sidecar.config import ConfigError, HostPort, load_config
+from sidecar.workers import check_divisible, share, worker_admin, worker_config
 
 
 @pytest.mark.parametrize("total", [0, 1, 2, 3, 7, 10, 100, 1001])
@@ -42,3 +42,15 @@ def test_fewer_connections_than_workers_is_a_config_error(tmp_path: Path) -> Non
     assert caught.value.path == "upstreams.api.limits.max_connections"
     assert "must be at least workers (3)" in str(caught.value)
     check_divisible(config, 2)
+
+
+def test_each_worker_gets_its_own_admin_port(tmp_path: Path) -> None:
+    config = load_config(_config(tmp_path, "{max_connections: 4}"))  # admin defaults to 127.0.0.1:8089
+    assert [worker_admin(config, "config", index) for index in range(3)] == [
+        HostPort("127.0.0.1", 8089),
+        HostPort("127.0.0.1", 8090),
+        HostPort("127.0.0.1", 8091),
+    ]
+    assert worker_admin(config, HostPort("0.0.0.0", 9000), 1) == HostPort("0.0.0.0", 9001)
+    assert worker_admin(config, HostPort("127.0.0.1", 0), 1) == HostPort("127.0.0.1", 0)  # each picks a free one
+    assert worker_admin(config, None, 1) is None  # --admin off
