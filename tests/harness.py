@@ -164,8 +164,21 @@ class SidecarProcess:
     async def start(self, timeout: float = 15.0) -> SidecarProcess:
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path),
-             "--listen", f"{LOOPBACK}:0", "--admin", f"{LOOPBACK}:0", "--log-format", "json", *self.extra_args],
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "run",
+                "-c",
+                str(self.config_path),
+                "--listen",
+                f"{LOOPBACK}:0",
+                "--admin",
+                f"{LOOPBACK}:0",
+                "--log-format",
+                "json",
+                *self.extra_args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -253,8 +266,12 @@ class RawUpstream:
     connection, so a test can prove that *nothing* reached the upstream.
     """
 
-    def __init__(self, response: bytes | None = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-                 *, answer_after: bytes = b"\r\n\r\n") -> None:
+    def __init__(
+        self,
+        response: bytes | None = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        *,
+        answer_after: bytes = b"\r\n\r\n",
+    ) -> None:
         self.response = response
         self.answer_after = answer_after
         self.received: list[bytearray] = []
@@ -443,6 +460,17 @@ def tls_files(directory: Path, *hostnames: str) -> TLSFiles:
         blob.write_to_path(str(cert_file), append=True)
     cert.private_key_pem.write_to_path(str(key_file))
     return TLSFiles(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+
+
+def tls_server_context(directory: Path, *hostnames: str) -> tuple[Any, Path]:
+    """A server-side SSLContext for ``hostnames`` (default 127.0.0.1) signed by a
+    fresh trustme CA, and the CA file a client needs to trust it."""
+    import ssl
+
+    files = tls_files(directory, *hostnames)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.cert_file, files.key_file)
+    return context, files.ca_file
 
 
 class HypercornUpstream:

@@ -35,7 +35,7 @@ from multidict import CIMultiDict
 from sidecar.forward import Exchange
 from sidecar.pools import UpstreamPool
 from sidecar.server import Sidecar
-from tests.harness import LOOPBACK, Upstream, proxy_url, running_sidecar
+from tests.harness import LOOPBACK, TLSUpstream, Upstream, proxy_url, running_sidecar, tls_server_context
 
 # ------------------------------------------------------------------ helpers
 
@@ -109,16 +109,20 @@ async def test_overload_sheds_at_once_and_times_out_the_queue_tail(tmp_path: Pat
         await asyncio.sleep(2.0)
         return web.Response(text="done")
 
-    async with Upstream(slow) as upstream, running_sidecar(
-        tmp_path,
-        f"""
+    async with (
+        Upstream(slow) as upstream,
+        running_sidecar(
+            tmp_path,
+            f"""
         upstreams:
           api:
             url: {upstream.url}
             limits: {{ max_connections: 4, max_pending: 8 }}
             timeouts: {{ pool: 1s }}
         """,
-    ) as sidecar, unlimited_session() as session:
+        ) as sidecar,
+        unlimited_session() as session,
+    ):
         exchanges: list[Exchange] = []
         finished = sidecar.forwarder._finished
 
@@ -172,16 +176,20 @@ async def test_waiters_reach_the_upstream_in_arrival_order(tmp_path: Path) -> No
             await first_may_finish.wait()  # holds the only slot while the others queue
         return web.Response(text=request.path)
 
-    async with Upstream(record) as upstream, running_sidecar(
-        tmp_path,
-        f"""
+    async with (
+        Upstream(record) as upstream,
+        running_sidecar(
+            tmp_path,
+            f"""
         upstreams:
           api:
             url: {upstream.url}
             limits: {{ max_connections: 1, max_pending: 50 }}
             timeouts: {{ pool: 30s }}
         """,
-    ) as sidecar, unlimited_session() as session:
+        ) as sidecar,
+        unlimited_session() as session,
+    ):
         pool = only_pool(sidecar)
         base = proxy_url(sidecar) + "/api/"
         tasks = []
@@ -417,9 +425,11 @@ upstreams:
 
 
 async def test_http2_limit_defaults_to_100_streams_per_connection(tmp_path: Path) -> None:
-    async with H2Upstream(delay=0.0) as upstream, running_sidecar(
-        tmp_path, H2_CONFIG.format(url=upstream.url), admin=False
-    ) as sidecar, unlimited_session() as session:
+    async with (
+        H2Upstream(delay=0.0) as upstream,
+        running_sidecar(tmp_path, H2_CONFIG.format(url=upstream.url), admin=False) as sidecar,
+        unlimited_session() as session,
+    ):
         pool = only_pool(sidecar)
         assert pool.admission.capacity == 2 * 100
         outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
@@ -437,9 +447,11 @@ async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path
     yet), then again once its limit is known: 10 are served, the rest get 503
     pool_timeout within timeouts.pool (+ slack), nobody hangs.
     """
-    async with H2Upstream(delay=2.0, max_streams=5) as upstream, running_sidecar(
-        tmp_path, H2_CONFIG.format(url=upstream.url), admin=False
-    ) as sidecar, unlimited_session() as session:
+    async with (
+        H2Upstream(delay=2.0, max_streams=5) as upstream,
+        running_sidecar(tmp_path, H2_CONFIG.format(url=upstream.url), admin=False) as sidecar,
+        unlimited_session() as session,
+    ):
         pool = only_pool(sidecar)
         url = proxy_url(sidecar) + "/api/x"
         for wave in ("cold", "warm"):
@@ -504,9 +516,10 @@ async def test_second_cancel_during_the_upstream_close_leaks_nothing(
     upstream: Any = h1 if protocol == "http1" else h2
     http2 = "false" if protocol == "http1" else "prior-knowledge"
     loop = asyncio.get_running_loop()
-    async with upstream, running_sidecar(
-        tmp_path, DOUBLE_CANCEL_CONFIG.format(url=upstream.url, http2=http2), admin=False
-    ) as sidecar:
+    async with (
+        upstream,
+        running_sidecar(tmp_path, DOUBLE_CANCEL_CONFIG.format(url=upstream.url, http2=http2), admin=False) as sidecar,
+    ):
         pool = only_pool(sidecar)
         forwarder = sidecar.forwarder
         original_relay, original_handle = forwarder._relay, forwarder._handle
@@ -551,44 +564,29 @@ async def test_http2_over_tls_that_falls_back_to_http1_admits_one_per_connection
     """``http2: true`` on https is a wish (ALPN): a server that picks HTTP/1.1
     carries one request per connection, so the limit drops from
     ``max_connections x 100`` to ``max_connections``."""
-    import ssl
-
-    import trustme
-
-    authority = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert(LOOPBACK).configure_cert(server_context)
-    ca_file = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(ca_file))
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", _ok)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0, ssl_context=server_context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with running_sidecar(
-            tmp_path,
-            f"""
+    server_context, ca_file = tls_server_context(tmp_path, LOOPBACK)
+    async with TLSUpstream(server_context, _ok) as upstream:
+        async with (
+            running_sidecar(
+                tmp_path,
+                f"""
             upstreams:
               api:
-                url: https://{LOOPBACK}:{port}
+                url: https://{LOOPBACK}:{upstream.port}
                 http2: true
                 limits: {{ max_connections: 2 }}
                 tls: {{ ca_file: {ca_file} }}
             """,
-            admin=False,
-        ) as sidecar, unlimited_session() as session:
+                admin=False,
+            ) as sidecar,
+            unlimited_session() as session,
+        ):
             pool = only_pool(sidecar)
             assert pool.admission.capacity == 200
             outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
             assert outcome.status == 200
             assert pool.stats().http_versions == {"HTTP/1.1": 1}
             assert pool.admission.capacity == 2
-    finally:
-        await runner.cleanup()
 
 
 async def _ok(request: web.Request) -> web.Response:
@@ -603,24 +601,25 @@ async def test_expect_100_continue_gets_the_503_not_an_invitation_to_send_the_bo
         await asyncio.sleep(5)
         return web.Response(text="late")
 
-    async with Upstream(hold) as upstream, running_sidecar(
-        tmp_path,
-        f"""
+    async with (
+        Upstream(hold) as upstream,
+        running_sidecar(
+            tmp_path,
+            f"""
         upstreams:
           api:
             url: {upstream.url}
             limits: {{ max_connections: 1, max_pending: 0 }}
         """,
-        admin=False,
-    ) as sidecar:
+            admin=False,
+        ) as sidecar,
+    ):
         _, holder = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)  # takes the only slot
         holder.write(b"GET /api/hold HTTP/1.1\r\nHost: x\r\n\r\n")
         await asyncio.wait_for(held.wait(), 5)
 
         reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
-        writer.write(
-            b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
-        )
+        writer.write(b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
         status_line = await asyncio.wait_for(reader.readline(), 5)
         assert status_line.startswith(b"HTTP/1.1 503"), status_line
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)

@@ -26,12 +26,14 @@ from sidecar.server import Sidecar
 from tests.harness import (
     LOOPBACK,
     ScriptedUpstream,
+    TLSUpstream,
     Upstream,
     proxy_url,
     raw_request,
     read_request_head,
     read_response,
     running_sidecar,
+    tls_server_context,
 )
 
 MiB = 1024 * 1024
@@ -989,30 +991,15 @@ async def test_draining_refusal_really_closes_the_connection(tmp_path: Path) -> 
 
 
 async def test_tls_upstream_verified_and_handshake_failure_is_502(tmp_path: Path) -> None:
-    trustme = pytest.importorskip("trustme")
-    import ssl
-
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_context)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", _echo_target)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0, ssl_context=server_context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    server_context, ca_file = tls_server_context(tmp_path, "localhost")
+    async with TLSUpstream(server_context, _echo_target) as upstream:
         config = f"""
             upstreams:
               trusted:
-                url: https://localhost:{port}/base
+                url: https://localhost:{upstream.port}/base
                 tls: {{ ca_file: "{ca_file}" }}
               untrusted:
-                url: https://localhost:{port}/base
+                url: https://localhost:{upstream.port}/base
         """
         async with running_sidecar(tmp_path, config) as sidecar, aiohttp.ClientSession() as client:
             async with client.get(proxy_url(sidecar) + "/trusted/x?q=1") as response:
@@ -1024,8 +1011,6 @@ async def test_tls_upstream_verified_and_handshake_failure_is_502(tmp_path: Path
                 )
                 assert payload["upstream"] == "untrusted"
                 assert "certificate" in payload["message"]
-    finally:
-        await runner.cleanup()
 
 
 async def _echo_target(request: web.Request) -> web.StreamResponse:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ssl
 from pathlib import Path
 
 import aiohttp
-import trustme
 from aiohttp import web
 
 from sidecar.server import Sidecar
-from tests.harness import LOOPBACK, Upstream, proxy_url, running_sidecar
+from tests.harness import LOOPBACK, TLSUpstream, Upstream, proxy_url, running_sidecar, tls_server_context
 
 
 def _pool_idle(sidecar: Sidecar, name: str = "api") -> bool:
@@ -35,32 +33,20 @@ async def _eventually(condition: object, timeout: float = 5.0) -> None:
 
 
 async def test_https_upstream_through_the_asyncio_backend(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", LOOPBACK)
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_context)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    server_context, ca_file = tls_server_context(tmp_path, "localhost", LOOPBACK)
 
     async def hello(request: web.Request) -> web.Response:
         assert request.secure
         return web.Response(text=f"tls {request.path_qs}")
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0, ssl_context=server_context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with TLSUpstream(server_context, hello) as upstream:
         async with (
             running_sidecar(
                 tmp_path,
                 f"""
             upstreams:
               api:
-                url: https://{LOOPBACK}:{port}
+                url: https://{LOOPBACK}:{upstream.port}
                 tls: {{ ca_file: {ca_file} }}
             """,
             ) as sidecar,
@@ -71,31 +57,20 @@ async def test_https_upstream_through_the_asyncio_backend(tmp_path: Path) -> Non
                     assert response.status == 200
                     assert await response.text() == "tls /x?y=1"
             assert sidecar.generation().pools["api"].stats().opened_total == 1
-    finally:
-        await runner.cleanup()
 
 
 async def test_untrusted_certificate_is_a_502_connect_error(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(LOOPBACK).configure_cert(server_context)
-    app = web.Application()
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0, ssl_context=server_context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    # Signed by a CA the sidecar was never told about.
+    server_context, _ = tls_server_context(tmp_path, LOOPBACK)
+    async with TLSUpstream(server_context) as upstream:
         async with (
-            running_sidecar(tmp_path, f"upstreams:\n  api:\n    url: https://{LOOPBACK}:{port}\n") as sidecar,
+            running_sidecar(tmp_path, f"upstreams:\n  api:\n    url: https://{LOOPBACK}:{upstream.port}\n") as sidecar,
             aiohttp.ClientSession() as client,
         ):
             async with client.get(proxy_url(sidecar) + "/api/x") as response:
                 assert response.status == 502
                 assert response.headers["X-Sidecar-Error"] == "upstream_connect_error"
             assert _pool_idle(sidecar)
-    finally:
-        await runner.cleanup()
 
 
 async def test_read_timeout_is_a_504_and_refused_connect_a_502(tmp_path: Path) -> None:
