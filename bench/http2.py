@@ -265,7 +265,7 @@ def report(runs: list[Run], upstream: str, args: argparse.Namespace) -> str:
         f"--concurrency {args.concurrency} --max-connections {args.max_connections}`",
         "",
         f"Upstream: {upstream}, 1 KiB response. Load: wrk, HTTP/1.1 keep-alive callers → sidecar. "
-        "Both pools of a row have the same `max_connections`. Machine: {platform.machine()}, "
+        f"Both pools of a row have the same `max_connections`. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; sidecar, wrk and upstream share the CPUs.",
         "",
         "| pool | max_connections | callers | req/s | p99 ms | sidecar CPU µs/req "
