@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -28,14 +27,20 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config as HypercornConfig
 from multidict import CIMultiDict
 
 from sidecar.forward import Exchange
 from sidecar.pools import UpstreamPool
 from sidecar.server import Sidecar
-from tests.harness import LOOPBACK, TLSUpstream, Upstream, proxy_url, running_sidecar, tls_server_context
+from tests.harness import (
+    LOOPBACK,
+    HypercornUpstream,
+    TLSUpstream,
+    Upstream,
+    proxy_url,
+    running_sidecar,
+    tls_server_context,
+)
 
 # ------------------------------------------------------------------ helpers
 
@@ -357,61 +362,18 @@ async def test_double_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ HTTP/2
 
 
-class H2Upstream:
-    """A hypercorn h2c (prior knowledge) upstream on port 0 that counts streams."""
+class H2Upstream(HypercornUpstream):
+    """An h2c (prior knowledge) upstream that answers after ``delay`` and
+    counts concurrent streams (``max_in_handler``)."""
 
     def __init__(self, *, delay: float, max_streams: int = 100) -> None:
+        super().__init__(max_concurrent_streams=max_streams)
         self.delay = delay
-        self.max_streams = max_streams
-        self.current = 0
-        self.max_concurrent = 0
-        self.served = 0
-        self.port = 0
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        self.current += 1
-        self.max_concurrent = max(self.max_concurrent, self.current)
-        try:
-            await asyncio.sleep(self.delay)
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "http.response.body", "body": scope["http_version"].encode()})
-            self.served += 1
-        finally:
-            self.current -= 1
-
-    async def __aenter__(self) -> H2Upstream:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind((LOOPBACK, 0))
-        sock.listen(128)
-        self.port = sock.getsockname()[1]
-        config = HypercornConfig()
-        config.bind = [f"fd://{sock.detach()}"]
-        config.h2_max_concurrent_streams = self.max_streams
-        config.accesslog = None
-        config.errorlog = None
-        config.graceful_timeout = 0.5
-        self._task = asyncio.ensure_future(hypercorn_serve(self.app, config, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
-        await asyncio.sleep(0.1)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await asyncio.wait_for(self._task, 10)
+    async def _answer(self, scope: dict[str, Any], send: Any) -> None:
+        await asyncio.sleep(self.delay)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": scope["http_version"].encode()})
 
 
 H2_CONFIG = """
@@ -458,7 +420,7 @@ async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path
             outcomes = await asyncio.gather(*(timed_get(session, url) for _ in range(30)))
             served = [o for o in outcomes if o.status == 200]
             refused = [o for o in outcomes if o.status != 200]
-            assert upstream.max_concurrent <= 10, wave
+            assert upstream.max_in_handler <= 10, wave
             assert len(served) == 10, (wave, Counter(o.status for o in outcomes))
             for outcome in refused:
                 assert_spec_503(outcome, "pool_timeout")
@@ -486,10 +448,7 @@ upstreams:
 class SlowBodyH2(H2Upstream):
     """h2c upstream whose body never finishes while the test runs."""
 
-    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await super().app(scope, receive, send)
-            return
+    async def _answer(self, scope: dict[str, Any], send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
         await asyncio.sleep(30)
