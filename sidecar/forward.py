@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 from aiohttp import HttpVersion11, StreamReader, hdrs, web
@@ -90,7 +90,6 @@ class Exchange:
     bytes_out: int = 0
     error: str | None = None
     aborted: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class _Response(web.StreamResponse):
@@ -169,7 +168,6 @@ class Forwarder:
         except SidecarError as error:
             exchange.status, exchange.error = error.status, error.code
             exchange.upstream = exchange.upstream or error.upstream
-            exchange.extra["exception"] = error
             close = isinstance(error, (Draining, RequestTimeout)) or _asks_upgrade(request)
             return error_response(error, exchange.request_id, close=close)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -235,19 +233,18 @@ class Forwarder:
     def _upstream_request(
         self, request: web.BaseRequest, match: RouteMatch, pool: UpstreamPool, exchange: Exchange
     ) -> httpx.Request:
-        upstream = pool.upstream
         # Every Connection line counts: a second one may name more hop-by-hop headers.
         named = _connection_tokens(",".join(request.headers.getall(hdrs.CONNECTION, ())))
         skipped = pool.headers_not_forwarded
         # The caller's header bytes as received (aiohttp's str view would have to be
         # re-encoded, and httpx encodes str values as ASCII: non-ASCII bytes broke it).
-        headers: list[tuple[bytes, bytes]] = [(b"Host", upstream.host_header.encode("utf-8"))]
+        headers: list[tuple[bytes, bytes]] = [pool.host_header]
         for raw_name, raw_value in request.raw_headers:
             lower = raw_name.decode("latin-1").lower()
             if lower in _NOT_FORWARDED or lower in skipped or (named and lower in named):
                 continue
             headers.append((raw_name, raw_value))
-        headers.extend((name.encode("latin-1"), value.encode("utf-8")) for name, value in upstream.headers.set)
+        headers.extend(pool.headers_set)
         headers.append((b"X-Request-Id", exchange.request_id.encode("ascii")))
         content = None
         if request.body_exists:
@@ -344,12 +341,10 @@ class Forwarder:
                 async for chunk in response.aiter_raw():
                     exchange.bytes_out += len(chunk)
                     await downstream.write(chunk)
-        except httpx.TransportError as exc:
+        except httpx.TransportError:
             # Headers are out: the only honest signal left is to abort, so the
             # caller cannot mistake a truncated body for a complete one.
-            error = from_upstream_exception(exc, exchange.upstream or "")
             exchange.error = "upstream_body_error"
-            exchange.extra["exception"] = error
             exchange.aborted = True
             _abort(request)
             return downstream

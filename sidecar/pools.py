@@ -89,7 +89,6 @@ class UpstreamPool:
         self.transport.on_stream_limit = self._streams_granted
         self.client: httpx.AsyncClient = _SharedClient(
             transport=self.transport,
-            cookies=_NoCookies(),
             trust_env=False,
             follow_redirects=False,
         )
@@ -101,9 +100,12 @@ class UpstreamPool:
             "pool": timeouts.pool,
         }
         self.base_url = httpx.URL(f"{upstream.scheme}://{upstream.host_header}/")
-        # Lower-cased names the upstream's header rules replace or drop, computed
-        # once here rather than on every request.
+        # The upstream's header rules, prepared once here rather than on every
+        # request: the Host line, the lines `headers.set` adds, and the
+        # lower-cased names those replace or `headers.remove` drops.
         rules = upstream.headers
+        self.host_header = (b"Host", upstream.host_header.encode("utf-8"))
+        self.headers_set = tuple((name.encode("latin-1"), value.encode("utf-8")) for name, value in rules.set)
         self.headers_not_forwarded = frozenset(name.lower() for name in (*rules.remove, *(n for n, _ in rules.set)))
         self.outcomes: Counter[str] = Counter()
         self.active = 0  # requests routed here and not finished: waiting or in flight
