@@ -16,13 +16,19 @@ FROM ${BASE_IMAGE} AS build
 # pip.conf) before building. They are used by pip in this stage only, never
 # reach the final image, and are git-ignored.
 COPY deploy/docker/build-trust/ /tmp/build-trust/
+COPY requirements/runtime.lock /src/requirements/
 COPY pyproject.toml README.md /src/
 COPY sidecar/ /src/sidecar/
 RUN set -eu; \
     if [ -f /tmp/build-trust/ca-certificates.crt ]; then export PIP_CERT=/tmp/build-trust/ca-certificates.crt; fi; \
     if [ -f /tmp/build-trust/pip.conf ]; then export PIP_CONFIG_FILE=/tmp/build-trust/pip.conf; fi; \
     python3 -m venv /opt/sidecar; \
-    /opt/sidecar/bin/pip install --no-cache-dir --disable-pip-version-check --quiet /src; \
+    # Exactly the locked, hash-checked versions; then the sidecar itself on top,
+    # with nothing left for pip to resolve.
+    /opt/sidecar/bin/pip install --no-cache-dir --disable-pip-version-check --quiet \
+        --require-hashes -r /src/requirements/runtime.lock; \
+    /opt/sidecar/bin/pip install --no-cache-dir --disable-pip-version-check --quiet --no-deps /src; \
+    /opt/sidecar/bin/pip check; \
     /opt/sidecar/bin/sidecar --help >/dev/null
 
 # -------------------------------------------------------------- runtime stage
