@@ -15,7 +15,7 @@ config error, since any rounding up would break the configured total.
 Every worker runs its own admin listener, on the configured admin port plus
 its index (8089, 8090, ... ; port 0 gives each a free port): its ``/metrics``
 and ``/pools`` describe that worker and its share of each limit, so
-Prometheus scrapes each worker as a target (see README, "Multi-core").  SIGTERM,
+Prometheus scrapes each worker as a target (see docs/operations.md, "Multi-core").  SIGTERM,
 SIGINT and SIGHUP sent to the parent are passed to every worker; the parent
 exits with 0 when every worker did, else with the first non-zero code.  A
 worker that dies on its own takes the others down with it (exit 1): a
