@@ -322,7 +322,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 return connection, True
         while self._idle:
             connection = self._idle.pop()
-            if connection.conn.has_expired() or not connection.conn.is_available():
+            if connection.conn.has_expired() or not self._reusable(connection):
                 self._discard(connection)
                 continue
             connection.streams = 1
@@ -372,6 +372,19 @@ class PoolTransport(httpx.AsyncBaseTransport):
         if h2streams.cancel_orphans(inner):
             self._spawn(h2streams.flush(inner, request))
 
+    @staticmethod
+    def _reusable(connection: _Connection) -> bool:
+        """May this HTTP/1.1 connection carry another request?
+
+        Only when its last response ended cleanly *and* nothing beyond that
+        response has been received: bytes past the end of a response (more than
+        its Content-Length, a body on a 204, a second response nobody asked
+        for) would otherwise be read as the answer to the next request, which
+        may be another caller's.
+        """
+        conn = connection.conn
+        return conn.is_idle() and not has_unread_bytes(conn)
+
     def _retire(self, connection: _Connection) -> None:
         """Take no new requests on ``connection``; close it once its last one ends."""
         connection.retiring = True
@@ -386,7 +399,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
         elif connection.retiring:
             if connection.streams == 0:
                 self._discard(connection)
-        elif conn.is_closed() or (not connection.multiplexed and not conn.is_idle()):
+        elif conn.is_closed() or (not connection.multiplexed and not self._reusable(connection)):
             self._discard(connection)
         elif connection.multiplexed:
             if connection.streams == 0:
@@ -462,6 +475,24 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 waiter.set_result(None)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def has_unread_bytes(conn: httpcore.AsyncHTTPConnection) -> bool:
+    """Has this HTTP/1.1 connection received bytes beyond its last complete response?
+
+    httpcore does not say, so this reads its parser's buffer (h11's
+    ``trailing_data``: the unparsed bytes and whether the peer closed).  When
+    those internals are not what we know, the answer is "yes": a connection
+    we cannot vouch for is not reused.
+    """
+    try:
+        state = conn._connection._h11_state  # type: ignore[union-attr]
+        data, closed = state.trailing_data
+    except (AttributeError, TypeError, ValueError):
+        return True
+    if not isinstance(data, (bytes, bytearray)) or not isinstance(closed, bool):
+        return True
+    return bool(data) or closed
 
 
 async def _close_quietly(conn: httpcore.AsyncHTTPConnection) -> None:

@@ -1,0 +1,179 @@
+"""Response framing from hostile upstreams, on real sockets.
+
+Every upstream here is a :class:`ScriptedUpstream` writing raw bytes: extra
+bytes after a complete response, ``Content-Length`` together with chunked
+framing, bodies on bodiless responses, forged sidecar errors, response heads
+that drip, statuses outside 100-599, interim responses.  The tests assert what
+callers receive and how many connections the upstream sees, never how the
+HTTP/1.1 parser works inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from sidecar.server import Sidecar
+from tests.harness import (
+    LOOPBACK,
+    ScriptedUpstream,
+    proxy_url,
+    raw_request,
+    read_response,
+    running_sidecar,
+)
+
+MiB = 1024 * 1024
+FORGED = b"HTTP/1.1 200 OK\r\nX-Poison: 1\r\nContent-Length: 6\r\n\r\nforged"
+GARBAGE = b"\x00\xffnot http at all\r\n\r\n"
+Reply = Callable[[str, str, dict[str, str], bytes], Awaitable[bytes]]
+
+
+def config(url: str, read: str = "30s") -> str:
+    return f"""
+        upstreams:
+          api:
+            url: {url}
+            limits: {{ max_connections: 3, max_pending: 200 }}
+            timeouts: {{ pool: 30s, read: {read} }}
+        """
+
+
+def pool_is_clean(sidecar: Sidecar) -> None:
+    pool = sidecar.generation().pools["api"]
+    assert pool.admission.in_flight == 0
+    assert pool.admission.pending == 0
+    assert pool.active == 0
+    assert pool.stats().active == 0
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes]:
+    """Method, path, lower-cased headers and the (Content-Length framed) body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {
+        name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:] if line)
+    }
+    if headers.get("transfer-encoding") == "chunked":
+        body = bytearray()
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")
+        return method, path, headers, bytes(body)
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return method, path, headers, body
+
+
+def serving(reply: Reply) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A keep-alive upstream: each request's answer is written in a single write."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            method, path, headers, body = await read_request(reader)
+            writer.write(await reply(method, path, headers, body))
+            await writer.drain()
+
+    return handle
+
+
+def tagged(tag: str, extra: bytes = b"") -> bytes:
+    body = tag.encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Echo: %s\r\n\r\n%s%s" % (len(body), body, body, extra)
+
+
+async def echo_tag(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    return tagged(headers.get("x-tag", "-"))
+
+
+# --------------------------------------------------------------------------
+# Bytes beyond a complete response never reach the next request
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [FORGED, GARBAGE], ids=["forged-response", "garbage"])
+async def test_bytes_after_a_response_never_answer_the_next_request(tmp_path: Path, extra: bytes) -> None:
+    async def reply(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        return tagged(headers["x-tag"], extra if path == "/dirty" else b"")
+
+    async with ScriptedUpstream(serving(reply)) as upstream, running_sidecar(tmp_path, config(upstream.url)) as sidecar:
+        async with aiohttp.ClientSession() as first, aiohttp.ClientSession() as second:
+            async with first.get(proxy_url(sidecar) + "/api/dirty", headers={"X-Tag": "one"}) as response:
+                assert response.status == 200 and await response.read() == b"one"
+            # Another caller's POST: it must be answered by the upstream, for its own request.
+            async with second.post(
+                proxy_url(sidecar) + "/api/clean", data=b"pay", headers={"X-Tag": "two"}
+            ) as response:
+                assert response.status == 200
+                assert "X-Poison" not in response.headers
+                assert await response.read() == b"two"
+        assert upstream.connections == 2  # the dirty connection was not used again
+        pool_is_clean(sidecar)
+
+
+async def test_stress_trailing_bytes_never_cross_callers(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    dirty = 0
+
+    async def reply(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        nonlocal dirty
+        tag = headers["x-tag"]
+        if path == "/poison":
+            extra = rng.choice([b"", FORGED, GARBAGE, tagged("stolen")])
+            dirty += bool(extra)
+            return tagged(tag, extra)
+        return tagged(tag)
+
+    ids = itertools.count()
+    outcomes = {"ok": 0, "502": 0}
+
+    async def caller(client: aiohttp.ClientSession) -> None:
+        for _ in range(15):
+            tag = f"t{next(ids)}"
+            path = rng.choice(["/api/poison", "/api/echo"])
+            method = rng.choice(["GET", "POST"])
+            data = tag.encode() if method == "POST" else None
+            async with client.request(method, proxy_url(sidecar) + path, data=data, headers={"X-Tag": tag}) as response:
+                body = await response.read()
+                if response.status == 502:
+                    assert response.headers["X-Sidecar-Error"] == "upstream_protocol_error"
+                    outcomes["502"] += 1
+                    continue
+                assert response.status == 200, (response.status, body)
+                assert body == tag.encode(), (tag, body)
+                assert response.headers["X-Echo"] == tag
+                assert "X-Poison" not in response.headers
+                outcomes["ok"] += 1
+
+    async with ScriptedUpstream(serving(reply)) as upstream, running_sidecar(tmp_path, config(upstream.url)) as sidecar:
+        sessions = [aiohttp.ClientSession() for _ in range(20)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(caller(session) for session in sessions)), 120)
+        finally:
+            for session in sessions:
+                await session.close()
+        assert outcomes["ok"] + outcomes["502"] == 300
+        assert dirty > 20
+        # Extra bytes that arrive with the response are caught for sure; only a
+        # segment arriving late could still make a request fail (never cross over).
+        assert outcomes["502"] <= 3
+        pool_is_clean(sidecar)
+        stats = sidecar.generation().pools["api"].stats()
+        assert stats.connections <= 3
+        assert upstream.connections >= dirty
