@@ -307,12 +307,18 @@ class Forwarder:
         """Stream the upstream response back; abort the caller's connection on failure."""
         raw_headers = response.headers.raw
         named = _connection_tokens(response.headers.get("connection"))
+        # The body is relayed as it was framed by Transfer-Encoding (which is
+        # hop-by-hop): a Content-Length beside it describes nothing we send
+        # (RFC 9112 §6.3), and forwarding it would cut or hang the caller's body.
+        drop_length = "transfer-encoding" in response.headers
         seen_content_type = seen_server = False
         downstream_headers: list[tuple[str, str]] = []
         for raw_name, raw_value in raw_headers:
             name = raw_name.decode("latin-1")
             lower = name.lower()
             if lower in HOP_BY_HOP or lower in named or lower == "x-request-id":
+                continue
+            if drop_length and lower == "content-length":
                 continue
             value = _header_text(raw_value)
             if _CONTROL_CHARACTER.search(value):

@@ -202,6 +202,11 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     may_retry = False  # once: the kept-alive connection had gone stale
                     continue
                 raise
+            if not connection.multiplexed and _length_is_ambiguous(response.headers):
+                # Content-Length and Transfer-Encoding both: the body is framed by
+                # the chunked coding, but the upstream's framing is not to be
+                # trusted again on this connection (RFC 9112 §6.3).
+                self._retire(connection)
             if connection.http_version is None:
                 version = response.extensions.get("http_version", b"HTTP/1.1")
                 connection.http_version = version.decode("ascii", "replace")
@@ -475,6 +480,12 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 waiter.set_result(None)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _length_is_ambiguous(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Does an HTTP/1.1 response carry both Content-Length and Transfer-Encoding?"""
+    names = {name.lower() for name, _ in headers}
+    return b"transfer-encoding" in names and b"content-length" in names
 
 
 def has_unread_bytes(conn: httpcore.AsyncHTTPConnection) -> bool:

@@ -177,3 +177,38 @@ async def test_stress_trailing_bytes_never_cross_callers(tmp_path: Path) -> None
         stats = sidecar.generation().pools["api"].stats()
         assert stats.connections <= 3
         assert upstream.connections >= dirty
+
+
+# --------------------------------------------------------------------------
+# Content-Length together with Transfer-Encoding: chunked
+# --------------------------------------------------------------------------
+
+
+def chunked(body: bytes, size: int = 64 * 1024) -> bytes:
+    out = bytearray()
+    for start in range(0, len(body), size):
+        piece = body[start : start + size]
+        out += b"%x\r\n%s\r\n" % (len(piece), piece)
+    return bytes(out + b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("declared", [10, 5 * MiB], ids=["length-smaller", "length-larger"])
+async def test_content_length_with_chunked_response_is_ignored(tmp_path: Path, declared: int) -> None:
+    body = random.Random(7).randbytes(MiB)
+
+    async def reply(method: str, path: str, headers: dict[str, str], _: bytes) -> bytes:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % declared
+        return head + chunked(body)
+
+    async with ScriptedUpstream(serving(reply)) as upstream, running_sidecar(tmp_path, config(upstream.url)) as sidecar:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(3):  # one kept-alive caller connection: it must stay in step
+                async with client.get(proxy_url(sidecar) + "/api/x") as response:
+                    assert response.status == 200
+                    assert response.headers.get("Content-Length") is None
+                    assert await asyncio.wait_for(response.read(), 10) == body
+        response = await raw_request(sidecar.proxy_port, b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert response.header("Content-Length") is None and response.body == body
+        # The framing was ambiguous: that upstream connection is never used again.
+        assert upstream.connections == 4
+        pool_is_clean(sidecar)
