@@ -347,6 +347,14 @@ class Forwarder:
                 async for chunk in response.aiter_raw():
                     exchange.bytes_out += len(chunk)
                     await downstream.write(chunk)
+            else:
+                # Read the (empty) body to its end all the same: a response that
+                # was never read to its end closes its connection instead of
+                # returning it to the pool.  Body bytes an upstream sends anyway
+                # are not part of this response; the pool sees them and does
+                # not reuse the connection.
+                async for _ in response.aiter_raw():
+                    pass
         except httpx.TransportError:
             # Headers are out: the only honest signal left is to abort, so the
             # caller cannot mistake a truncated body for a complete one.

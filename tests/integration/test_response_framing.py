@@ -212,3 +212,57 @@ async def test_content_length_with_chunked_response_is_ignored(tmp_path: Path, d
         # The framing was ambiguous: that upstream connection is never used again.
         assert upstream.connections == 4
         pool_is_clean(sidecar)
+
+
+# --------------------------------------------------------------------------
+# HEAD, 204, 304: the empty body is read to its end, the connection reused
+# --------------------------------------------------------------------------
+
+
+async def bodiless(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    if path == "/204":
+        return b"HTTP/1.1 204 No Content\r\nX-Echo: %s\r\n\r\n" % headers["x-tag"].encode()
+    if path == "/304":
+        return b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nX-Echo: %s\r\n\r\n' % headers["x-tag"].encode()
+    if path == "/204-with-body":
+        return b"HTTP/1.1 204 No Content\r\n\r\n" + FORGED
+    if method == "HEAD":
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nX-Echo: %s\r\n\r\n" % headers["x-tag"].encode()
+    return tagged(headers["x-tag"])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"), [("HEAD", "/api/x", 200), ("GET", "/api/204", 204), ("GET", "/api/304", 304)]
+)
+async def test_bodiless_responses_reuse_the_connection(tmp_path: Path, method: str, path: str, status: int) -> None:
+    async with (
+        ScriptedUpstream(serving(bodiless)) as upstream,
+        running_sidecar(tmp_path, config(upstream.url)) as sidecar,
+    ):
+        async with aiohttp.ClientSession() as client:
+            for i in range(20):
+                async with client.request(method, proxy_url(sidecar) + path, headers={"X-Tag": f"t{i}"}) as response:
+                    assert response.status == status
+                    assert response.headers["X-Echo"] == f"t{i}"
+                    assert await response.read() == b""
+                    if method == "HEAD":
+                        assert response.headers["Content-Length"] == "1234"
+        assert upstream.connections == 1
+        pool_is_clean(sidecar)
+
+
+async def test_body_on_a_204_never_reaches_the_next_caller(tmp_path: Path) -> None:
+    async with (
+        ScriptedUpstream(serving(bodiless)) as upstream,
+        running_sidecar(tmp_path, config(upstream.url)) as sidecar,
+    ):
+        async with aiohttp.ClientSession() as first, aiohttp.ClientSession() as second:
+            for i in range(5):
+                async with first.get(proxy_url(sidecar) + "/api/204-with-body", headers={"X-Tag": "x"}) as response:
+                    assert response.status == 204 and await response.read() == b""
+                async with second.post(
+                    proxy_url(sidecar) + "/api/echo", data=b"p", headers={"X-Tag": f"p{i}"}
+                ) as response:
+                    assert response.status == 200 and "X-Poison" not in response.headers
+                    assert await response.read() == f"p{i}".encode()
+        pool_is_clean(sidecar)
