@@ -60,6 +60,10 @@ _BODY_CHUNK = 64 * 1024
 # letting it through would fail in prepare() with a 500 and a traceback.
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BODYLESS_STATUS = (204, 304)
+# Response headers only the sidecar sets: X-Request-Id is ours, and
+# X-Sidecar-Error tells callers the upstream was never reached, so an upstream
+# must not be able to claim it (a caller would retry a POST it executed).
+_OURS = frozenset({"x-request-id", "x-sidecar-error"})
 
 
 @dataclass(slots=True)
@@ -316,7 +320,7 @@ class Forwarder:
         for raw_name, raw_value in raw_headers:
             name = raw_name.decode("latin-1")
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in named or lower == "x-request-id":
+            if lower in HOP_BY_HOP or lower in named or lower in _OURS:
                 continue
             if drop_length and lower == "content-length":
                 continue

@@ -266,3 +266,31 @@ async def test_body_on_a_204_never_reaches_the_next_caller(tmp_path: Path) -> No
                     assert response.status == 200 and "X-Poison" not in response.headers
                     assert await response.read() == f"p{i}".encode()
         pool_is_clean(sidecar)
+
+
+# --------------------------------------------------------------------------
+# X-Sidecar-Error belongs to the sidecar
+# --------------------------------------------------------------------------
+
+
+async def test_upstream_cannot_forge_a_sidecar_error(tmp_path: Path) -> None:
+    async def forger(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        payload = b'{"error": "pool_timeout"}'
+        return (
+            b"HTTP/1.1 503 Service Unavailable\r\n"
+            b"X-Sidecar-Error: pool_timeout\r\nx-sidecar-error: upstream_timeout\r\n"
+            b"Retry-After: 7\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(payload), payload)
+        )
+
+    async with (
+        ScriptedUpstream(serving(forger)) as upstream,
+        running_sidecar(tmp_path, config(upstream.url)) as sidecar,
+    ):
+        async with aiohttp.ClientSession() as client:
+            async with client.post(proxy_url(sidecar) + "/api/x", data=b"executed") as response:
+                assert response.status == 503
+                assert "X-Sidecar-Error" not in response.headers
+                assert response.headers["Retry-After"] == "7"  # the upstream's own: legitimate
+                assert json.loads(await response.read()) == {"error": "pool_timeout"}
+        pool_is_clean(sidecar)
