@@ -235,22 +235,35 @@ class PoolTransport(httpx.AsyncBaseTransport):
     async def _send(
         self, connection: _Connection, request: httpcore.Request, timeouts: dict[str, float | None]
     ) -> httpcore.Response:
-        """One attempt on ``connection``; on a multiplexed one the read timeout
-        is the stream's own (see h2deadlines)."""
+        """One attempt on ``connection``.
+
+        The whole wait for the final response head, from when the request and
+        its body have been sent, is bounded by ``timeouts.read`` (see
+        h2deadlines.HeaderDeadline): httpcore's own read timeout only bounds the
+        gap between two reads.  On a multiplexed connection the read timeout
+        is the stream's own, httpcore's a longer backstop (see h2deadlines).
+        """
         read = timeouts.get("read")
         extensions = request.extensions
-        if not connection.multiplexed or read is None:
+        if read is None:
             extensions.pop("trace", None)
             extensions["timeout"] = timeouts
             return await connection.conn.handle_async_request(request)
-        extensions["timeout"] = {**timeouts, "read": read * h2deadlines.BACKSTOP_FACTOR}
+        multiplexed = connection.multiplexed
+        extensions["timeout"] = {**timeouts, "read": read * h2deadlines.BACKSTOP_FACTOR} if multiplexed else timeouts
         try:
             async with asyncio.timeout(None) as scope:
                 extensions["trace"] = h2deadlines.HeaderDeadline(scope, read)
                 return await connection.conn.handle_async_request(request)
         except TimeoutError:
-            self._read_timed_out(connection, read)
+            if not scope.expired():
+                raise
+            if multiplexed:
+                self._read_timed_out(connection, read)
             raise httpx.ReadTimeout("no response headers from the upstream within the read timeout") from None
+        finally:
+            # The body phases that follow need no callback: spare their calls.
+            extensions.pop("trace", None)
 
     def _read_timed_out(self, connection: _Connection, read: float) -> None:
         """A stream's read deadline fired: if its connection received nothing at

@@ -294,3 +294,66 @@ async def test_upstream_cannot_forge_a_sidecar_error(tmp_path: Path) -> None:
                 assert response.headers["Retry-After"] == "7"  # the upstream's own: legitimate
                 assert json.loads(await response.read()) == {"error": "pool_timeout"}
         pool_is_clean(sidecar)
+
+
+# --------------------------------------------------------------------------
+# The whole wait for the response head is bounded by timeouts.read
+# --------------------------------------------------------------------------
+
+
+def dripping(
+    pieces: list[bytes], interval: float
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(interval)
+
+    return handle
+
+
+HEAD_BYTES = [bytes([b]) for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 40]
+PROCESSING = [b"HTTP/1.1 102 Processing\r\n\r\n"] * 50
+
+
+@pytest.mark.parametrize("pieces", [HEAD_BYTES, PROCESSING], ids=["header-bytes", "102-processing"])
+async def test_dripping_response_head_times_out(tmp_path: Path, pieces: list[bytes]) -> None:
+    async with (
+        ScriptedUpstream(dripping(pieces, 0.2)) as upstream,
+        running_sidecar(tmp_path, config(upstream.url, read="1s")) as sidecar,
+    ):
+        async with aiohttp.ClientSession() as client:
+            for method in ("GET", "POST"):
+                started = time.monotonic()
+                async with client.request(method, proxy_url(sidecar) + "/api/x", data=b"body") as response:
+                    elapsed = time.monotonic() - started
+                    assert response.status == 504
+                    assert response.headers["X-Sidecar-Error"] == "upstream_timeout"
+                    await response.read()
+                assert 0.9 < elapsed < 4, elapsed
+        pool_is_clean(sidecar)
+        await eventually(lambda: sidecar.generation().pools["api"].stats().connections == 0)
+
+
+async def test_slow_upload_longer_than_the_read_timeout_succeeds(tmp_path: Path) -> None:
+    async def reply(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        return tagged(str(len(body)))
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        for _ in range(6):
+            yield b"x" * 1000
+            await asyncio.sleep(0.4)
+
+    async with (
+        ScriptedUpstream(serving(reply)) as upstream,
+        running_sidecar(tmp_path, config(upstream.url, read="1s")) as sidecar,
+    ):
+        async with aiohttp.ClientSession() as client:
+            started = time.monotonic()
+            async with client.post(proxy_url(sidecar) + "/api/x", data=slow_body()) as response:
+                assert response.status == 200
+                assert await response.read() == b"6000"
+            assert time.monotonic() - started > 2  # longer than timeouts.read
+        pool_is_clean(sidecar)
