@@ -202,6 +202,9 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     may_retry = False  # once: the kept-alive connection had gone stale
                     continue
                 raise
+            if not 100 <= response.status <= 599:
+                await self._refuse(connection, response)
+                raise httpx.RemoteProtocolError(f"upstream sent status {response.status}, outside 100-599")
             if not connection.multiplexed and _length_is_ambiguous(response.headers):
                 # Content-Length and Transfer-Encoding both: the body is framed by
                 # the chunked coding, but the upstream's framing is not to be
@@ -264,6 +267,16 @@ class PoolTransport(httpx.AsyncBaseTransport):
         finally:
             # The body phases that follow need no callback: spare their calls.
             extensions.pop("trace", None)
+
+    async def _refuse(self, connection: _Connection, response: httpcore.Response) -> None:
+        """A response not to be relayed: close it, and its connection with it
+        (an upstream that breaks HTTP this way is not trusted with another request)."""
+        self._retire(connection)
+        try:
+            with contextlib.suppress(Exception):
+                await response.aclose()
+        finally:
+            self._release(connection)
 
     def _read_timed_out(self, connection: _Connection, read: float) -> None:
         """A stream's read deadline fired: if its connection received nothing at

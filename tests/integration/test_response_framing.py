@@ -357,3 +357,29 @@ async def test_slow_upload_longer_than_the_read_timeout_succeeds(tmp_path: Path)
                 assert await response.read() == b"6000"
             assert time.monotonic() - started > 2  # longer than timeouts.read
         pool_is_clean(sidecar)
+
+
+# --------------------------------------------------------------------------
+# Status codes outside 100-599
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 600 X", b"HTTP/1.1 099 X", b"HTTP/1.1 999 Nine"])
+async def test_status_outside_100_599_is_502(tmp_path: Path, status_line: bytes) -> None:
+    async def reply(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        if path == "/bad":
+            return status_line + b"\r\nContent-Length: 2\r\n\r\nok"
+        return tagged(headers["x-tag"])
+
+    async with ScriptedUpstream(serving(reply)) as upstream, running_sidecar(tmp_path, config(upstream.url)) as sidecar:
+        async with aiohttp.ClientSession() as client:
+            for i in range(2):
+                # POST: not repeated on another connection, so the count below is exact.
+                async with client.post(proxy_url(sidecar) + "/api/bad", data=b"p") as response:
+                    assert response.status == 502
+                    assert response.headers["X-Sidecar-Error"] == "upstream_protocol_error"
+                    assert json.loads(await response.read())["error"] == "upstream_protocol_error"
+                async with client.get(proxy_url(sidecar) + "/api/ok", headers={"X-Tag": f"t{i}"}) as response:
+                    assert response.status == 200 and await response.read() == f"t{i}".encode()
+        assert upstream.connections == 3  # each bad answer's connection was closed; the last one kept
+        pool_is_clean(sidecar)
