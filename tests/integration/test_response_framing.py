@@ -383,3 +383,33 @@ async def test_status_outside_100_599_is_502(tmp_path: Path, status_line: bytes)
                     assert response.status == 200 and await response.read() == f"t{i}".encode()
         assert upstream.connections == 3  # each bad answer's connection was closed; the last one kept
         pool_is_clean(sidecar)
+
+
+# --------------------------------------------------------------------------
+# Interim responses
+# --------------------------------------------------------------------------
+
+
+async def test_early_hints_then_the_final_response(tmp_path: Path) -> None:
+    async def reply(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        return hints + hints + tagged(headers["x-tag"])
+
+    async with ScriptedUpstream(serving(reply)) as upstream, running_sidecar(tmp_path, config(upstream.url)) as sidecar:
+        for i in range(3):
+            response = await raw_request(
+                sidecar.proxy_port, b"GET /api/x HTTP/1.1\r\nHost: a\r\nX-Tag: t%d\r\n\r\n" % i
+            )
+            assert response.status == 200  # the interim responses are not forwarded
+            assert response.body == f"t{i}".encode()
+        # And on one kept-alive caller connection, nothing but the final responses arrives.
+        reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
+        try:
+            for i in range(3):
+                writer.write(b"GET /api/x HTTP/1.1\r\nHost: a\r\nX-Tag: k%d\r\n\r\n" % i)
+                response = await asyncio.wait_for(read_response(reader), 10)
+                assert response.status == 200 and response.body == f"k{i}".encode()
+        finally:
+            writer.close()
+        assert upstream.connections == 1
+        pool_is_clean(sidecar)
