@@ -474,8 +474,14 @@ def tune_gc() -> None:
     gc.set_threshold(5_000, 20, 20)
 
 
-async def serve(sidecar: Sidecar) -> int:
-    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once (code 1)."""
+async def serve(sidecar: Sidecar, *, supervised: bool = False) -> int:
+    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once (code 1).
+
+    ``supervised`` (a worker of ``workers: N``): a second signal is only the
+    same request again (a signal to the process group arrives both directly
+    and through the supervisor), so it changes nothing; the supervisor
+    decides when to stop a worker at once (see sidecar/workers.py).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -484,6 +490,9 @@ async def serve(sidecar: Sidecar) -> int:
         nonlocal signals_seen
         signals_seen += 1
         name = signal.Signals(signum).name
+        if signals_seen > 1 and supervised:
+            log.debug("signal_repeated", signal=name)
+            return
         if signals_seen > 1:
             log.warning("forced_exit", signal=name)
             with contextlib.suppress(Exception):
