@@ -344,8 +344,10 @@ class Forwarder:
             # answer is an ordinary response. aiohttp's C parser stops parsing
             # a connection after an upgrade request, so it cannot be reused.
             downstream.force_close()
-        exchange.status = response.status_code
         await downstream.prepare(request)
+        # Only now has the caller been sent a status: a caller gone before the
+        # headers went out (prepare raising ConnectionResetError) counts as 499.
+        exchange.status = response.status_code
         try:
             if request.method != "HEAD" and response.status_code not in _BODYLESS_STATUS:
                 async for chunk in response.aiter_raw():
