@@ -24,6 +24,7 @@ from aiohttp import HttpVersion11, StreamReader, hdrs, web
 
 from .config import Inbound
 from .errors import (
+    ConnectNotSupported,
     Draining,
     RequestTimeout,
     RequestTooLarge,
@@ -60,6 +61,11 @@ _BODY_CHUNK = 64 * 1024
 # letting it through would fail in prepare() with a 500 and a traceback.
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BODYLESS_STATUS = (204, 304)
+# Errors after which the connection cannot be trusted to hold a next request.
+# CONNECT: what follows its head is tunnel data (or a body the parser may not
+# even frame), never a request; reading it as one would forward bytes the
+# caller's side never inspected as a request.
+_CLOSES_THE_CONNECTION = (Draining, RequestTimeout, ConnectNotSupported)
 
 
 @dataclass(slots=True)
@@ -168,7 +174,9 @@ class Forwarder:
         except SidecarError as error:
             exchange.status, exchange.error = error.status, error.code
             exchange.upstream = exchange.upstream or error.upstream
-            close = isinstance(error, (Draining, RequestTimeout)) or _asks_upgrade(request)
+            close = isinstance(error, _CLOSES_THE_CONNECTION) or _asks_upgrade(request)
+            if isinstance(error, ConnectNotSupported):
+                _refuse_to_read_on(request)
             return error_response(error, exchange.request_id, close=close)
         except (asyncio.CancelledError, ConnectionResetError):
             exchange.error = exchange.error or "client_disconnected"
@@ -395,6 +403,24 @@ class _IdleWatchdog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class NotRead(TimeoutError):
+    """Set on the body stream of a request whose remaining bytes we will not read.
+
+    A TimeoutError for the same reason as :class:`BodyIdle`: aiohttp's lingering
+    read of an unread body then stops at once instead of reading (and
+    discarding) for up to its lingering time before closing.
+    """
+
+
+def _refuse_to_read_on(request: web.BaseRequest) -> None:
+    """Let the connection close right after the answer, not after aiohttp's lingering
+    read: a refused CONNECT is followed by the tunnel the caller thinks it opened,
+    which may never end."""
+    stream = request.content
+    if not stream.is_eof():
+        stream.set_exception(NotRead())
 
 
 def _asks_upgrade(request: web.BaseRequest) -> bool:

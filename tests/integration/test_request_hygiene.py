@@ -1,0 +1,133 @@
+"""Request-side hygiene: what a caller sends that must never reach an upstream.
+
+Each case sends raw client bytes to the real sidecar (a child process, run with
+aiohttp's C parser and with the pure-Python one, whose quirks differ); the
+upstream is a raw TCP server recording every byte it receives, so "nothing
+reached the upstream" is checked on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.harness import RawUpstream, SidecarProcess, status_of, write_config
+
+PARSERS = ["c", "python"]
+
+
+def _config(url: str) -> str:
+    return f"""
+    upstreams:
+      api:
+        url: {url}/base
+        route: {{ hosts: [api.internal] }}
+      keep:
+        url: {url}/kbase
+        route: {{ path_prefix: /keep, strip_prefix: false }}
+    """
+
+
+@asynccontextmanager
+async def _sidecar(tmp_path: Path, upstream: RawUpstream, parser: str) -> AsyncIterator[SidecarProcess]:
+    env = {"AIOHTTP_NO_EXTENSIONS": "1" if parser == "python" else ""}
+    process = SidecarProcess(write_config(tmp_path, _config(upstream.url)), env=env)
+    await process.start()
+    try:
+        assert process.events("started")[0]["http_parser"] == parser
+        yield process
+        assert b"Traceback" not in "\n".join(process.raw).encode()
+    finally:
+        await process.stop()
+
+
+async def _until_closed(port: int, data: bytes, *, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send ``data`` in one write; everything received, and whether the sidecar closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = bytearray()
+    closed = False
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                received += chunk
+            closed = True
+    except (TimeoutError, ConnectionError):
+        closed = closed or writer.transport.is_closing()
+    finally:
+        writer.transport.abort()
+    return bytes(received), closed
+
+
+def _error_of(raw: bytes) -> tuple[int, str | None, str | None]:
+    """Status, X-Sidecar-Error and the JSON body's error of the first response in ``raw``."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    code = None
+    length = len(rest)
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"x-sidecar-error":
+            code = value.strip().decode()
+        elif name.strip().lower() == b"content-length":
+            length = int(value)
+    body = rest[:length]
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = {}
+    return status_of(raw), code, parsed.get("error") if isinstance(parsed, dict) else None
+
+
+def _responses(raw: bytes) -> int:
+    return len(re.findall(rb"HTTP/\d\.\d \d{3} ", raw))
+
+
+async def _assert_at_rest(process: SidecarProcess) -> None:
+    async with aiohttp.ClientSession() as client, client.get(process.admin_url + "/pools") as response:
+        pools = (await response.json())["upstreams"]
+    for name, pool in pools.items():
+        assert (pool["in_flight"], pool["pending"], pool["connections"]["active"]) == (0, 0, 0), name
+
+
+async def _assert_refused(
+    process: SidecarProcess, upstream: RawUpstream, request: bytes, status: int, code: str
+) -> None:
+    raw, closed = await _until_closed(process.proxy_port, request)
+    assert _error_of(raw) == (status, code, code), (request[:80], raw[:200])
+    assert _responses(raw) == 1, raw[:400]
+    assert raw.startswith(b"HTTP/1.1 "), raw[:40]
+    assert closed, f"the connection was left open after {request[:40]!r}"
+    await asyncio.sleep(0.1)
+    assert upstream.received == [], f"bytes reached the upstream: {upstream.all_bytes[:300]!r}"
+    await _assert_at_rest(process)
+
+
+# --------------------------------------------------------------------------
+# CONNECT: refused, and the connection closed with it
+# --------------------------------------------------------------------------
+
+_SMUGGLED = b"GET /api/smuggled HTTP/1.1\r\nHost: api.internal\r\n\r\n"
+CONNECT_CASES = {
+    "tunnel_bytes": b"CONNECT api.internal:443 HTTP/1.1\r\nHost: api.internal:443\r\n\r\n" + _SMUGGLED,
+    "content_length_body": b"CONNECT api.internal:443 HTTP/1.1\r\nHost: api.internal:443\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(_SMUGGLED) + _SMUGGLED,
+    "chunked_body": b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(_SMUGGLED) + _SMUGGLED + b"\r\n0\r\n\r\n",
+    "nothing_after": b"CONNECT api.internal:443 HTTP/1.1\r\nHost: api.internal:443\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_refused_connect_closes_the_connection(tmp_path: Path, parser: str) -> None:
+    """Whatever follows a CONNECT (tunnel bytes, a declared body) is never read as a request."""
+    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+        for request in CONNECT_CASES.values():
+            await _assert_refused(process, upstream, request, 405, "connect_not_supported")
