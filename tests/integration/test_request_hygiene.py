@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness import RawUpstream, SidecarProcess, status_of, write_config
+from tests.harness import RawUpstream, SidecarProcess, raw_exchange, status_of, write_config
 
 PARSERS = ["c", "python"]
 
@@ -98,13 +98,17 @@ async def _assert_at_rest(process: SidecarProcess) -> None:
 
 
 async def _assert_refused(
-    process: SidecarProcess, upstream: RawUpstream, request: bytes, status: int, code: str
+    process: SidecarProcess, upstream: RawUpstream, request: bytes, status: int, code: str, *, closes: bool = True
 ) -> None:
-    raw, closed = await _until_closed(process.proxy_port, request)
+    """``request`` gets one error response, the upstream nothing; ``closes``: and the connection is closed."""
+    if closes:
+        raw, closed = await _until_closed(process.proxy_port, request)
+        assert closed, f"the connection was left open after {request[:40]!r}"
+    else:
+        raw = await raw_exchange(process.proxy_port, request)
     assert _error_of(raw) == (status, code, code), (request[:80], raw[:200])
     assert _responses(raw) == 1, raw[:400]
     assert raw.startswith(b"HTTP/1.1 "), raw[:40]
-    assert closed, f"the connection was left open after {request[:40]!r}"
     await asyncio.sleep(0.1)
     assert upstream.received == [], f"bytes reached the upstream: {upstream.all_bytes[:300]!r}"
     await _assert_at_rest(process)
@@ -131,3 +135,36 @@ async def test_refused_connect_closes_the_connection(tmp_path: Path, parser: str
     async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
         for request in CONNECT_CASES.values():
             await _assert_refused(process, upstream, request, 405, "connect_not_supported")
+
+
+# --------------------------------------------------------------------------
+# Dot-segments climbing out of the upstream's base path (or kept prefix)
+# --------------------------------------------------------------------------
+
+CLIMBING_TARGETS = [
+    b"/api/../admin",
+    b"/api/x/../../admin",
+    b"/api/%2e%2e/admin",
+    b"/api/.%2E/admin",
+    b"/api/..%2fadmin",
+    b"/api/..%5Cadmin",
+    b"/api/..;/admin",
+    b"/keep/../admin",
+    b"/keep/%2e%2e/admin?a=1",
+]
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_dot_segments_never_climb_out_of_the_base_path(tmp_path: Path, parser: str) -> None:
+    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+        for target in CLIMBING_TARGETS:
+            request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+            await _assert_refused(process, upstream, request, 400, "bad_request", closes=False)
+        for target in (b"/../admin", b"/x/%2e%2e/%2e%2e/admin"):  # Host-header route
+            request = b"GET " + target + b" HTTP/1.1\r\nHost: api.internal\r\n\r\n"
+            await _assert_refused(process, upstream, request, 400, "bad_request", closes=False)
+        # Moving around inside, and dots in the query: forwarded byte for byte.
+        inside = b"GET /api/a/../b?x=../.. HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        assert status_of(await raw_exchange(process.proxy_port, inside)) == 200
+        assert upstream.all_bytes.startswith(b"GET /base/a/../b?x=../.. HTTP/1.1\r\n")
+        await _assert_at_rest(process)
