@@ -7,6 +7,7 @@ The error tree::
     ├── DestinationNotAllowed          403    destination_not_allowed
     ├── ConnectNotSupported            405    connect_not_supported
     ├── BadRequest                     400    bad_request
+    │   └── BadFraming                 400    bad_request (and the connection is closed)
     ├── RequestTimeout                 408    request_timeout
     ├── RequestTooLarge                413    request_too_large
     ├── UriTooLong                     414    uri_too_long
@@ -60,6 +61,11 @@ class ConnectNotSupported(SidecarError):
 
 class BadRequest(SidecarError):
     status, code = 400, "bad_request"
+
+
+class BadFraming(BadRequest):
+    """The request body's framing cannot be trusted: nothing after this head can be
+    told apart from a next request, so the connection is closed after the answer."""
 
 
 class RequestTimeout(SidecarError):

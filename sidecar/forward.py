@@ -24,6 +24,7 @@ from aiohttp import HttpVersion11, StreamReader, hdrs, web
 
 from .config import Inbound
 from .errors import (
+    BadFraming,
     ConnectNotSupported,
     Draining,
     RequestTimeout,
@@ -65,7 +66,10 @@ _BODYLESS_STATUS = (204, 304)
 # CONNECT: what follows its head is tunnel data (or a body the parser may not
 # even frame), never a request; reading it as one would forward bytes the
 # caller's side never inspected as a request.
-_CLOSES_THE_CONNECTION = (Draining, RequestTimeout, ConnectNotSupported)
+_CLOSES_THE_CONNECTION = (Draining, RequestTimeout, ConnectNotSupported, BadFraming)
+# Refused before their body is read, and what follows their head is not to be
+# read at all (see _refuse_to_read_on).
+_UNREAD = (ConnectNotSupported, BadFraming)
 
 
 @dataclass(slots=True)
@@ -175,7 +179,7 @@ class Forwarder:
             exchange.status, exchange.error = error.status, error.code
             exchange.upstream = exchange.upstream or error.upstream
             close = isinstance(error, _CLOSES_THE_CONNECTION) or _asks_upgrade(request)
-            if isinstance(error, ConnectNotSupported):
+            if isinstance(error, _UNREAD):
                 _refuse_to_read_on(request)
             return error_response(error, exchange.request_id, close=close)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -191,6 +195,7 @@ class Forwarder:
             self._finished(exchange)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+        _check_framing(request)
         if self._draining():
             raise Draining("the sidecar is shutting down; retry on another instance", retry_after=1)
         generation = self._generation()
@@ -405,6 +410,24 @@ class _IdleWatchdog:
             self._timer = None
 
 
+def _check_framing(request: web.BaseRequest) -> None:
+    """Refuse a Transfer-Encoding other than one ``chunked`` on an HTTP/1.1 request.
+
+    Both aiohttp parsers only look at the last coding: ``gzip, chunked`` was read
+    as chunked and forwarded without its gzip coding (a corrupted body), and the
+    pure-Python one takes ``chunked, chunked`` as well. Any other list is a
+    framing the caller and the sidecar may not agree on (RFC 9112 §6.3), and in
+    an HTTP/1.0 request Transfer-Encoding means faulty framing (RFC 9112 §6.1).
+    """
+    codings = request.headers.getall(hdrs.TRANSFER_ENCODING, ())
+    if not codings:
+        return
+    if request.version != HttpVersion11:
+        raise BadFraming("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+    if len(codings) != 1 or codings[0].strip(" \t").lower() != "chunked":
+        raise BadFraming("the only request Transfer-Encoding accepted is a single 'chunked'")
+
+
 class NotRead(TimeoutError):
     """Set on the body stream of a request whose remaining bytes we will not read.
 
@@ -417,7 +440,7 @@ class NotRead(TimeoutError):
 def _refuse_to_read_on(request: web.BaseRequest) -> None:
     """Let the connection close right after the answer, not after aiohttp's lingering
     read: a refused CONNECT is followed by the tunnel the caller thinks it opened,
-    which may never end."""
+    which may never end, and a body with untrusted framing has no known end."""
     stream = request.content
     if not stream.is_eof():
         stream.set_exception(NotRead())

@@ -108,7 +108,7 @@ async def _assert_refused(
         raw = await raw_exchange(process.proxy_port, request)
     assert _error_of(raw) == (status, code, code), (request[:80], raw[:200])
     assert _responses(raw) == 1, raw[:400]
-    assert raw.startswith(b"HTTP/1.1 "), raw[:40]
+    assert re.match(rb"HTTP/1\.[01] \d{3} ", raw), raw[:40]
     await asyncio.sleep(0.1)
     assert upstream.received == [], f"bytes reached the upstream: {upstream.all_bytes[:300]!r}"
     await _assert_at_rest(process)
@@ -167,4 +167,43 @@ async def test_dot_segments_never_climb_out_of_the_base_path(tmp_path: Path, par
         inside = b"GET /api/a/../b?x=../.. HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
         assert status_of(await raw_exchange(process.proxy_port, inside)) == 200
         assert upstream.all_bytes.startswith(b"GET /base/a/../b?x=../.. HTTP/1.1\r\n")
+        await _assert_at_rest(process)
+
+
+# --------------------------------------------------------------------------
+# Transfer-Encoding other than one "chunked"
+# --------------------------------------------------------------------------
+
+_POST = b"POST /api/x HTTP/1.1\r\nHost: a\r\n"
+_CHUNKED_BODY = b"5\r\nhello\r\n0\r\n\r\n"
+TE_CASES = {
+    "gzip_then_chunked": _POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + _CHUNKED_BODY,
+    "deflate_then_chunked": _POST + b"Transfer-Encoding: deflate,chunked\r\n\r\n" + _CHUNKED_BODY,
+    "chunked_twice": _POST + b"Transfer-Encoding: chunked, chunked\r\n\r\n" + _CHUNKED_BODY,
+    "chunked_then_identity": _POST + b"Transfer-Encoding: chunked, identity\r\n\r\n" + _CHUNKED_BODY,
+    "identity": _POST + b"Transfer-Encoding: identity\r\n\r\nhello",
+    "gzip_alone": _POST + b"Transfer-Encoding: gzip\r\n\r\nhello",
+    "split_gzip_chunked": _POST + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + _CHUNKED_BODY,
+    "split_chunked_chunked": _POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + _CHUNKED_BODY,
+    "split_with_a_header_between": _POST + b"Transfer-Encoding: gzip\r\nX-A: b\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + _CHUNKED_BODY,
+    "trailing_empty_element": _POST + b"Transfer-Encoding: chunked,\r\n\r\n" + _CHUNKED_BODY,
+    # RFC 9112 §6.1: in an HTTP/1.0 message the framing is faulty whatever it says.
+    "http10_chunked": b"POST /api/x HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + _CHUNKED_BODY,
+    # A body whose end never comes: the refusal must not wait for it.
+    "gzip_then_chunked_unfinished": _POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n",
+}
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_transfer_coding_other_than_chunked_is_400_and_closes(tmp_path: Path, parser: str) -> None:
+    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+        for request in TE_CASES.values():
+            await _assert_refused(process, upstream, request, 400, "bad_request")
+        # One chunked, in any case: decoded and forwarded.
+        ok = _POST + b"Transfer-Encoding: CHUNKED\r\nConnection: close\r\n\r\n" + _CHUNKED_BODY
+        assert status_of(await raw_exchange(process.proxy_port, ok)) == 200
+        assert upstream.all_bytes.startswith(b"POST /base/x HTTP/1.1\r\n")
+        assert b"hello" in upstream.all_bytes
         await _assert_at_rest(process)
