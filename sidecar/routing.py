@@ -88,6 +88,10 @@ class Router:
             raise ConnectNotSupported(
                 "CONNECT is not supported: point the service at http:// and let the sidecar originate TLS"
             )
+        if "#" in raw_target:
+            # A fragment is the client's business (RFC 9110 §4.2.5), never part of
+            # a request target: whatever an upstream would make of it, it is not ours.
+            raise BadRequest("a request target must not carry a fragment")
         if raw_target.startswith("/"):
             if host_header and self._by_host:
                 upstream = self._by_host.get(host_header.strip().lower()) or self._by_host.get(_split_host(host_header))
@@ -102,8 +106,6 @@ class Router:
         scheme, _, rest = raw_target.partition("://")
         if scheme.lower() not in ("http", "https"):
             raise BadRequest(f"unsupported scheme in absolute-form target: {scheme[:20]!r}")
-        if "#" in rest:
-            raise BadRequest("a request target must not carry a fragment")
         slash = len(rest)
         for delimiter in "/?":
             index = rest.find(delimiter)

@@ -207,3 +207,18 @@ async def test_transfer_coding_other_than_chunked_is_400_and_closes(tmp_path: Pa
         assert upstream.all_bytes.startswith(b"POST /base/x HTTP/1.1\r\n")
         assert b"hello" in upstream.all_bytes
         await _assert_at_rest(process)
+
+
+# --------------------------------------------------------------------------
+# Request line and Host (RFC 9112 §3)
+# --------------------------------------------------------------------------
+
+FRAGMENT_TARGETS = [b"/api/x#frag", b"/api/x?a=1#frag", b"/api#", b"/keep/x#/../../admin"]
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_fragment_in_origin_form_is_400(tmp_path: Path, parser: str) -> None:
+    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+        for target in FRAGMENT_TARGETS:
+            request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+            await _assert_refused(process, upstream, request, 400, "bad_request", closes=False)

@@ -182,6 +182,10 @@ def test_absolute_form_to_an_unconfigured_host_is_403(router: Router, target: st
         "http://user:pw@payments.internal/x",  # userinfo
         "http://payments.internal@evil.example/x",  # userinfo hiding the real host
         "http://payments.internal/x#frag",  # fragment
+        "/payments/x#frag",  # fragment in origin-form
+        "/payments/x?a=1#frag",
+        "/payments#",
+        "/x#/../../admin",
         "ftp://payments.internal/x",  # non-http scheme
         "ws://payments.internal/x",
         "http:///x",  # no host
