@@ -5,6 +5,7 @@ No I/O and no aiohttp here, so every rule is unit-tested directly.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -53,6 +54,25 @@ def _stays_inside(free_path_and_query: str) -> str:
     return free_path_and_query
 
 
+# RFC 3986 §3.2.2 host (reg-name, which covers IPv4, or a bracketed IP literal)
+# and §3.2.3 port: what a Host header may hold (RFC 9110 §7.2).
+_HOST = re.compile(r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*|\[([0-9A-Fa-f:.]+)\])(?::[0-9]*)?")
+
+
+def valid_host(value: str) -> bool:
+    """Whether a Host header value is a syntactically valid ``host[:port]``."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    literal = match.group(1)
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+    return True
+
+
 def _split_host(authority: str) -> str:
     """``Host`` value → lower-case host without port (IPv6 brackets kept)."""
     authority = authority.strip().lower()
@@ -88,6 +108,9 @@ class Router:
             raise ConnectNotSupported(
                 "CONNECT is not supported: point the service at http:// and let the sidecar originate TLS"
             )
+        if host_header is not None and not valid_host(host_header.strip(" \t")):
+            # RFC 9112 §3.2. Not quoted back: it is whatever the caller put there.
+            raise BadRequest("the Host header is not a valid host[:port]")
         if "#" in raw_target:
             # A fragment is the client's business (RFC 9110 §4.2.5), never part of
             # a request target: whatever an upstream would make of it, it is not ours.

@@ -184,9 +184,11 @@ TE_CASES = {
     "identity": _POST + b"Transfer-Encoding: identity\r\n\r\nhello",
     "gzip_alone": _POST + b"Transfer-Encoding: gzip\r\n\r\nhello",
     "split_gzip_chunked": _POST + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + _CHUNKED_BODY,
-    "split_chunked_chunked": _POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+    "split_chunked_chunked": _POST
+    + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
     + _CHUNKED_BODY,
-    "split_with_a_header_between": _POST + b"Transfer-Encoding: gzip\r\nX-A: b\r\nTransfer-Encoding: chunked\r\n\r\n"
+    "split_with_a_header_between": _POST
+    + b"Transfer-Encoding: gzip\r\nX-A: b\r\nTransfer-Encoding: chunked\r\n\r\n"
     + _CHUNKED_BODY,
     "trailing_empty_element": _POST + b"Transfer-Encoding: chunked,\r\n\r\n" + _CHUNKED_BODY,
     # RFC 9112 §6.1: in an HTTP/1.0 message the framing is faulty whatever it says.
@@ -222,3 +224,29 @@ async def test_fragment_in_origin_form_is_400(tmp_path: Path, parser: str) -> No
         for target in FRAGMENT_TARGETS:
             request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
             await _assert_refused(process, upstream, request, 400, "bad_request", closes=False)
+
+
+INVALID_HOSTS = [
+    b"a.test/evil",
+    b"a .test",
+    b"a@b",
+    b"api.internal@evil.example",
+    b"[::1",
+    b"a:80x",
+    b"caf\xc3\xa9.test",
+]
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_invalid_host_header_is_400(tmp_path: Path, parser: str) -> None:
+    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+        for host in INVALID_HOSTS:
+            for target in (b"/api/x", b"http://api.internal/x"):
+                request = b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+                await _assert_refused(process, upstream, request, 400, "bad_request", closes=False)
+        # Valid ones still route (an empty Host included).
+        for host in (b"", b"api.internal:8088", b"127.0.0.1", b"[::1]:1"):
+            request = b"GET /api/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+            assert status_of(await raw_exchange(process.proxy_port, request)) == 200, host
+        assert upstream.all_bytes.count(b"GET /base/") == 4
+        await _assert_at_rest(process)

@@ -330,3 +330,72 @@ def test_dot_segments_staying_inside_pass_byte_for_byte(
     router: Router, target: str, host: str | None, upstream: str, sent: str
 ) -> None:
     assert route(router, target, host) == (upstream, sent)
+
+
+# ------------------------------------------------------- Host header syntax
+#
+# RFC 9112 §3.2: a Host that is not a valid host[:port] is 400, whatever the
+# target form, even when routing does not need it.
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a.test/evil",
+        "a .test",
+        "a@b",
+        "user@payments.internal",
+        "payments.internal/x",
+        "payments.internal?x",
+        "payments.internal#x",
+        "payments.internal\\x",
+        "a\tb",
+        "a, b",
+        "a:b:c",
+        "a:80x",
+        "a:-1",
+        "a%zz",
+        "a%2",
+        "caf\u00e9.example",
+        "[::1",
+        "[::1]x",
+        "[::1]:a",
+        "[not-ipv6]",
+        "[]",
+        "[127.0.0.1]",
+        "[::1]]",
+        "::1",
+        '"quoted"',
+        "a<b>",
+        "a{b}",
+    ],
+)
+def test_invalid_host_header_is_400(router: Router, host: str) -> None:
+    for target in ("/payments/x", "http://payments.internal/x"):
+        with pytest.raises(BadRequest) as info:
+            router.resolve("GET", target, host)
+        assert info.value.status == 400 and info.value.code == "bad_request"
+        assert host not in info.value.message
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "",  # an empty Host is valid (an empty reg-name)
+        "payments.internal",
+        "PAYMENTS.Internal:8088",
+        "localhost:",  # an empty port is valid too
+        "127.0.0.1",
+        "127.0.0.1:1",
+        "[::1]",
+        "[::1]:8088",
+        "[2001:db8::1]:443",
+        "[::ffff:127.0.0.1]",
+        "a-b_c~d.example",
+        "xn--caf-dma.example",
+        "pct%41encoded",
+        "sub!$&'()*+,;=delims",
+    ],
+)
+def test_valid_host_headers_are_accepted(router: Router, host: str) -> None:
+    assert route(router, "/nobase/x", host)[1] in ("/x", "/api/nobase/x", "/catchall/nobase/x")
