@@ -20,13 +20,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
-from aiohttp import HttpVersion11, StreamReader, hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, StreamReader, hdrs, web
 
 from .config import Inbound
 from .errors import (
     BadFraming,
     ConnectNotSupported,
     Draining,
+    HttpVersionNotSupported,
     RequestTimeout,
     RequestTooLarge,
     SidecarError,
@@ -66,10 +67,11 @@ _BODYLESS_STATUS = (204, 304)
 # CONNECT: what follows its head is tunnel data (or a body the parser may not
 # even frame), never a request; reading it as one would forward bytes the
 # caller's side never inspected as a request.
-_CLOSES_THE_CONNECTION = (Draining, RequestTimeout, ConnectNotSupported, BadFraming)
+_CLOSES_THE_CONNECTION = (Draining, RequestTimeout, ConnectNotSupported, BadFraming, HttpVersionNotSupported)
 # Refused before their body is read, and what follows their head is not to be
 # read at all (see _refuse_to_read_on).
-_UNREAD = (ConnectNotSupported, BadFraming)
+_UNREAD = (ConnectNotSupported, BadFraming, HttpVersionNotSupported)
+_SPOKEN_VERSIONS = (HttpVersion10, HttpVersion11)
 
 
 @dataclass(slots=True)
@@ -181,7 +183,8 @@ class Forwarder:
             close = isinstance(error, _CLOSES_THE_CONNECTION) or _asks_upgrade(request)
             if isinstance(error, _UNREAD):
                 _refuse_to_read_on(request)
-            return error_response(error, exchange.request_id, close=close)
+            as_http11 = request.version not in _SPOKEN_VERSIONS
+            return error_response(error, exchange.request_id, close=close, as_http11=as_http11)
         except (asyncio.CancelledError, ConnectionResetError):
             exchange.error = exchange.error or "client_disconnected"
             exchange.aborted = True
@@ -195,6 +198,7 @@ class Forwarder:
             self._finished(exchange)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+        _check_version(request)
         _check_framing(request)
         if self._draining():
             raise Draining("the sidecar is shutting down; retry on another instance", retry_after=1)
@@ -408,6 +412,16 @@ class _IdleWatchdog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _check_version(request: web.BaseRequest) -> None:
+    """Only HTTP/1.0 and 1.1: both parsers let other versions through (llhttp reads a
+    request line without one as HTTP/0.9), and aiohttp would answer in that version."""
+    version = request.version
+    if version not in _SPOKEN_VERSIONS:
+        raise HttpVersionNotSupported(
+            f"HTTP/{version.major}.{version.minor} is not supported: the sidecar speaks HTTP/1.1 (and 1.0)"
+        )
 
 
 def _check_framing(request: web.BaseRequest) -> None:

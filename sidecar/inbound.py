@@ -26,10 +26,18 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import BadRequest, HeadersTooLarge, SidecarError, UriTooLong, error_response, without_quoted_bytes
+from .errors import (
+    BadRequest,
+    HeadersTooLarge,
+    HttpVersionNotSupported,
+    SidecarError,
+    UriTooLong,
+    error_response,
+    without_quoted_bytes,
+)
 from .forward import new_request_id
 from .logs import get_logger
 
@@ -155,7 +163,8 @@ class GuardedRequestHandler(RequestHandler):
             error.status = status
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error response")
-        response = error_response(error, new_request_id(), close=True)
+        # The request's version is unknown here (aiohttp stands in an HTTP/1.0 one).
+        response = error_response(error, new_request_id(), close=True, as_http11=True)
         response.force_close()
         return response
 
@@ -167,6 +176,11 @@ class GuardedRequestHandler(RequestHandler):
         text = exc.message if isinstance(exc.message, str) else str(exc)
         if isinstance(exc, BadHttpMessage) and text.startswith("Too many headers"):
             return HeadersTooLarge(f"more than {self.max_headers} request headers")
+        if isinstance(exc, BadStatusLine) and "Invalid HTTP version" in text:
+            # llhttp's word for a well-formed HTTP/x.y it does not speak (HTTP/1.2,
+            # HTTP/3.0); the pure-Python parser lets those through to the handler,
+            # which answers 505 too.
+            return HttpVersionNotSupported("only HTTP/1.1 (and 1.0) requests are supported")
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         reason = without_quoted_bytes(first_line)[:120]
         return BadRequest(f"malformed request: {reason or type(exc).__name__}")

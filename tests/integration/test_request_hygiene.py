@@ -250,3 +250,41 @@ async def test_invalid_host_header_is_400(tmp_path: Path, parser: str) -> None:
             assert status_of(await raw_exchange(process.proxy_port, request)) == 200, host
         assert upstream.all_bytes.count(b"GET /base/") == 4
         await _assert_at_rest(process)
+
+
+VERSION_CASES = {
+    "http2": b"GET /api/x HTTP/2.0\r\nHost: a\r\n\r\n",
+    "http3": b"GET /api/x HTTP/3.0\r\nHost: a\r\n\r\n",
+    "http12": b"GET /api/x HTTP/1.2\r\nHost: a\r\n\r\n",
+    "http09_spelled_out": b"GET /api/x HTTP/0.9\r\nHost: a\r\n\r\n",
+    "http2_with_body": b"POST /api/x HTTP/2.0\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+}
+# 505, or 400 where the parser cannot tell: no version at all (HTTP/0.9), or
+# llhttp refusing bytes after a request it has to close (any version but 1.x).
+VERSION_OR_PARSER_CASES = {
+    "http09": b"GET /api/x\r\n\r\n",
+    "http2_preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "http2_then_pipelined": b"GET /api/x HTTP/2.0\r\nHost: a\r\n\r\nGET /api/y HTTP/1.1\r\nHost: a\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_http_versions_other_than_1_0_and_1_1_are_refused(tmp_path: Path, parser: str) -> None:
+    """505 (or 400 when there is no version to speak of), always as a well-formed
+    HTTP/1.1 response, and the connection closed."""
+    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+        for request in VERSION_CASES.values():
+            await _assert_refused(process, upstream, request, 505, "http_version_not_supported")
+        for request in [*VERSION_CASES.values(), *VERSION_OR_PARSER_CASES.values()]:
+            raw, closed = await _until_closed(process.proxy_port, request)
+            assert raw.startswith((b"HTTP/1.1 505 ", b"HTTP/1.1 400 ")), raw[:60]
+            assert _error_of(raw)[1] in ("http_version_not_supported", "bad_request")
+            assert b"\r\nConnection: close\r\n" in raw.partition(b"\r\n\r\n")[0]
+            assert closed and _responses(raw) == 1, raw[:300]
+        await asyncio.sleep(0.1)
+        assert upstream.received == []
+        # HTTP/1.0 and HTTP/1.1 still pass, answered in their own version.
+        for version in (b"1.0", b"1.1"):
+            request = b"GET /api/x HTTP/" + version + b"\r\nHost: a\r\nConnection: close\r\n\r\n"
+            assert (await raw_exchange(process.proxy_port, request)).startswith(b"HTTP/" + version + b" 200 ")
+        await _assert_at_rest(process)
