@@ -63,10 +63,11 @@ _BODY_CHUNK = 64 * 1024
 # letting it through would fail in prepare() with a 500 and a traceback.
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BODYLESS_STATUS = (204, 304)
-# Errors after which the connection cannot be trusted to hold a next request.
-# CONNECT: what follows its head is tunnel data (or a body the parser may not
-# even frame), never a request; reading it as one would forward bytes the
-# caller's side never inspected as a request.
+# Errors after which the connection is closed. For CONNECT, untrusted framing
+# and an HTTP version we do not speak, what follows the head cannot be trusted
+# to be a next request: for CONNECT it is tunnel data (or a body the parser may
+# not even frame), and reading it as a request would forward bytes the caller's
+# side never inspected as one.
 _CLOSES_THE_CONNECTION = (Draining, RequestTimeout, ConnectNotSupported, BadFraming, HttpVersionNotSupported)
 # Refused before their body is read, and what follows their head is not to be
 # read at all (see _refuse_to_read_on).

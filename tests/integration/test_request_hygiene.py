@@ -275,14 +275,20 @@ async def test_http_versions_other_than_1_0_and_1_1_are_refused(tmp_path: Path, 
     async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
         for request in VERSION_CASES.values():
             await _assert_refused(process, upstream, request, 505, "http_version_not_supported")
+        refused_505 = len(VERSION_CASES)
         for request in [*VERSION_CASES.values(), *VERSION_OR_PARSER_CASES.values()]:
             raw, closed = await _until_closed(process.proxy_port, request)
+            refused_505 += status_of(raw) == 505
             assert raw.startswith((b"HTTP/1.1 505 ", b"HTTP/1.1 400 ")), raw[:60]
             assert _error_of(raw)[1] in ("http_version_not_supported", "bad_request")
             assert b"\r\nConnection: close\r\n" in raw.partition(b"\r\n\r\n")[0]
             assert closed and _responses(raw) == 1, raw[:300]
         await asyncio.sleep(0.1)
         assert upstream.received == []
+        # Counted alike whichever parser (or the handler) refused the version.
+        async with aiohttp.ClientSession() as client, client.get(process.admin_url + "/metrics") as response:
+            metrics = await response.text()
+        assert f'sidecar_client_errors_total{{kind="http_version_not_supported"}} {refused_505}.0' in metrics
         # HTTP/1.0 and HTTP/1.1 still pass, answered in their own version.
         for version in (b"1.0", b"1.1"):
             request = b"GET /api/x HTTP/" + version + b"\r\nHost: a\r\nConnection: close\r\n\r\n"
