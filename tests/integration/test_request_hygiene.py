@@ -294,3 +294,34 @@ async def test_http_versions_other_than_1_0_and_1_1_are_refused(tmp_path: Path, 
             request = b"GET /api/x HTTP/" + version + b"\r\nHost: a\r\nConnection: close\r\n\r\n"
             assert (await raw_exchange(process.proxy_port, request)).startswith(b"HTTP/" + version + b" 200 ")
         await _assert_at_rest(process)
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_http09_request_line_is_answered_at_once(tmp_path: Path, parser: str) -> None:
+    """An HTTP/0.9 client sends one line and waits: neither parser answers before a
+    blank line, so without an answer of our own it would only see the header
+    timeout close the connection."""
+    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+        loop = asyncio.get_running_loop()
+        for request in (b"GET /api/x\r\n", b"GET /\r\n", b"GET /api/x\n"):
+            started = loop.time()
+            raw, closed = await _until_closed(process.proxy_port, request, timeout=8)
+            assert loop.time() - started < 5, "answered by the header timeout, not at once"
+            assert raw.startswith(b"HTTP/1.1 400 "), raw[:60]
+            assert _error_of(raw)[1:] == ("bad_request", "bad_request")
+            assert closed and _responses(raw) == 1
+        # Trickled: the line is only complete with its last byte.
+        reader, writer = await asyncio.open_connection("127.0.0.1", process.proxy_port)
+        for byte in b"GET /api/x\r\n":
+            writer.write(bytes([byte]))
+            await writer.drain()
+        async with asyncio.timeout(5):
+            raw = await reader.read()
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 400 ")
+        await asyncio.sleep(0.1)
+        assert upstream.received == []
+        # A versioned request line is still read to its end as usual.
+        request = b"GET /api/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        assert status_of(await raw_exchange(process.proxy_port, request)) == 200
+        await _assert_at_rest(process)
