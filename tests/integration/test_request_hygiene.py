@@ -244,6 +244,9 @@ async def test_invalid_host_header_is_400(tmp_path: Path, parser: str) -> None:
             for target in (b"/api/x", b"http://api.internal/x"):
                 request = b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
                 await _assert_refused(process, upstream, request, 400, "bad_request", closes=False)
+        # Two Host lines (RFC 9112 §3.2 too): both parsers refuse them already.
+        request = b"GET /api/x HTTP/1.1\r\nHost: a\r\nHost: api.internal\r\n\r\n"
+        await _assert_refused(process, upstream, request, 400, "bad_request", closes=False)
         # Valid ones still route (an empty Host included).
         for host in (b"", b"api.internal:8088", b"127.0.0.1", b"[::1]:1"):
             request = b"GET /api/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
