@@ -94,6 +94,16 @@ BAD_CONFIGS = {
         "upstreams.payments.url",
         "must start with http:// or https://",
     ),
+    "bad-default-overridden": (
+        """
+        defaults:
+          limits: { max_connections: 0 }
+        upstreams:
+          payments: { url: "http://127.0.0.1:9000", limits: { max_connections: 5 } }
+        """,
+        "defaults.limits.max_connections",
+        "must be a positive integer, got 0",
+    ),
     "malformed-yaml": (
         """
         upstreams:

@@ -620,3 +620,86 @@ def test_yaml_merge_keys_may_be_overridden() -> None:
 def test_python_tags_are_not_constructed() -> None:
     error = rejected("!!python/object/apply:os.system ['true']\n")
     assert "malformed YAML" in error.problem
+
+
+# ------------------------------------------- every value where it is written
+
+
+@pytest.mark.parametrize(
+    ("defaults", "override", "path", "words"),
+    [
+        pytest.param(
+            "limits: { max_connections: 0 }",
+            "limits: { max_connections: 5 }",
+            "defaults.limits.max_connections",
+            "positive integer",
+            id="limits",
+        ),
+        pytest.param(
+            "limits: { max_pending: -1, keepalive_expiry: 5s }",
+            "limits: { max_pending: 5 }",
+            "defaults.limits.max_pending",
+            "non-negative integer",
+            id="limits-pending",
+        ),
+        pytest.param(
+            "timeouts: { read: 0s }",
+            "timeouts: { read: 5s }",
+            "defaults.timeouts.read",
+            "positive duration",
+            id="timeouts",
+        ),
+        pytest.param(
+            "tls: { verify: 'no' }",
+            "tls: { verify: true }",
+            "defaults.tls.verify",
+            "true or false",
+            id="tls-verify",
+        ),
+        pytest.param(
+            "tls: { ca_file: /nonexistent/ca.pem }",
+            "tls: { ca_file: null }",
+            "defaults.tls.ca_file",
+            "file not found",
+            id="tls-ca-file",
+        ),
+        pytest.param(
+            "http2: yes-please",
+            "http2: false",
+            "defaults.http2",
+            "prior-knowledge",
+            id="http2",
+        ),
+    ],
+)
+def test_a_bad_default_is_an_error_even_when_every_upstream_overrides_it(
+    defaults: str, override: str, path: str, words: str
+) -> None:
+    error = rejected(
+        f"defaults:\n  {defaults}\nupstreams:\n"
+        f"  a: {{ url: 'http://a', {override} }}\n"
+        f"  b: {{ url: 'http://b', {override} }}\n"
+    )
+    assert error.path == path
+    assert words in error.problem
+    assert str(error) == f"test.yaml: {path}: {error.problem}"
+
+
+def test_a_good_default_overridden_everywhere_is_still_fine() -> None:
+    config = parse(
+        "defaults:\n  limits: { max_connections: 3 }\n  http2: prior-knowledge\n"
+        "upstreams:\n  a: { url: 'http://a', http2: false, limits: { max_connections: 5 } }\n"
+    )
+    assert config.upstreams[0].limits.max_connections == 5
+    assert config.upstreams[0].http2 is HTTP2Mode.OFF
+
+
+def test_the_first_problem_in_reading_order_is_the_one_reported() -> None:
+    # A section's own keys are checked before what is under it, sections in file order.
+    error = rejected("upstreams:\n  a: { url: 'http://a', limits: { max_connections: x }, bogus: 1 }\n")
+    assert error.path == "upstreams.a.bogus"
+    error = rejected("upstreams:\n  b: { url: 5 }\n  a: { url: 'http://a', bogus: 1 }\n")
+    assert error.path == "upstreams.b.url"
+    # An upstream may be named like a section key; its keys are still an upstream's.
+    error = rejected("upstreams:\n  limits: { url: 'http://a', limits: { x: 1 } }\n")
+    assert error.path == "upstreams.limits.limits.x" and "max_connections, max_keepalive" in error.problem
