@@ -2,19 +2,18 @@
 
 The steps, in order:
 
-1. YAML → plain data (``_StrictLoader``): duplicate keys are refused with
-   their line.
-2. ``${VAR}`` / ``${VAR:-default}`` expansion over every string value, each
-   expanded value recorded as a secret so that nothing prints it.
-3. Validation of the document, layer by layer, by the schema (``schema.py``):
-   every value is checked where it is written, ``defaults`` included.
-   ``_config_error`` is the one place a pydantic ``ValidationError`` becomes a
+1. YAML → plain data (``_StrictLoader``): duplicate keys and runaway nesting
+   are refused with a location, never a traceback.
+2. Validation of the document, layer by layer, by the schema (``schema.py``):
+   every value is checked where it is written, ``defaults`` included, after
+   ``${VAR}`` / ``${VAR:-default}`` expansion (each expanded value is recorded
+   as a secret, so that nothing prints it).  ``_config_error`` is the one
+   place a pydantic ``ValidationError`` becomes a
    ``ConfigError(source, path, problem)``.
-4. Inheritance, field by field (upstream, then ``defaults``, then built-in),
+3. Inheritance, field by field (upstream, then ``defaults``, then built-in),
    and the checks that need resolved values (keepalive against
    max_connections, HTTP/2 concurrency, client certificate pairs, unique
-   routes), each naming the path the deciding
-   value came from.
+   routes), each naming the path the deciding value came from.
 """
 
 from __future__ import annotations
@@ -48,15 +47,35 @@ from .scalars import Expansion
 from .schema import DefaultsLayer, Document, Section, UpstreamSection
 from .view import admin_exposure_warning
 
+# Far deeper than any real config (about six levels), and far from where
+# PyYAML's recursive composer meets Python's recursion limit (about 490).
+# Nothing after composing goes deeper than the schema: pydantic descends only
+# into known sections, so aliases (even `&a [*a]`) cannot make it recurse.
+MAX_DEPTH = 64
 TOP_LEVEL = "(top level)"
 
 
+class _TooDeep(Exception):
+    pass
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing duplicate keys.
+    """PyYAML's safe loader, refusing duplicate keys and runaway nesting.
 
     PyYAML keeps the last of two equal keys silently: a second upstream with
     the same name would replace the first without a word.
     """
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: set[object] = set()
@@ -95,6 +114,8 @@ def parse_config(text: str, *, source: str = "<string>", env: Mapping[str, str] 
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, "", f"malformed YAML: {where}{problem}") from None
+    except _TooDeep:
+        raise ConfigError(source, TOP_LEVEL, f"nesting too deep (more than {MAX_DEPTH} levels)") from None
     expansion = Expansion(os.environ if env is None else env)
     try:
         validated = Document.model_validate(raw, context=expansion)

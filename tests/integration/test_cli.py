@@ -94,6 +94,7 @@ BAD_CONFIGS = {
         "upstreams.payments.url",
         "must start with http:// or https://",
     ),
+    "nesting-too-deep": ("[" * 5000 + "]" * 5000, "(top level)", "nesting too deep"),
     "bad-default-overridden": (
         """
         defaults:

@@ -694,6 +694,31 @@ def test_a_good_default_overridden_everywhere_is_still_fine() -> None:
     assert config.upstreams[0].http2 is HTTP2Mode.OFF
 
 
+# ------------------------------------------------------ documents too deep
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        pytest.param("[" * 5000 + "]" * 5000, id="lists"),
+        pytest.param("{a: " * 5000 + "1" + "}" * 5000, id="mappings"),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', route: { hosts: " + "[" * 5000 + "]" * 5000 + " } }\n", id="deep-value"
+        ),
+    ],
+)
+def test_nesting_too_deep_is_an_error_not_a_recursion_error(yaml_text: str) -> None:
+    error = rejected(yaml_text)
+    assert error.path == "(top level)"
+    assert "nesting too deep" in error.problem
+
+
+def test_a_self_referencing_alias_is_an_error_not_a_recursion() -> None:
+    # Validation goes no deeper than the schema, whatever an alias stands for.
+    error = rejected("upstreams:\n  a: { url: 'http://a', route: { hosts: &loop [*loop] } }\n")
+    assert error.path == "upstreams.a.route.hosts[0]" and "non-empty string" in error.problem
+
+
 def test_the_first_problem_in_reading_order_is_the_one_reported() -> None:
     # A section's own keys are checked before what is under it, sections in file order.
     error = rejected("upstreams:\n  a: { url: 'http://a', limits: { max_connections: x }, bogus: 1 }\n")
