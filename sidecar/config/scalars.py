@@ -8,6 +8,7 @@ its own, so ``"5"`` or ``true`` mean exactly what these functions say).
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -145,9 +146,20 @@ def upstream_name(value: object) -> str:
 
 # ---------------------------------------------------------------- upstream URLs
 
+# A host name: letters, digits, '-', '.', '_' (container names use it); IDN
+# host names may use any other letter or digit (httpx encodes them).
+_HOST_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
+# RFC 3986 path characters: unreserved, sub-delims, ':', '@', '/' and %XX.
+_PATH = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*$")
+
 
 def parse_upstream_url(value: object) -> UpstreamURL:
     url = non_empty_string(value)
+    # Checked before urlsplit: it silently drops tabs and newlines anywhere in
+    # a URL and strips leading and trailing spaces, so what it returns would
+    # not be what the file says.
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise ValueError(f"must not contain spaces or control characters, got {url!r}")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -161,9 +173,25 @@ def parse_upstream_url(value: object) -> UpstreamURL:
         raise ValueError("must not carry credentials; use headers.set with ${VAR} instead")
     if parts.query or parts.fragment:
         raise ValueError(f"must not have a query or fragment, got {url!r}")
+    if port == 0:
+        raise ValueError(f"must have a port 1-65535, got {url!r}")
+    if not _valid_host(parts.hostname):
+        raise ValueError(f"has an invalid character in its host, got {url!r}")
+    if not _PATH.match(parts.path):
+        raise ValueError(f"has an invalid character in its path (use %XX escapes), got {url!r}")
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     return UpstreamURL(url=url, scheme=parts.scheme, host=parts.hostname, port=port, base_path=parts.path.rstrip("/"))
+
+
+def _valid_host(host: str) -> bool:
+    if ":" in host:  # only a bracketed IPv6 literal has one left after urlsplit
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    return all(char.isalnum() if ord(char) > 0x7F else _HOST_CHARS.match(char) for char in host)
 
 
 # ---------------------------------------------------------------- headers

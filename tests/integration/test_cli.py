@@ -105,6 +105,14 @@ BAD_CONFIGS = {
         "defaults.limits.max_connections",
         "must be a positive integer, got 0",
     ),
+    "url-port-0": (
+        """
+        upstreams:
+          payments: { url: "http://127.0.0.1:0" }
+        """,
+        "upstreams.payments.url",
+        "must have a port 1-65535",
+    ),
     "malformed-yaml": (
         """
         upstreams:

@@ -719,6 +719,44 @@ def test_a_self_referencing_alias_is_an_error_not_a_recursion() -> None:
     assert error.path == "upstreams.a.route.hosts[0]" and "non-empty string" in error.problem
 
 
+# ------------------------------------------------------------ upstream URLs
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        pytest.param("http://a:0", "port 1-65535", id="port-0"),
+        pytest.param("http://a:0/x", "port 1-65535", id="port-0-path"),
+        pytest.param("http://pay ments.internal", "spaces or control characters", id="space-in-host"),
+        pytest.param("http://a/b c", "spaces or control characters", id="space-in-path"),
+        pytest.param("http://a/b\\tc", "spaces or control characters", id="tab-in-path"),
+        pytest.param("http://a\\x01b/", "spaces or control characters", id="control-in-host"),
+        pytest.param("http://a/x\\x7f", "spaces or control characters", id="delete-in-path"),
+        pytest.param("http://a<b>/", "invalid character in its host", id="angle-in-host"),
+        pytest.param("http://a,b/", "invalid character in its host", id="comma-in-host"),
+        pytest.param("http://a/b\\\\c", "invalid character in its path", id="backslash-in-path"),
+        pytest.param("http://a/b<c>", "invalid character in its path", id="angle-in-path"),
+        pytest.param("http://a/b%zz", "invalid character in its path", id="bad-escape"),
+        pytest.param("http://[::1/x", "not a valid URL", id="bad-ipv6"),
+    ],
+)
+def test_invalid_upstream_urls_are_rejected_at_the_url(url: str, words: str) -> None:
+    error = rejected(f'upstreams:\n  a: {{ url: "{url}" }}\n')
+    assert error.path == "upstreams.a.url"
+    assert words in error.problem
+
+
+def test_valid_upstream_urls_still_pass() -> None:
+    for url, host, port, base in [
+        ("http://api_v2.internal:8080/v1/%7Euser/a:b@c", "api_v2.internal", 8080, "/v1/%7Euser/a:b@c"),
+        ("https://[fe80::1]/", "fe80::1", 443, ""),
+        ("http://a:", "a", 80, ""),
+        ("http://bücher.example/", "bücher.example", 80, ""),
+    ]:
+        upstream = parse(f'upstreams:\n  a: {{ url: "{url}" }}\n').upstreams[0]
+        assert (upstream.host, upstream.port, upstream.base_path) == (host, port, base)
+
+
 def test_the_first_problem_in_reading_order_is_the_one_reported() -> None:
     # A section's own keys are checked before what is under it, sections in file order.
     error = rejected("upstreams:\n  a: { url: 'http://a', limits: { max_connections: x }, bogus: 1 }\n")
