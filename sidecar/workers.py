@@ -34,7 +34,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
-from .config import Config, ConfigError, HostPort, Upstream
+from .config import Config, HostPort, Upstream
+from .config import check_divisible as check_divisible  # defined with the config: `validate` applies it too
 
 EXIT_ERROR = 1
 
@@ -42,22 +43,6 @@ EXIT_ERROR = 1
 def share(total: int, workers: int, index: int) -> int:
     """Worker ``index``'s part of ``total``: the parts of all workers sum to ``total``."""
     return total // workers + (1 if index < total % workers else 0)
-
-
-def check_divisible(config: Config, workers: int) -> None:
-    """Refuse limits that cannot give every worker at least one slot (ConfigError names the path)."""
-    if workers <= 1:
-        return
-    for upstream in config.upstreams:
-        limits = upstream.limits
-        for name in ("max_connections", "max_concurrent_requests"):
-            value = getattr(limits, name)
-            if value < workers:
-                raise ConfigError(
-                    config.source,
-                    f"upstreams.{upstream.name}.limits.{name}",
-                    f"must be at least workers ({workers}) so that every worker gets one, got {value}",
-                )
 
 
 def worker_config(config: Config, workers: int, index: int) -> Config:

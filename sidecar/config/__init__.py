@@ -27,6 +27,7 @@ from .model import (
     Timeouts,
     TLSSettings,
     Upstream,
+    check_divisible,
 )
 from .scalars import parse_duration, parse_host_port, parse_size
 from .view import admin_exposure_warning, public_view
@@ -49,6 +50,7 @@ __all__ = [
     "Timeouts",
     "Upstream",
     "admin_exposure_warning",
+    "check_divisible",
     "load_config",
     "parse_config",
     "parse_duration",

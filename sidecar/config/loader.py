@@ -13,7 +13,7 @@ The steps, in order:
 3. Inheritance, field by field (upstream, then ``defaults``, then built-in),
    and the checks that need resolved values (keepalive against
    max_connections, HTTP/2 concurrency, client certificate pairs, unique
-   routes), each naming the path the deciding value came from.
+   routes, workers against the limits), each naming the path the deciding value came from.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .model import (
     Timeouts,
     TLSSettings,
     Upstream,
+    check_divisible,
 )
 from .scalars import Expansion
 from .schema import DefaultsLayer, Document, Section, UpstreamSection
@@ -270,6 +271,8 @@ class _Builder:
             secrets=frozenset(self.secrets),
             warnings=tuple(self.warnings),
         )
+        # The same bound `run` applies, so that `validate` refuses what `run` would.
+        check_divisible(config, config.workers)
         return config
 
     def upstream(self, name: str, own: UpstreamSection, defaults: DefaultsLayer) -> Upstream:

@@ -169,3 +169,23 @@ class Config:
             if upstream.name == name:
                 return upstream
         return None
+
+
+def check_divisible(config: Config, workers: int) -> None:
+    """Refuse limits that cannot give every worker at least one slot (ConfigError names the path).
+
+    The one bound on ``workers``: both ``validate`` (for the file's own
+    ``workers``) and ``run --workers N`` apply it.
+    """
+    if workers <= 1:
+        return
+    for upstream in config.upstreams:
+        limits = upstream.limits
+        for name in ("max_connections", "max_concurrent_requests"):
+            value = getattr(limits, name)
+            if value < workers:
+                raise ConfigError(
+                    config.source,
+                    f"upstreams.{upstream.name}.limits.{name}",
+                    f"must be at least workers ({workers}) so that every worker gets one, got {value}",
+                )

@@ -113,6 +113,15 @@ BAD_CONFIGS = {
         "upstreams.payments.url",
         "must have a port 1-65535",
     ),
+    "workers-beyond-limits": (
+        """
+        workers: 100000
+        upstreams:
+          payments: { url: "http://127.0.0.1:9000" }
+        """,
+        "upstreams.payments.limits.max_connections",
+        "must be at least workers (100000)",
+    ),
     "malformed-yaml": (
         """
         upstreams:

@@ -757,6 +757,20 @@ def test_valid_upstream_urls_still_pass() -> None:
         assert (upstream.host, upstream.port, upstream.base_path) == (host, port, base)
 
 
+# ----------------------------------------------------------------- workers
+
+
+def test_workers_beyond_what_the_limits_can_split_is_an_error() -> None:
+    error = rejected("workers: 100000\n" + MINIMAL)
+    assert error.path == "upstreams.api.limits.max_connections"
+    assert "must be at least workers (100000)" in error.problem
+    error = rejected(
+        "workers: 3\nupstreams:\n  a: { url: 'http://a', limits: { max_connections: 8, max_concurrent_requests: 2 } }\n"
+    )
+    assert error.path == "upstreams.a.limits.max_concurrent_requests"
+    assert parse("workers: 4\n" + MINIMAL).workers == 4
+
+
 def test_the_first_problem_in_reading_order_is_the_one_reported() -> None:
     # A section's own keys are checked before what is under it, sections in file order.
     error = rejected("upstreams:\n  a: { url: 'http://a', limits: { max_connections: x }, bogus: 1 }\n")
