@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
@@ -21,6 +22,19 @@ from pydantic import BeforeValidator, PlainValidator, ValidationInfo
 from .model import UPSTREAM_NAME, HostPort, HTTP2Mode, UpstreamURL
 
 T = TypeVar("T")
+
+# A bad value is quoted in its message; one that is a list or mapping (which an
+# alias can make as large as it likes) only by its beginning.
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 40, 40
+
+
+def shown(value: object) -> str:
+    """``value`` as quoted in an error message."""
+    if value is None or isinstance(value, (str, int, float)):
+        return repr(value)
+    return _SHORT.repr(value)
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -40,30 +54,30 @@ _SIZE_UNITS = {
 def parse_duration(value: object) -> float:
     """``250ms``, ``5s``, ``2m``, ``1h`` or a number of seconds → seconds."""
     if isinstance(value, bool):
-        raise ValueError(f"must be a duration like 250ms, 5s or 2m, got {value!r}")
+        raise ValueError(f"must be a duration like 250ms, 5s or 2m, got {shown(value)}")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
-        raise ValueError(f"must be a duration like 250ms, 5s or 2m, got {value!r}")
+        raise ValueError(f"must be a duration like 250ms, 5s or 2m, got {shown(value)}")
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"must be a positive duration, got {value!r}")
+        raise ValueError(f"must be a positive duration, got {shown(value)}")
     return seconds
 
 
 def parse_size(value: object) -> int:
     """``512KiB``, ``10MiB``, ``1GiB`` or a number of bytes → bytes."""
     if isinstance(value, bool):
-        raise ValueError(f"must be a size like 512KiB or 10MiB, got {value!r}")
+        raise ValueError(f"must be a size like 512KiB or 10MiB, got {shown(value)}")
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (match := _SIZE.match(value)):
         size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
     else:
-        raise ValueError(f"must be a size like 512KiB or 10MiB, got {value!r}")
+        raise ValueError(f"must be a size like 512KiB or 10MiB, got {shown(value)}")
     if size <= 0:
-        raise ValueError(f"must be a positive size, got {value!r}")
+        raise ValueError(f"must be a positive size, got {shown(value)}")
     return size
 
 
@@ -72,14 +86,14 @@ def parse_host_port(value: object) -> HostPort:
     if isinstance(value, HostPort):
         return value
     if not isinstance(value, str) or ":" not in value:
-        raise ValueError(f"must be HOST:PORT, got {value!r}")
+        raise ValueError(f"must be HOST:PORT, got {shown(value)}")
     host, _, port_text = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host:
-        raise ValueError(f"must be HOST:PORT with a host, got {value!r}")
+        raise ValueError(f"must be HOST:PORT with a host, got {shown(value)}")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"must be HOST:PORT with a port 0-65535, got {value!r}")
+        raise ValueError(f"must be HOST:PORT with a port 0-65535, got {shown(value)}")
     return HostPort(host, int(port_text))
 
 
@@ -97,14 +111,14 @@ def _integer(value: object) -> int | None:
 def positive_int(value: object) -> int:
     number = _integer(value)
     if number is None or number <= 0:
-        raise ValueError(f"must be a positive integer, got {value!r}")
+        raise ValueError(f"must be a positive integer, got {shown(value)}")
     return number
 
 
 def non_negative_int(value: object) -> int:
     number = _integer(value)
     if number is None or number < 0:
-        raise ValueError(f"must be a non-negative integer, got {value!r}")
+        raise ValueError(f"must be a non-negative integer, got {shown(value)}")
     return number
 
 
@@ -116,13 +130,13 @@ def boolean(value: object) -> bool:
     if isinstance(value, str) and value in _BOOLEAN_WORDS:
         return _BOOLEAN_WORDS[value]
     if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {value!r}")
+        raise ValueError(f"must be true or false, got {shown(value)}")
     return value
 
 
 def non_empty_string(value: object) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"must be a non-empty string, got {value!r}")
+        raise ValueError(f"must be a non-empty string, got {shown(value)}")
     return value
 
 
@@ -135,7 +149,7 @@ def http2_mode(value: object) -> HTTP2Mode:
         return HTTP2Mode.ALPN
     if value == "prior-knowledge":
         return HTTP2Mode.PRIOR_KNOWLEDGE
-    raise ValueError(f"must be false, true or prior-knowledge, got {value!r}")
+    raise ValueError(f"must be false, true or prior-knowledge, got {shown(value)}")
 
 
 def upstream_name(value: object) -> str:
@@ -294,7 +308,7 @@ def list_of(what: str, *, empty_when_falsy: bool = False) -> Callable[[Any], Any
         if empty_when_falsy and not value:
             return []
         if not isinstance(value, list):
-            got = "" if empty_when_falsy else f", got {value!r}"
+            got = "" if empty_when_falsy else f", got {shown(value)}"
             raise ValueError(f"must be a list of {what}{got}")
         return value
 

@@ -52,6 +52,7 @@ from .scalars import (
     non_empty_string,
     optional,
     parse_host_port,
+    shown,
 )
 
 
@@ -178,7 +179,7 @@ def _string_keys(value: Any) -> Any:
         return {}
     for key in value if isinstance(value, dict) else ():
         if not isinstance(key, str):
-            raise ValueError(f"keys must be strings, got {key!r}")
+            raise ValueError(f"keys must be strings, got {shown(key)}")
     return value
 
 

@@ -771,6 +771,21 @@ def test_workers_beyond_what_the_limits_can_split_is_an_error() -> None:
     assert parse("workers: 4\n" + MINIMAL).workers == 4
 
 
+def test_a_bad_value_is_quoted_short_however_large_it_is() -> None:
+    # Aliases let a few lines stand for a huge value; the message quotes its beginning.
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 5)]  # 10**5 values
+    anchors = "\n      ".join(levels)
+    error = rejected(
+        f"defaults:\n  tls:\n    ca_file:\n      {anchors}\n"
+        "upstreams:\n  a: { url: 'http://a', limits: { max_connections: *a4 } }\n"
+    )
+    assert error.path == "defaults.tls.ca_file" and "non-empty string, got {'a0': ['x'," in error.problem
+    assert len(error.problem) < 200
+    error = rejected("upstreams:\n  a: { url: [" + "x, " * 10000 + "] }\n")
+    assert error.path == "upstreams.a.url" and len(error.problem) < 200
+
+
 def test_the_first_problem_in_reading_order_is_the_one_reported() -> None:
     # A section's own keys are checked before what is under it, sections in file order.
     error = rejected("upstreams:\n  a: { url: 'http://a', limits: { max_connections: x }, bogus: 1 }\n")
