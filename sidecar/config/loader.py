@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +341,7 @@ class _Builder:
             headers=HeaderRules(set=tuple(headers.set.items()), remove=headers.remove),
         )
 
-    def tls(self, name: str, pick: Any) -> TLSSettings:
+    def tls(self, name: str, pick: Callable[[str, str], tuple[str, Any]]) -> TLSSettings:
         verify_path, verify = pick("tls", "verify")
         if not verify:
             self.warnings.append(f"{verify_path}: TLS verification is OFF for upstream {name!r}")

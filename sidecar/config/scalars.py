@@ -336,7 +336,6 @@ OptionalPositiveInt = Annotated[int | None, PlainValidator(expanded(optional(pos
 NonNegativeInt = Annotated[int, PlainValidator(expanded(non_negative_int))]
 OptionalNonNegativeInt = Annotated[int | None, PlainValidator(expanded(optional(non_negative_int)))]
 Boolean = Annotated[bool, PlainValidator(expanded(boolean))]
-NonEmptyString = Annotated[str, PlainValidator(expanded(non_empty_string))]
 OptionalString = Annotated[str | None, PlainValidator(expanded(optional(non_empty_string)))]
 HostPortValue = Annotated[HostPort, PlainValidator(expanded(parse_host_port))]
 HTTP2Value = Annotated[HTTP2Mode, PlainValidator(expanded(http2_mode))]
