@@ -94,6 +94,33 @@ BAD_CONFIGS = {
         "upstreams.payments.url",
         "must start with http:// or https://",
     ),
+    "bad-default-overridden": (
+        """
+        defaults:
+          limits: { max_connections: 0 }
+        upstreams:
+          payments: { url: "http://127.0.0.1:9000", limits: { max_connections: 5 } }
+        """,
+        "defaults.limits.max_connections",
+        "must be a positive integer, got 0",
+    ),
+    "url-port-0": (
+        """
+        upstreams:
+          payments: { url: "http://127.0.0.1:0" }
+        """,
+        "upstreams.payments.url",
+        "must have a port 1-65535",
+    ),
+    "workers-beyond-limits": (
+        """
+        workers: 100000
+        upstreams:
+          payments: { url: "http://127.0.0.1:9000" }
+        """,
+        "upstreams.payments.limits.max_connections",
+        "must be at least workers (100000)",
+    ),
     "malformed-yaml": (
         """
         upstreams:

@@ -622,6 +622,165 @@ def test_python_tags_are_not_constructed() -> None:
     assert "malformed YAML" in error.problem
 
 
+# ------------------------------------------- every value where it is written
+
+
+@pytest.mark.parametrize(
+    ("defaults", "override", "path", "words"),
+    [
+        pytest.param(
+            "limits: { max_connections: 0 }",
+            "limits: { max_connections: 5 }",
+            "defaults.limits.max_connections",
+            "positive integer",
+            id="limits",
+        ),
+        pytest.param(
+            "limits: { max_pending: -1, keepalive_expiry: 5s }",
+            "limits: { max_pending: 5 }",
+            "defaults.limits.max_pending",
+            "non-negative integer",
+            id="limits-pending",
+        ),
+        pytest.param(
+            "timeouts: { read: 0s }",
+            "timeouts: { read: 5s }",
+            "defaults.timeouts.read",
+            "positive duration",
+            id="timeouts",
+        ),
+        pytest.param(
+            "tls: { verify: 'no' }",
+            "tls: { verify: true }",
+            "defaults.tls.verify",
+            "true or false",
+            id="tls-verify",
+        ),
+        pytest.param(
+            "tls: { ca_file: /nonexistent/ca.pem }",
+            "tls: { ca_file: null }",
+            "defaults.tls.ca_file",
+            "file not found",
+            id="tls-ca-file",
+        ),
+        pytest.param(
+            "http2: yes-please",
+            "http2: false",
+            "defaults.http2",
+            "prior-knowledge",
+            id="http2",
+        ),
+    ],
+)
+def test_a_bad_default_is_an_error_even_when_every_upstream_overrides_it(
+    defaults: str, override: str, path: str, words: str
+) -> None:
+    error = rejected(
+        f"defaults:\n  {defaults}\nupstreams:\n"
+        f"  a: {{ url: 'http://a', {override} }}\n"
+        f"  b: {{ url: 'http://b', {override} }}\n"
+    )
+    assert error.path == path
+    assert words in error.problem
+    assert str(error) == f"test.yaml: {path}: {error.problem}"
+
+
+def test_a_good_default_overridden_everywhere_is_still_fine() -> None:
+    config = parse(
+        "defaults:\n  limits: { max_connections: 3 }\n  http2: prior-knowledge\n"
+        "upstreams:\n  a: { url: 'http://a', http2: false, limits: { max_connections: 5 } }\n"
+    )
+    assert config.upstreams[0].limits.max_connections == 5
+    assert config.upstreams[0].http2 is HTTP2Mode.OFF
+
+
+# ------------------------------------------------------ documents too deep
+
+
+def test_a_self_referencing_alias_is_an_error_not_a_recursion() -> None:
+    # Validation goes no deeper than the schema, whatever an alias stands for.
+    error = rejected("upstreams:\n  a: { url: 'http://a', route: { hosts: &loop [*loop] } }\n")
+    assert error.path == "upstreams.a.route.hosts[0]" and "non-empty string" in error.problem
+
+
+# ------------------------------------------------------------ upstream URLs
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        pytest.param("http://a:0", "port 1-65535", id="port-0"),
+        pytest.param("http://a:0/x", "port 1-65535", id="port-0-path"),
+        pytest.param("http://pay ments.internal", "spaces or control characters", id="space-in-host"),
+        pytest.param("http://a/b c", "spaces or control characters", id="space-in-path"),
+        pytest.param("http://a/b\\tc", "spaces or control characters", id="tab-in-path"),
+        pytest.param("http://a\\x01b/", "spaces or control characters", id="control-in-host"),
+        pytest.param("http://a/x\\x7f", "spaces or control characters", id="delete-in-path"),
+        pytest.param("http://a<b>/", "invalid character in its host", id="angle-in-host"),
+        pytest.param("http://a,b/", "invalid character in its host", id="comma-in-host"),
+        pytest.param("http://a/b\\\\c", "invalid character in its path", id="backslash-in-path"),
+        pytest.param("http://a/b<c>", "invalid character in its path", id="angle-in-path"),
+        pytest.param("http://a/b%zz", "invalid character in its path", id="bad-escape"),
+        pytest.param("http://[::1/x", "not a valid URL", id="bad-ipv6"),
+    ],
+)
+def test_invalid_upstream_urls_are_rejected_at_the_url(url: str, words: str) -> None:
+    error = rejected(f'upstreams:\n  a: {{ url: "{url}" }}\n')
+    assert error.path == "upstreams.a.url"
+    assert words in error.problem
+
+
+def test_valid_upstream_urls_still_pass() -> None:
+    for url, host, port, base in [
+        ("http://api_v2.internal:8080/v1/%7Euser/a:b@c", "api_v2.internal", 8080, "/v1/%7Euser/a:b@c"),
+        ("https://[fe80::1]/", "fe80::1", 443, ""),
+        ("http://a:", "a", 80, ""),
+        ("http://bücher.example/", "bücher.example", 80, ""),
+    ]:
+        upstream = parse(f'upstreams:\n  a: {{ url: "{url}" }}\n').upstreams[0]
+        assert (upstream.host, upstream.port, upstream.base_path) == (host, port, base)
+
+
+# ----------------------------------------------------------------- workers
+
+
+def test_workers_beyond_what_the_limits_can_split_is_an_error() -> None:
+    error = rejected("workers: 100000\n" + MINIMAL)
+    assert error.path == "upstreams.api.limits.max_connections"
+    assert "must be at least workers (100000)" in error.problem
+    error = rejected(
+        "workers: 3\nupstreams:\n  a: { url: 'http://a', limits: { max_connections: 8, max_concurrent_requests: 2 } }\n"
+    )
+    assert error.path == "upstreams.a.limits.max_concurrent_requests"
+    assert parse("workers: 4\n" + MINIMAL).workers == 4
+
+
+def test_a_bad_value_is_quoted_short_however_large_it_is() -> None:
+    # Aliases let a few lines stand for a huge value; the message quotes its beginning.
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 5)]  # 10**5 values
+    anchors = "\n      ".join(levels)
+    error = rejected(
+        f"defaults:\n  tls:\n    ca_file:\n      {anchors}\n"
+        "upstreams:\n  a: { url: 'http://a', limits: { max_connections: *a4 } }\n"
+    )
+    assert error.path == "defaults.tls.ca_file" and "non-empty string, got {'a0': ['x'," in error.problem
+    assert len(error.problem) < 200
+    error = rejected("upstreams:\n  a: { url: [" + "x, " * 10000 + "] }\n")
+    assert error.path == "upstreams.a.url" and len(error.problem) < 200
+
+
+def test_the_first_problem_in_reading_order_is_the_one_reported() -> None:
+    # A section's own keys are checked before what is under it, sections in file order.
+    error = rejected("upstreams:\n  a: { url: 'http://a', limits: { max_connections: x }, bogus: 1 }\n")
+    assert error.path == "upstreams.a.bogus"
+    error = rejected("upstreams:\n  b: { url: 5 }\n  a: { url: 'http://a', bogus: 1 }\n")
+    assert error.path == "upstreams.b.url"
+    # An upstream may be named like a section key; its keys are still an upstream's.
+    error = rejected("upstreams:\n  limits: { url: 'http://a', limits: { x: 1 } }\n")
+    assert error.path == "upstreams.limits.limits.x" and "max_connections, max_keepalive" in error.problem
+
+
 # ------------------------------------------- what validate used to let through
 
 

@@ -1,0 +1,60 @@
+"""Load ``upstreams.yaml`` into typed, immutable objects.
+
+Everything the rest of the code knows about configuration comes from the
+frozen dataclasses in ``model.py``; no dict of settings travels past this
+package.  Every error names the file, the YAML path of the offending field and
+what is wrong with it, so ``sidecar validate`` can print it without a
+traceback.  ``scalars.py`` parses the value forms, ``schema.py`` says what may
+be written where (pydantic), ``loader.py`` reads, expands, validates and
+inherits, ``view.py`` is what may be shown.
+"""
+
+from .loader import load_config, parse_config
+from .model import (
+    DEFAULT_CONFIG_PATH,
+    H2_STREAMS_PER_CONNECTION,
+    REDACTED,
+    UPSTREAM_NAME,
+    AdminSettings,
+    Config,
+    ConfigError,
+    HeaderRules,
+    HostPort,
+    HTTP2Mode,
+    Inbound,
+    Limits,
+    Route,
+    Timeouts,
+    TLSSettings,
+    Upstream,
+    check_divisible,
+)
+from .scalars import parse_duration, parse_host_port, parse_size
+from .view import admin_exposure_warning, public_view
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "H2_STREAMS_PER_CONNECTION",
+    "REDACTED",
+    "UPSTREAM_NAME",
+    "AdminSettings",
+    "Config",
+    "ConfigError",
+    "HTTP2Mode",
+    "HeaderRules",
+    "HostPort",
+    "Inbound",
+    "Limits",
+    "Route",
+    "TLSSettings",
+    "Timeouts",
+    "Upstream",
+    "admin_exposure_warning",
+    "check_divisible",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_host_port",
+    "parse_size",
+    "public_view",
+]

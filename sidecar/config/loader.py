@@ -1,0 +1,396 @@
+"""upstreams.yaml → Config: read, expand ${VAR}, validate each layer, inherit, check.
+
+The steps, in order:
+
+1. YAML → plain data (``_StrictLoader``): duplicate keys and runaway nesting
+   are refused with a location, never a traceback.
+2. Validation of the document, layer by layer, by the schema (``schema.py``):
+   every value is checked where it is written, ``defaults`` included, after
+   ``${VAR}`` / ``${VAR:-default}`` expansion (each expanded value is recorded
+   as a secret, so that nothing prints it).  ``_config_error`` is the one
+   place a pydantic ``ValidationError`` becomes a
+   ``ConfigError(source, path, problem)``.
+3. Inheritance, field by field (upstream, then ``defaults``, then built-in),
+   and the checks that need resolved values (keepalive against
+   max_connections, HTTP/2 concurrency, client certificate pairs, unique
+   routes, workers against the limits), each naming the path the deciding value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from .model import (
+    H2_STREAMS_PER_CONNECTION,
+    REDACTED,
+    AdminSettings,
+    Config,
+    ConfigError,
+    HeaderRules,
+    HTTP2Mode,
+    Inbound,
+    Limits,
+    Route,
+    Timeouts,
+    TLSSettings,
+    Upstream,
+    check_divisible,
+)
+from .scalars import Expansion
+from .schema import DefaultsLayer, Document, Section, UpstreamSection
+from .view import admin_exposure_warning
+
+# Far deeper than any real config (about six levels), and far from where
+# PyYAML's recursive composer meets Python's recursion limit (about 490).
+# Nothing after composing goes deeper than the schema: pydantic descends only
+# into known sections, so aliases (even `&a [*a]`) cannot make it recurse.
+MAX_DEPTH = 64
+TOP_LEVEL = "(top level)"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys.
+
+    PyYAML keeps the last of two equal keys silently: a second upstream with
+    the same name would replace the first without a word.  (Runaway nesting is
+    refused before this loader runs: see :func:`_check_depth`.)
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` may legitimately be overridden
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH, naming where.
+
+    PyYAML's parser is a state machine (no recursion), so its event stream is
+    walked before the recursive composer ever sees the document.
+    """
+    # One frame per open collection: [is a mapping, current key or index, next node is a key].
+    frames: list[list[Any]] = []
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            frames.pop()
+            continue
+        if not isinstance(event, yaml.NodeEvent):
+            continue
+        if frames:
+            frame = frames[-1]
+            if not frame[0]:
+                frame[1] += 1
+            else:
+                if frame[2]:
+                    frame[1] = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+                frame[2] = not frame[2]
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(frames) >= MAX_DEPTH:
+                path = ""
+                for is_mapping, key, _ in frames:
+                    path = f"{path}.{key}" if is_mapping and path else (str(key) if is_mapping else f"{path}[{key}]")
+                mark = event.start_mark
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+                raise ConfigError(source, path or TOP_LEVEL, f"nested more than {MAX_DEPTH} levels deep{where}")
+            frames.append([isinstance(event, yaml.MappingStartEvent), -1, True])
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file. Raises ConfigError, never anything else."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, "", f"cannot read file: {exc}") from None
+    return parse_config(text, source=source, env=os.environ if env is None else env)
+
+
+def parse_config(text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
+    """Validate YAML text into a Config. Raises ConfigError, never anything else."""
+    try:
+        _check_depth(text, source)
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, "", f"malformed YAML: {where}{problem}") from None
+    expansion = Expansion(os.environ if env is None else env)
+    try:
+        validated = Document.model_validate(raw, context=expansion)
+    except ValidationError as exc:
+        raise _config_error(source, exc, raw, expansion.secrets) from None
+    return _Builder(source, expansion.secrets).build(validated)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _redact(problem: str, secrets: set[str]) -> str:
+    # A value that came from ${VAR} may be a secret: an error quoting it
+    # ("must be a positive integer, got '...'") would print, log and serve it.
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:
+            problem = problem.replace(secret, REDACTED)
+    return problem
+
+
+# --------------------------------------------------------------------------
+# ValidationError → ConfigError (the only place)
+# --------------------------------------------------------------------------
+
+
+def _config_error(source: str, exc: ValidationError, document: object, secrets: set[str]) -> ConfigError:
+    """The first problem, as ``file: yaml.path: problem`` in our words.
+
+    "First" in the order the file is read: a mapping's own problems (a key
+    that is unknown, not a string, or not a valid name) before anything under
+    it, and then its fields in schema order (named entries in file order).
+    """
+    error = min(exc.errors(include_url=False), key=lambda error: _reading_order(error, document))
+    loc, kind = tuple(error["loc"]), error["type"]
+    if kind == "invalid_key":  # a non-string key: the problem is the mapping's
+        path, problem = _path(loc[:-1]), f"keys must be strings, got {loc[-1]!r}"
+    elif kind == "extra_forbidden":
+        path, problem = _path(loc), f"unknown key (expected one of: {', '.join(_section_at(loc[:-1]).model_fields)})"
+    elif kind == "missing":
+        path, problem = _path(loc), "is required"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        path, problem = _path(loc), f"must be a mapping, got {type(error['input']).__name__}"
+    elif kind == "value_error":
+        path, problem = _path(loc), str(error["ctx"]["error"])
+    else:  # not reachable with our validators; pydantic's own words are still located
+        path, problem = _path(loc), error["msg"]
+    return ConfigError(source, path or TOP_LEVEL, _redact(problem, secrets))
+
+
+def _reading_order(error: ErrorDetails, document: object) -> tuple[tuple[int, ...], int]:
+    loc = tuple(error["loc"])
+    if error["type"] in ("invalid_key", "extra_forbidden") or (loc and loc[-1] == "[key]"):
+        owner, own = loc[:-1], 0
+    else:
+        owner, own = loc, 1
+    positions: list[int] = []
+    node = document
+    for part, field_position, _ in _steps(owner):
+        if field_position is not None:
+            positions.append(field_position)
+        elif isinstance(node, dict) and part in node:
+            positions.append(list(node).index(part))
+        elif isinstance(part, int):
+            positions.append(part)
+        node = node.get(part) if isinstance(node, dict) else None
+    return tuple(positions), own
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """pydantic's location → our YAML path: ``upstreams.api.route.hosts[0]``."""
+    path = ""
+    for index, part in enumerate(loc):
+        if part == "[key]":
+            continue  # the error is about a mapping key: its path is the key's
+        is_key = index + 1 < len(loc) and loc[index + 1] == "[key]"
+        path = f"{path}[{part}]" if isinstance(part, int) and not is_key else _join(path, part)
+    return path
+
+
+def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The schema model a location points into (for the allowed keys of an unknown-key error)."""
+    model: type[BaseModel] = Document
+    for _, _, section in _steps(loc):
+        model = section or model
+    return model
+
+
+def _steps(loc: tuple[int | str, ...]) -> Iterator[tuple[int | str, int | None, type[BaseModel] | None]]:
+    """Each part of ``loc`` with its position among its section's fields (None: a name or
+    an index) and the section it leads into (None: a plain value or list)."""
+    section: type[BaseModel] | None = Document
+    named_entries = False
+    for part in loc:
+        if named_entries:  # an upstream's name: whatever it is, it is no field
+            named_entries = False
+            yield part, None, section
+        elif section is not None and isinstance(part, str) and part in section.model_fields:
+            position = list(section.model_fields).index(part)
+            section, named_entries = _nested_section(section, part)
+            yield part, position, section
+        else:
+            section = None
+            yield part, None, None
+
+
+def _nested_section(model: type[BaseModel], field: str) -> tuple[type[BaseModel] | None, bool]:
+    """The section model a field holds, and whether it holds a mapping of them by name."""
+    annotation = model.model_fields[field].annotation
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation, False
+    for kind in getattr(annotation, "__args__", ()):
+        if isinstance(kind, type) and issubclass(kind, Section):
+            return kind, True
+    return None, False
+
+
+# --------------------------------------------------------------------------
+# Inheritance and the checks on resolved values
+# --------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, source: str, secrets: set[str]) -> None:
+        self.source = source
+        self.secrets = secrets
+        self.warnings: list[str] = []
+
+    def error(self, path: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, path, _redact(problem, self.secrets))
+
+    def build(self, document: Document) -> Config:
+        admin = AdminSettings(listen=document.admin.listen, token=document.admin.token)
+        if admin.token is not None:
+            self.secrets.add(admin.token)
+        inbound = Inbound(**document.inbound.model_dump())
+        upstreams = tuple(
+            self.upstream(name, section, document.defaults) for name, section in document.upstreams.items()
+        )
+        self.check_routes_unique(upstreams)
+        exposed = admin_exposure_warning(admin.listen, admin.token)
+        if exposed is not None:
+            self.warnings.append(exposed)
+        config = Config(
+            source=self.source,
+            listen=document.listen,
+            admin=admin,
+            shutdown_timeout=document.shutdown_timeout,
+            workers=document.workers,
+            inbound=inbound,
+            upstreams=upstreams,
+            secrets=frozenset(self.secrets),
+            warnings=tuple(self.warnings),
+        )
+        # The same bound `run` applies, so that `validate` refuses what `run` would.
+        check_divisible(config, config.workers)
+        return config
+
+    def upstream(self, name: str, own: UpstreamSection, defaults: DefaultsLayer) -> Upstream:
+        path = f"upstreams.{name}"
+
+        def pick(section: str, key: str) -> tuple[str, Any]:
+            """Field-by-field inheritance: upstream, then defaults, then built-in."""
+            own_section: BaseModel = getattr(own, section)
+            if key in own_section.model_fields_set:
+                return f"{path}.{section}.{key}", getattr(own_section, key)
+            return f"defaults.{section}.{key}", getattr(getattr(defaults, section), key)
+
+        url = own.url
+        if "http2" in own.model_fields_set:
+            http2_path, http2 = f"{path}.http2", own.http2
+        else:
+            http2_path, http2 = "defaults.http2", defaults.http2 or HTTP2Mode.OFF
+        if http2 is HTTP2Mode.ALPN and url.scheme == "http":
+            self.warnings.append(
+                f"{http2_path}: true on the http:// upstream {name!r} stays HTTP/1.1 "
+                "(HTTP/2 is negotiated by TLS ALPN); use prior-knowledge for h2c"
+            )
+
+        max_connections: int = pick("limits", "max_connections")[1]
+        keepalive_path, keepalive = pick("limits", "max_keepalive_connections")
+        if keepalive is not None and keepalive > max_connections:
+            raise self.error(keepalive_path, f"must not exceed max_connections ({max_connections}), got {keepalive}")
+        speaks_http2 = http2 is HTTP2Mode.PRIOR_KNOWLEDGE or (http2 is HTTP2Mode.ALPN and url.scheme == "https")
+        carried = max_connections * (H2_STREAMS_PER_CONNECTION if speaks_http2 else 1)
+        concurrent_path, concurrent = pick("limits", "max_concurrent_requests")
+        if concurrent is None:
+            concurrent = carried
+        elif concurrent > carried:
+            self.warnings.append(
+                f"{concurrent_path}: {concurrent} is more than {max_connections} connection(s) can carry; "
+                f"capped at {carried} so that no request waits inside the connection pool"
+            )
+            concurrent = carried
+        limits = Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections if keepalive is None else keepalive,
+            keepalive_expiry=pick("limits", "keepalive_expiry")[1],
+            max_concurrent_requests=concurrent,
+            max_pending=pick("limits", "max_pending")[1],
+        )
+        timeouts = Timeouts(**{key: pick("timeouts", key)[1] for key in ("connect", "read", "write", "pool")})
+        route = own.route
+        headers = own.headers
+        self.secrets.update(value for value in headers.set.values() if value)
+        return Upstream(
+            name=name,
+            url=url.url,
+            scheme=url.scheme,
+            host=url.host,
+            port=url.port,
+            base_path=url.base_path,
+            route=Route(
+                path_prefix=route.path_prefix if "path_prefix" in route.model_fields_set else f"/{name}",
+                strip_prefix=route.strip_prefix,
+                hosts=route.hosts,
+            ),
+            http2=http2,
+            limits=limits,
+            timeouts=timeouts,
+            tls=self.tls(name, pick),
+            headers=HeaderRules(set=tuple(headers.set.items()), remove=headers.remove),
+        )
+
+    def tls(self, name: str, pick: Callable[[str, str], tuple[str, Any]]) -> TLSSettings:
+        verify_path, verify = pick("tls", "verify")
+        if not verify:
+            self.warnings.append(f"{verify_path}: TLS verification is OFF for upstream {name!r}")
+        cert_path, client_cert = pick("tls", "client_cert")
+        _, client_key = pick("tls", "client_key")
+        if client_key is not None and client_cert is None:
+            raise self.error(f"upstreams.{name}.tls.client_cert", "is required when client_key is set")
+        if client_cert is not None:
+            try:
+                # An encrypted key cannot be used (no passphrase setting): fail here, never prompt.
+                ssl.create_default_context().load_cert_chain(client_cert, client_key, password=lambda: b"")
+            except (ssl.SSLError, OSError) as exc:
+                raise self.error(cert_path, f"no usable PEM certificate and unencrypted key: {exc}") from None
+        return TLSSettings(
+            verify=verify, ca_file=pick("tls", "ca_file")[1], client_cert=client_cert, client_key=client_key
+        )
+
+    def check_routes_unique(self, upstreams: tuple[Upstream, ...]) -> None:
+        prefixes: dict[str, str] = {}
+        hosts: dict[str, str] = {}
+        for upstream in upstreams:
+            owner = prefixes.setdefault(upstream.route.path_prefix, upstream.name)
+            if owner != upstream.name:
+                raise self.error(
+                    f"upstreams.{upstream.name}.route.path_prefix",
+                    f"{upstream.route.path_prefix!r} is already the prefix of upstream {owner!r}",
+                )
+            for host in upstream.route.hosts:
+                owner = hosts.setdefault(host, upstream.name)
+                if owner != upstream.name:
+                    raise self.error(
+                        f"upstreams.{upstream.name}.route.hosts",
+                        f"{host!r} is already routed to upstream {owner!r}",
+                    )

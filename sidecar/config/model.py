@@ -1,0 +1,201 @@
+"""The typed, immutable configuration the rest of the sidecar reads.
+
+These frozen dataclasses are the only form configuration takes past the
+loader: no dict of settings travels further.  They stay plain dataclasses
+(not pydantic models) because they are built once per load and then only
+read, copied with ``dataclasses.replace`` (sidecar/workers.py splits limits per
+worker) and walked field by field for the public view; the schema that checks
+what a user wrote lives in ``schema.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+DEFAULT_CONFIG_PATH = "config/upstreams.yaml"
+UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# HTTP/2 carries at most this many concurrent streams per connection through
+# httpcore (it caps the server's SETTINGS_MAX_CONCURRENT_STREAMS at 100).
+H2_STREAMS_PER_CONNECTION = 100
+REDACTED = "<redacted>"
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by file and YAML path."""
+
+    def __init__(self, source: str, path: str, problem: str) -> None:
+        self.source = source
+        self.path = path
+        self.problem = problem
+        where = f"{source}: {path}: " if path else f"{source}: "
+        super().__init__(where + problem)
+
+
+class HTTP2Mode(enum.Enum):
+    """How the sidecar speaks to an upstream."""
+
+    OFF = "false"
+    ALPN = "true"  # HTTP/2 if TLS ALPN agrees, else HTTP/1.1
+    PRIOR_KNOWLEDGE = "prior-knowledge"  # h2c, no negotiation
+
+    @property
+    def yaml_value(self) -> bool | str:
+        """The value as written in upstreams.yaml."""
+        return {"false": False, "true": True}.get(self.value, self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_connections: int
+    max_keepalive_connections: int  # resolved: never None after loading
+    keepalive_expiry: float
+    max_concurrent_requests: int  # resolved from the HTTP version when unset
+    max_pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float
+    read: float
+    write: float
+    pool: float
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    verify: bool
+    ca_file: str | None
+    client_cert: str | None
+    client_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    path_prefix: str
+    strip_prefix: bool
+    hosts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    set: tuple[tuple[str, str], ...]
+    remove: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamURL:
+    """An upstream ``url`` split into the parts the pool needs."""
+
+    url: str
+    scheme: str  # "http" | "https"
+    host: str
+    port: int
+    base_path: str  # "" or "/api" (never a trailing slash)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    scheme: str  # "http" | "https"
+    host: str
+    port: int
+    base_path: str  # "" or "/api" (never a trailing slash)
+    route: Route
+    http2: HTTP2Mode
+    limits: Limits
+    timeouts: Timeouts
+    tls: TLSSettings
+    headers: HeaderRules
+
+    @property
+    def host_header(self) -> str:
+        """The Host header value the upstream expects."""
+        default_port = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default_port else f"{host}:{self.port}"
+
+    @property
+    def speaks_http2(self) -> bool:
+        """True when HTTP/2 may be used at all (h2c, or ALPN over TLS)."""
+        if self.http2 is HTTP2Mode.PRIOR_KNOWLEDGE:
+            return True
+        return self.http2 is HTTP2Mode.ALPN and self.scheme == "https"
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    max_request_body: int | None
+    header_timeout: float
+    body_idle_timeout: float
+    max_line_size: int
+    max_field_size: int
+    max_headers: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: HostPort | None  # None: admin listener off
+    token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    listen: HostPort
+    admin: AdminSettings
+    shutdown_timeout: float
+    workers: int
+    inbound: Inbound
+    upstreams: tuple[Upstream, ...]
+    # Values that came from ${VAR}; never printed, logged or served.
+    secrets: frozenset[str] = field(default=frozenset(), compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def upstream(self, name: str) -> Upstream | None:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        return None
+
+
+def check_divisible(config: Config, workers: int) -> None:
+    """Refuse limits that cannot give every worker at least one slot (ConfigError names the path).
+
+    The one bound on ``workers``: both ``validate`` (for the file's own
+    ``workers``) and ``run --workers N`` apply it.  Worker admin ports past
+    65535 are refused too.
+    """
+    if workers <= 1:
+        return
+    for upstream in config.upstreams:
+        limits = upstream.limits
+        for name in ("max_connections", "max_concurrent_requests"):
+            value = getattr(limits, name)
+            if value < workers:
+                raise ConfigError(
+                    config.source,
+                    f"upstreams.{upstream.name}.limits.{name}",
+                    f"must be at least workers ({workers}) so that every worker gets one, got {value}",
+                )
+    # Worker i serves its admin listener on the configured port plus i.
+    admin = config.admin.listen
+    if admin is not None and admin.port != 0 and admin.port + workers - 1 > 65535:
+        raise ConfigError(
+            config.source,
+            "workers",
+            f"{workers} workers would put admin listeners past port 65535 "
+            f"(worker i listens on {admin.port} + i); use fewer workers or admin port 0",
+        )
