@@ -11,7 +11,7 @@ import httpx
 
 from .admission import Admission
 from .config import HTTP2Mode, Upstream
-from .transport import PoolStats, PoolTransport
+from .upstream.pool import PoolStats, PoolTransport
 
 
 class _NoCookies(http.cookiejar.CookieJar):

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, compat
 from .config import Config, ConfigError, HostPort, admin_exposure_warning, load_config
 from .forward import Exchange, Forwarder, Generation
 from .inbound import GuardedServer
@@ -116,6 +116,7 @@ class Sidecar:
 
     async def start(self) -> None:
         """Open pools and listeners inside the running loop."""
+        compat.start_up()  # once per process: library self-checks, fast httpcore locks
         config = self.config
         for warning in config.warnings:
             log.warning("config_warning", message=warning)
