@@ -1,4 +1,4 @@
-"""``sidecar run`` / ``sidecar validate``. SPEC §2.
+"""``sidecar run`` / ``sidecar validate``.
 
 Exit codes: 0 clean shutdown, 2 bad config or usage, 1 anything else.
 """

@@ -1,4 +1,4 @@
-"""Composition root: listeners, pools, reload and graceful drain. SPEC §9.
+"""Composition root: listeners, pools, reload and graceful drain.
 
 :class:`Sidecar` owns everything that lives as long as the process: the
 proxy and admin listeners, the current :class:`Generation` (router + pools),
@@ -47,8 +47,8 @@ _WATCH_SETTLE = 0.2
 # (give back slots, close upstream responses); also aiohttp's own per-connection
 # shutdown budget, which only ever sees connections that are already done.
 _ABORT_GRACE = 1.0
-# A second SIGTERM/SIGINT exits at once, with this code (SPEC §2: 1 = anything
-# but a clean shutdown).
+# A second SIGTERM/SIGINT exits at once, with this code (1 = anything but a
+# clean shutdown).
 _EXIT_FORCED = 1
 
 
