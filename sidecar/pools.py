@@ -11,7 +11,8 @@ import httpx
 
 from .admission import Admission
 from .config import HTTP2Mode, Upstream
-from .upstream.pool import PoolStats, PoolTransport
+from .upstream.pool import PoolTransport
+from .upstream.poolstate import PoolStats
 
 
 class _NoCookies(http.cookiejar.CookieJar):

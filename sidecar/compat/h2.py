@@ -24,7 +24,7 @@ import httpcore
 from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame
 
 from . import SelfCheck, register
-from .httpcore import inner_connection
+from .httpcore import inner_connection, inner_connection_problem
 
 # Switched off by a failed self-check: the reads below then answer "unknown".
 _grant_visible = True
@@ -139,10 +139,9 @@ def _check_grant() -> str | None:
         and _sets(cls, "_receive_remote_settings_change", "_max_streams")
     ):
         return "AsyncHTTP2Connection does not keep the streams it grants in _max_streams"
-    if inner_connection(httpcore.AsyncHTTPConnection(origin=_ORIGIN)) is not None or not hasattr(
-        httpcore.AsyncHTTPConnection(origin=_ORIGIN), "_connection"
-    ):
-        return "AsyncHTTPConnection has no _connection (None until connected)"
+    problem = inner_connection_problem()
+    if problem is not None:
+        return problem
     twin, _ = _exchange()
     granted = getattr(twin, "_max_streams", None)
     if granted != _CHECK_STREAMS:

@@ -100,7 +100,8 @@ def install_fast_locks() -> None:
 # ------------------------------------------------------------ self-checks
 
 
-def _inner_problem() -> str | None:
+def inner_connection_problem() -> str | None:
+    """What is wrong with :func:`inner_connection` on this httpcore, or None."""
     conn = httpcore.AsyncHTTPConnection(origin=_ORIGIN)
     if not hasattr(conn, "_connection") or conn._connection is not None:
         return "AsyncHTTPConnection has no _connection (None until connected)"
@@ -129,7 +130,7 @@ def _recorder(seen: list[str]) -> Any:
 
 
 def _check_h11_buffer() -> str | None:
-    problem = _inner_problem()
+    problem = inner_connection_problem()
     if problem is not None:
         return problem
     conn = httpcore.AsyncHTTP11Connection(origin=_ORIGIN, stream=httpcore.AsyncMockStream([]))
@@ -154,7 +155,7 @@ def _check_header_events() -> str | None:
 
 
 def _check_network_stream() -> str | None:
-    problem = _inner_problem()
+    problem = inner_connection_problem()
     if problem is not None:
         return problem
     for cls in (httpcore.AsyncHTTP11Connection, httpcore.AsyncHTTP2Connection):

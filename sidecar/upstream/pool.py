@@ -35,8 +35,6 @@ from .netio import AsyncioBackend
 from .poolstate import Connection, PoolState, PoolStats, Released
 from .stream import PooledStream, map_exceptions
 
-__all__ = ["PoolStats", "PoolTransport"]
-
 # Requests whose exchange can be repeated safely on a fresh connection when a
 # kept-alive connection turns out to have been closed by the upstream.
 _RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
