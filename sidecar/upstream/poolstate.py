@@ -157,8 +157,9 @@ class PoolState(Generic[L]):
     # ------------------------------------------------------------ choosing
 
     def choose(self) -> Choice[L]:
-        """A connection that can take one more request now (its stream counted),
-        or leave to open one (:meth:`opened`), or none: wait for a release."""
+        """Where the next request goes: a connection that can take it now (its
+        stream already counted), or ``open`` (the caller opens a connection and
+        counts it in with :meth:`opened`), or neither: wait for a release."""
         choice: Choice[L] = Choice()
         for connection in self.shared.values():
             if connection.streams < self.stream_limit(connection) and connection.link.is_available():
