@@ -1,4 +1,4 @@
-"""``sidecar run`` / ``sidecar validate``. SPEC §2.
+"""``sidecar run`` / ``sidecar validate``.
 
 Exit codes: 0 clean shutdown, 2 bad config or usage, 1 anything else.
 """
@@ -130,6 +130,7 @@ def _serve(
     *,
     worker: int = 0,
 ) -> int:
+    from .compat import IncompatibleLibrary
     from .server import Sidecar, serve
 
     sidecar = Sidecar(config, listen=listen, admin=admin, shape=shape, worker=worker)
@@ -140,7 +141,7 @@ def _serve(
     except ConfigError as error:  # valid YAML, but a pool cannot be opened (e.g. a bad CA file)
         print(f"sidecar: invalid config: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:
+    except (OSError, IncompatibleLibrary) as exc:
         print(f"sidecar: cannot start: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

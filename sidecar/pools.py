@@ -11,12 +11,14 @@ import httpx
 
 from .admission import Admission
 from .config import HTTP2Mode, Upstream
-from .transport import PoolStats, PoolTransport
+from .upstream.pool import PoolTransport
+from .upstream.poolstate import PoolStats
 
 
 class _NoCookies(http.cookiejar.CookieJar):
     """A jar that never stores: callers sharing a client must never see each
-    other's cookies (TRAPS.md §12), and storing them costs CPU for nothing."""
+    other's cookies (httpx's client keeps one jar for every request it
+    sends), and storing them costs CPU for nothing."""
 
     def extract_cookies(self, response: object, request: object) -> None:  # type: ignore[override,unused-ignore]
         return None
@@ -35,7 +37,7 @@ class _InertCookies(httpx.Cookies):
 
 
 class _SharedClient(httpx.AsyncClient):
-    """The per-upstream client: no cookie jar at all (TRAPS.md §12)."""
+    """The per-upstream client: no cookie jar at all (one client serves every caller)."""
 
     _no_cookies = _InertCookies(_NoCookies())
 
@@ -121,7 +123,8 @@ class UpstreamPool:
         """The upstream told us how many requests a connection carries (HTTP/2
         SETTINGS, or ALPN settling on HTTP/1.1): never admit more than the
         pool's connections can carry, so the excess waits in admission's FIFO,
-        not in the connection pool (TRAPS.md §8)."""
+        not in the connection pool, where httpcore makes an HTTP/2 stream over
+        the server's limit wait with no timeout (see docs/backpressure.md)."""
         limits = self.upstream.limits
         capacity = min(limits.max_concurrent_requests, per_connection * limits.max_connections)
         if capacity != self.admission.capacity:

@@ -1,4 +1,4 @@
-"""Composition root: listeners, pools, reload and graceful drain. SPEC §9.
+"""Composition root: listeners, pools, reload and graceful drain.
 
 :class:`Sidecar` owns everything that lives as long as the process: the
 proxy and admin listeners, the current :class:`Generation` (router + pools),
@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, compat
 from .config import Config, ConfigError, HostPort, admin_exposure_warning, load_config
 from .forward import Exchange, Forwarder, Generation
 from .inbound import GuardedServer
@@ -47,8 +47,8 @@ _WATCH_SETTLE = 0.2
 # (give back slots, close upstream responses); also aiohttp's own per-connection
 # shutdown budget, which only ever sees connections that are already done.
 _ABORT_GRACE = 1.0
-# A second SIGTERM/SIGINT exits at once, with this code (SPEC §2: 1 = anything
-# but a clean shutdown).
+# A second SIGTERM/SIGINT exits at once, with this code (1 = anything but a
+# clean shutdown).
 _EXIT_FORCED = 1
 # The accept queue of both listeners: a burst of new connections waits in the
 # kernel rather than being dropped (and retried by the caller a second later).
@@ -120,6 +120,7 @@ class Sidecar:
 
     async def start(self) -> None:
         """Open pools and listeners inside the running loop."""
+        compat.start_up()  # once per process: library self-checks, fast httpcore locks
         config = self.config
         for warning in config.warnings:
             log.warning("config_warning", message=warning)

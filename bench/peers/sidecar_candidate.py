@@ -4,7 +4,7 @@ Usage: python sidecar_candidate.py CANDIDATE sidecar-args...
 
 Candidates:
   pool           the shipped stack: our O(1) PoolTransport over httpcore connections on the
-                 plain-asyncio network backend (sidecar/netio.py) with fast locks
+                 plain-asyncio network backend (sidecar/upstream/netio.py) with fast locks
   pool-anyio     the same pool on httpcore's default anyio backend and locks
   pool-httpcore2 the same pool over httpcore2 connections, httpx2 models (import swap)
   httpx-stock    httpx 0.28's own AsyncHTTPTransport/httpcore pool
@@ -75,10 +75,11 @@ def _patched_init(self: Any, upstream: Any) -> None:
 if candidate == "pool-anyio":
     import httpcore
 
-    from sidecar import transport as _transport
+    from sidecar.compat import httpcore as _compat
+    from sidecar.upstream import pool as _pool
 
-    _transport.AsyncioBackend = httpcore.AnyIOBackend  # type: ignore[misc,assignment]
-    _transport.install_fast_locks = lambda: None
+    _pool.AsyncioBackend = httpcore.AnyIOBackend  # type: ignore[misc,assignment]
+    _compat.install_fast_locks = lambda: None
 elif candidate != "pool":
     pools.UpstreamPool.__init__ = _patched_init  # type: ignore[method-assign]
 

@@ -1,4 +1,4 @@
-"""The plain-asyncio network backend under the real sidecar (sidecar/netio.py).
+"""The plain-asyncio network backend under the real sidecar (sidecar/upstream/netio.py).
 
 Each test drives a path of the backend through the whole proxy: TLS, read
 timeouts, refused connects, upstream-closed keep-alive connections, large

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpcore
 
-from sidecar.transport import has_unread_bytes
+from sidecar.compat.httpcore import has_unread_bytes
 
 
 def test_unknown_internals_count_as_unread() -> None:

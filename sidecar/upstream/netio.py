@@ -13,11 +13,8 @@ and answers ``is_readable`` from its own state: an idle connection with data
 or EOF pending is one the upstream closed.  Timeouts are ``call_later``
 handles; errors are httpcore's exception types, as the anyio backend raises.
 
-``install_fast_locks()`` removes the last anyio round trips: httpcore takes up
-to three ``anyio.Lock``s per request, and anyio yields to the loop on every
-*uncontended* acquire unless the lock was built with ``fast_acquire=True``.
-Our pool never runs two requests on one HTTP/1.1 connection, so those locks
-are uncontended; a fast acquire still honours cancellation.
+The last anyio round trips, in httpcore's locks, are removed once per process
+at start-up (``install_fast_locks()`` in sidecar/compat/httpcore.py).
 """
 
 from __future__ import annotations
@@ -28,9 +25,7 @@ import ssl
 from collections.abc import Iterable
 from typing import Any, cast
 
-import anyio
 import httpcore
-from httpcore import _synchronization
 
 _HIGH_WATER = 256 * 1024  # stop reading from the socket past this many unread bytes
 _LOW_WATER = 64 * 1024
@@ -245,19 +240,3 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-
-
-def install_fast_locks() -> None:
-    """Make httpcore's asyncio locks skip anyio's yield on an uncontended acquire (idempotent)."""
-    lock_class = _synchronization.AsyncLock
-    if getattr(lock_class, "_sidecar_fast", False):
-        return
-    original_setup = lock_class.setup
-
-    def setup(self: _synchronization.AsyncLock) -> None:
-        original_setup(self)
-        if self._backend == "asyncio":
-            self._anyio_lock = anyio.Lock(fast_acquire=True)
-
-    lock_class.setup = setup  # type: ignore[method-assign]
-    lock_class._sidecar_fast = True  # type: ignore[attr-defined]

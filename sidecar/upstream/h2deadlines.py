@@ -1,4 +1,4 @@
-"""Per-stream read timeouts on HTTP/2 connections (TRAPS.md §10).
+"""Per-stream read timeouts on HTTP/2 connections (see docs/http2.md).
 
 httpcore applies ``timeouts.read`` to each socket read of a connection, not to
 a stream.  On a multiplexed connection that goes wrong both ways:
@@ -27,16 +27,11 @@ from typing import Any
 
 import httpcore
 
+from ..compat.httpcore import HEADERS_ENDED, HEADERS_STARTED, network_stream_of
+
 # httpcore's own socket read timeout on a multiplexed connection, as a
 # multiple of timeouts.read: only a connection silent this long fails as a whole.
 BACKSTOP_FACTOR = 2.0
-# httpcore's trace events around the wait for a response head, on either
-# protocol: it starts once the request (body included) has been sent, and
-# ends with the final response head (interim 1xx responses do not end it).
-_HEADERS_STARTED = frozenset({"http11.receive_response_headers.started", "http2.receive_response_headers.started"})
-_HEADERS_ENDED = frozenset(
-    f"{protocol}.receive_response_headers.{end}" for protocol in ("http11", "http2") for end in ("complete", "failed")
-)
 
 
 class HeaderDeadline:
@@ -54,16 +49,16 @@ class HeaderDeadline:
         self._read = read
 
     async def __call__(self, name: str, info: dict[str, Any]) -> None:
-        if name in _HEADERS_STARTED:
+        if name in HEADERS_STARTED:
             if not self._scope.expired():  # (an expired scope is already cancelling the request)
                 self._scope.reschedule(asyncio.get_running_loop().time() + self._read)
-        elif name in _HEADERS_ENDED and not self._scope.expired():
+        elif name in HEADERS_ENDED and not self._scope.expired():
             self._scope.reschedule(None)
 
 
 def silent_for(conn: httpcore.AsyncHTTPConnection, seconds: float) -> bool:
     """Has ``conn`` received nothing for ``seconds``? False when unknown."""
-    stream = getattr(getattr(conn, "_connection", None), "_network_stream", None)
+    stream = network_stream_of(conn)
     if not isinstance(stream, WatchedStream):
         return False
     return time.monotonic() - stream.last_read >= seconds

@@ -1,0 +1,384 @@
+"""The connection pool under each upstream's ``httpx.AsyncClient``: the I/O shell.
+
+httpx's stock pool re-runs an O(N) pass over every connection (polling each
+idle socket) on every request start and finish, restarts its pool-timeout wait
+when a waiter loses a race, and can leak a slot when a queued request is
+cancelled (see docs/backpressure.md).  This pool keeps what it needs in O(1).
+Its decisions (which connection, when to open one, what a release does) are
+:class:`~sidecar.upstream.poolstate.PoolState`'s; this module does what they
+require: it runs the exchange on the chosen connection, opens and closes
+connections, and makes requests wait, with a deadline, when none can be
+opened (the admission layer above normally makes this impossible; it is a
+safety net so that nothing ever waits without a bound).
+
+Connections themselves are httpcore's (``AsyncHTTPConnection``): the HTTP/1.1
+and HTTP/2 protocol code is theirs, the pooling decisions are ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import httpcore
+import httpx
+
+from ..compat import h2 as h2_compat
+from ..compat import httpcore as httpcore_compat
+from . import h2deadlines, h2streams
+from .netio import AsyncioBackend
+from .poolstate import Connection, PoolState, PoolStats, Released
+from .stream import PooledStream, map_exceptions
+
+# Requests whose exchange can be repeated safely on a fresh connection when a
+# kept-alive connection turns out to have been closed by the upstream.
+_RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+_SWEEP_INTERVAL = 1.0
+# While a new connection has not yet told us how many streams it allows,
+# waiters re-check this often instead of waiting for a release.
+_WARMUP_POLL = 0.005
+
+
+class _Link:
+    """An httpcore connection, seen by the pool state through its synchronous reads."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: httpcore.AsyncHTTPConnection) -> None:
+        self.conn = conn
+
+    def is_available(self) -> bool:
+        return self.conn.is_available()
+
+    def is_idle(self) -> bool:
+        return self.conn.is_idle()
+
+    def is_closed(self) -> bool:
+        return self.conn.is_closed()
+
+    def has_expired(self) -> bool:
+        return self.conn.has_expired()
+
+    def has_unread_bytes(self) -> bool:
+        return httpcore_compat.has_unread_bytes(self.conn)
+
+    def protocol(self) -> str | None:
+        return h2_compat.protocol_of(self.conn)
+
+    def granted_streams(self) -> int | None:
+        return h2_compat.granted_streams(self.conn)
+
+
+PooledConnection = Connection[_Link]
+
+
+class PoolTransport(httpx.AsyncBaseTransport):
+    """A bounded, O(1) connection pool for a single upstream origin."""
+
+    def __init__(
+        self,
+        *,
+        scheme: str,
+        host: str,
+        port: int,
+        max_connections: int,
+        max_idle: int,
+        keepalive_expiry: float,
+        http1: bool = True,
+        http2: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        streams_per_connection: int = 100,
+        network_backend: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._origin = httpcore.Origin(scheme.encode(), host.encode(), port)
+        self._scheme, self._host, self._port = scheme.encode(), host.encode(), port
+        self._keepalive_expiry = keepalive_expiry
+        self._http1, self._http2 = http1, http2
+        self._ssl_context = ssl_context
+        if network_backend is None:
+            # Plain asyncio under httpcore's protocol code, not anyio (see netio.py).
+            network_backend = AsyncioBackend()
+            if http2:
+                network_backend = h2deadlines.WatchedBackend(network_backend)
+        self._network_backend = network_backend
+        self._state: PoolState[_Link] = PoolState(
+            max_connections=max_connections,
+            max_idle=max_idle,
+            keepalive_expiry=keepalive_expiry,
+            http2=http2,
+            prior_knowledge=http2 and not http1,
+            streams_per_connection=streams_per_connection,
+        )
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        # Told how many requests one connection carries once the upstream has
+        # said so (HTTP/2 SETTINGS, or ALPN choosing HTTP/1.1), so that the
+        # admission layer never admits more than the connections can carry.
+        self.on_stream_limit: Callable[[int], None] | None = None
+
+    # ---------------------------------------------------------------- stats
+
+    def stats(self) -> PoolStats:
+        return self._state.stats(waiting=len(self._waiters))
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<PoolTransport {self._origin} connections={s.connections}/{self._state.max_connections} "
+            f"active={s.active} idle={s.idle} waiting={s.waiting}>"
+        )
+
+    # ---------------------------------------------------------- the request
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        target = request.extensions.get("target") or request.url.raw_path
+        core_request = httpcore.Request(
+            method=request.method.encode("ascii"),
+            url=httpcore.URL(scheme=self._scheme, host=self._host, port=self._port, target=target),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=dict(request.extensions),  # per attempt: "trace" and "timeout" change
+        )
+        headers = request.headers
+        may_retry = (
+            request.method in _RETRYABLE_METHODS
+            and "content-length" not in headers
+            and "transfer-encoding" not in headers
+        )
+        while True:
+            connection, reused = await self._acquire(timeouts.get("pool"))
+            try:
+                with map_exceptions():
+                    response = await self._send(connection, core_request, timeouts)
+            except BaseException as exc:
+                if connection.multiplexed:
+                    self._forget_abandoned_streams(connection, core_request)
+                self.release(connection)
+                if isinstance(exc, httpcore.ConnectionNotAvailable):
+                    # HTTP/2 GOAWAY below our stream id, or the connection closed
+                    # under us: the upstream did not process this request.
+                    if may_retry:
+                        may_retry = False
+                        continue
+                    raise httpx.RemoteProtocolError(
+                        "upstream closed the HTTP/2 connection (GOAWAY) before processing the request"
+                    ) from exc
+                if may_retry and reused and isinstance(exc, _STALE_CONNECTION_ERRORS):
+                    may_retry = False  # once: the kept-alive connection had gone stale
+                    continue
+                raise
+            if not 100 <= response.status <= 599:
+                await self._refuse(connection, response)
+                raise httpx.RemoteProtocolError(f"upstream sent status {response.status}, outside 100-599")
+            version = response.extensions.get("http_version", b"HTTP/1.1")
+            self._report(self._state.response_head(connection, version, response.headers))
+            return httpx.Response(
+                status_code=response.status,
+                headers=response.headers,
+                stream=PooledStream(
+                    response.stream,  # type: ignore[arg-type]
+                    self,
+                    connection,
+                    core_request,
+                    response.extensions.get("stream_id"),
+                    timeouts.get("read") if connection.multiplexed else None,
+                ),
+                extensions=response.extensions,
+            )
+
+    async def _send(
+        self, connection: PooledConnection, request: httpcore.Request, timeouts: dict[str, float | None]
+    ) -> httpcore.Response:
+        """One attempt on ``connection``.
+
+        The whole wait for the final response head, from when the request and
+        its body have been sent, is bounded by ``timeouts.read`` (see
+        h2deadlines.HeaderDeadline): httpcore's own read timeout only bounds the
+        gap between two reads.  On a multiplexed connection the read timeout
+        is the stream's own, httpcore's a longer backstop (see h2deadlines).
+        """
+        read = timeouts.get("read")
+        extensions = request.extensions
+        conn = connection.link.conn
+        if read is None:
+            extensions.pop("trace", None)
+            extensions["timeout"] = timeouts
+            return await conn.handle_async_request(request)
+        multiplexed = connection.multiplexed
+        extensions["timeout"] = {**timeouts, "read": read * h2deadlines.BACKSTOP_FACTOR} if multiplexed else timeouts
+        try:
+            async with asyncio.timeout(None) as scope:
+                extensions["trace"] = h2deadlines.HeaderDeadline(scope, read)
+                return await conn.handle_async_request(request)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            if multiplexed:
+                self.read_timed_out(connection, read)
+            raise httpx.ReadTimeout("no response headers from the upstream within the read timeout") from None
+        finally:
+            # The body phases that follow need no callback: spare their calls.
+            extensions.pop("trace", None)
+
+    async def _refuse(self, connection: PooledConnection, response: httpcore.Response) -> None:
+        """A response not to be relayed: close it, and its connection with it
+        (an upstream that breaks HTTP this way is not trusted with another request)."""
+        self._state.retire(connection)
+        try:
+            with contextlib.suppress(Exception):
+                await response.aclose()
+        finally:
+            self.release(connection)
+
+    def read_timed_out(self, connection: PooledConnection, read: float) -> None:
+        """A stream's read deadline fired: if its connection received nothing at
+        all meanwhile, presume it dead and take no new requests on it."""
+        if not connection.closed and h2deadlines.silent_for(connection.link.conn, read):
+            self._state.retire(connection)
+
+    # -------------------------------------------------- acquire and release
+
+    async def _acquire(self, timeout: float | None) -> tuple[PooledConnection, bool]:
+        """A connection that can take one more request now, and whether it was reused."""
+        self._start_sweeper()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            choice = self._state.choose()
+            for gone in choice.discarded:
+                self._close(gone)
+            self._report(choice.stream_limit)
+            if choice.connection is not None:
+                return choice.connection, True
+            if choice.open:
+                return self._open(), False
+            if self._state.closing:
+                raise httpx.PoolTimeout("the pool is closed")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise httpx.PoolTimeout("no upstream connection became free in time")
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            warming = choice.warming
+            wait = remaining if not warming else min(_WARMUP_POLL, _WARMUP_POLL if remaining is None else remaining)
+            try:
+                await asyncio.wait_for(waiter, wait)
+            except TimeoutError:
+                if warming:
+                    continue  # a new connection may have learnt its stream limit
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken in the same tick as the timeout: pass the turn on
+                raise httpx.PoolTimeout("no upstream connection became free in time") from None
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # we were woken but leave: pass the turn on
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def _open(self) -> PooledConnection:
+        conn = httpcore.AsyncHTTPConnection(
+            origin=self._origin,
+            ssl_context=self._ssl_context,
+            keepalive_expiry=self._keepalive_expiry,
+            http1=self._http1,
+            http2=self._http2,
+            network_backend=self._network_backend,
+        )
+        return self._state.opened(_Link(conn))
+
+    def release(self, connection: PooledConnection) -> None:
+        """The request on ``connection`` is over: the pool state says what becomes of it."""
+        if self._state.release(connection) is Released.DISCARD:
+            self._close(connection)
+        self._wake_one()
+
+    def abandon_stream(self, connection: PooledConnection, request: httpcore.Request, stream_id: int) -> None:
+        """The caller stopped reading an HTTP/2 response: reset its stream now,
+        so the upstream stops sending and the connection window is given back
+        (see docs/http2.md); retire the connection if we cannot."""
+        if connection.closed:
+            return
+        inner = h2_compat.h2_state_of(connection.link.conn)
+        if inner is None:
+            self._state.retire(connection)
+            return
+        h2streams.cancel_stream(inner, stream_id)
+        self._spawn(h2_compat.flush(inner, request))
+
+    def _forget_abandoned_streams(self, connection: PooledConnection, request: httpcore.Request) -> None:
+        """Reset streams httpcore dropped without RST_STREAM (a request that
+        failed or was cancelled before its response head), or retire the
+        connection if its internals are not what we know."""
+        if connection.closed:
+            return
+        inner = h2_compat.h2_state_of(connection.link.conn)
+        if inner is None:
+            if connection.http_version is not None:
+                self._state.retire(connection)
+            return
+        if h2streams.cancel_orphans(inner):
+            self._spawn(h2_compat.flush(inner, request))
+
+    def _report(self, limit: int | None) -> None:
+        if limit is not None and self.on_stream_limit is not None:
+            self.on_stream_limit(limit)
+
+    def _close(self, connection: PooledConnection) -> None:
+        """Close a connection the pool state discarded, in the background."""
+        self._spawn(_close_quietly(connection.link.conn))
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --------------------------------------------------- housekeeping
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None and not self._state.closing:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close idle connections past keepalive_expiry, so they don't linger."""
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            for connection in self._state.expired():
+                self._close(connection)
+
+    async def aclose(self) -> None:
+        """Close every connection now (in-flight requests fail)."""
+        self._state.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for connection in self._state.close():
+            self._close(connection)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _close_quietly(conn: httpcore.AsyncHTTPConnection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.aclose()

@@ -1,0 +1,109 @@
+"""The response body of a pooled request, and httpcore's exceptions as httpx's.
+
+:class:`PooledStream` hands its connection back to the pool when it is closed,
+applies the per-chunk read deadline of a multiplexed connection, and resets
+the HTTP/2 stream of a response closed before its end (see docs/http2.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import httpcore
+import httpx
+
+if TYPE_CHECKING:
+    from .pool import PooledConnection, PoolTransport
+
+
+class PooledStream(httpx.AsyncByteStream):
+    """A response body that gives its connection back to the pool when closed."""
+
+    __slots__ = ("_stream", "_pool", "_connection", "_request", "_stream_id", "_read", "_complete", "_released")
+
+    def __init__(
+        self,
+        stream: AsyncIterator[bytes],
+        pool: PoolTransport,
+        connection: PooledConnection,
+        request: httpcore.Request,
+        stream_id: int | None,
+        read: float | None,
+    ) -> None:
+        self._stream = stream
+        self._read = read  # per-chunk deadline on multiplexed connections
+        self._pool = pool
+        self._connection = connection
+        self._request = request
+        self._stream_id = stream_id
+        self._complete = False
+        self._released = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = self._read
+        with map_exceptions():
+            if read is None:
+                async for chunk in self._stream:
+                    yield chunk
+            else:
+                chunks = aiter(self._stream)
+                while True:
+                    try:
+                        async with asyncio.timeout(read):
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        self._pool.read_timed_out(self._connection, read)
+                        raise httpx.ReadTimeout("the upstream sent no body bytes within the read timeout") from None
+                    yield chunk
+        self._complete = True
+
+    async def aclose(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if not self._complete and self._stream_id is not None:
+            # The caller stopped reading an HTTP/2 response: reset its stream
+            # now, so the upstream stops sending and the window is given back.
+            self._pool.abandon_stream(self._connection, self._request, self._stream_id)
+        try:
+            closer = getattr(self._stream, "aclose", None)
+            if closer is not None:
+                with map_exceptions():
+                    await closer()
+        finally:
+            self._pool.release(self._connection)
+
+
+_EXCEPTION_MAP: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+    (httpcore.NetworkError, httpx.NetworkError),
+)
+
+
+@contextlib.contextmanager
+def map_exceptions() -> Iterator[None]:
+    """httpcore exceptions → the httpx ones callers of AsyncClient expect."""
+    try:
+        yield
+    except Exception as exc:
+        for core_type, httpx_type in _EXCEPTION_MAP:
+            if isinstance(exc, core_type):
+                raise httpx_type(str(exc)) from exc
+        raise
