@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from sidecar.admission import RETRY_AFTER_MAX, Admission, AdmissionCore
+from sidecar.policy.admission import RETRY_AFTER_MAX, Admission, AdmissionCore
 from sidecar.errors import PoolTimeout, QueueFull
 
 # ------------------------------------------------------------------ the core
