@@ -136,7 +136,7 @@ def _serve(
     try:
         import uvloop
 
-        return uvloop.run(serve(sidecar))
+        return uvloop.run(serve(sidecar, supervised=shape is not None))
     except ConfigError as error:  # valid YAML, but a pool cannot be opened (e.g. a bad CA file)
         print(f"sidecar: invalid config: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -169,5 +169,13 @@ def _run_workers(config: Config, listen: HostPort, admin: HostPort | str | None,
         # Every worker has its own admin listener: base port + index (see sidecar/workers.py).
         return _serve(shape(config), listen, worker_admin(config, admin, index), shape, worker=index)
 
+    def shutdown_timeout() -> float:
+        # Workers reload the file on their own: judge by the file as it is
+        # now, never by less than the budget they started with.
+        try:
+            return max(config.shutdown_timeout, load_config(config.source).shutdown_timeout)
+        except ConfigError:
+            return config.shutdown_timeout
+
     with reserved:
-        return supervise(workers, run_worker)
+        return supervise(workers, run_worker, shutdown_timeout)

@@ -9,6 +9,7 @@ with it, so ``sidecar validate`` can print it without a traceback.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -23,6 +24,9 @@ import yaml
 
 DEFAULT_CONFIG_PATH = "config/upstreams.yaml"
 UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# How deep a YAML document may nest.  The schema needs 5 levels; PyYAML's
+# loader recurses once per level and fails with RecursionError near 1,000.
+MAX_YAML_DEPTH = 64
 # HTTP/2 carries at most this many concurrent streams per connection through
 # httpcore (it caps the server's SETTINGS_MAX_CONCURRENT_STREAMS at 100).
 H2_STREAMS_PER_CONNECTION = 100
@@ -450,6 +454,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 def parse_config(text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
     """Validate YAML text into a Config. Raises ConfigError, never anything else."""
     try:
+        _check_depth(text, source)
         document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -458,6 +463,39 @@ def parse_config(text: str, *, source: str = "<string>", env: Mapping[str, str] 
         raise ConfigError(source, "", f"malformed YAML: {where}{problem}") from None
     loader = _Loader(source, os.environ if env is None else env)
     return _build(loader, document)
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse a document nested deeper than MAX_YAML_DEPTH, naming where.
+
+    PyYAML's parser is a state machine (no recursion), so its event stream is
+    walked before the recursive loader ever sees the document.
+    """
+    # One frame per open collection: [is a mapping, current key or index, next node is a key].
+    frames: list[list[Any]] = []
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            frames.pop()
+            continue
+        if not isinstance(event, yaml.NodeEvent):
+            continue
+        if frames:
+            frame = frames[-1]
+            if not frame[0]:
+                frame[1] += 1
+            else:
+                if frame[2]:
+                    frame[1] = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+                frame[2] = not frame[2]
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(frames) >= MAX_YAML_DEPTH:
+                path = ""
+                for is_mapping, key, _ in frames:
+                    path = _join(path, str(key)) if is_mapping else f"{path}[{key}]"
+                mark = event.start_mark
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+                raise ConfigError(source, path, f"nested more than {MAX_YAML_DEPTH} levels deep{where}")
+            frames.append([isinstance(event, yaml.MappingStartEvent), -1, True])
 
 
 def _build(loader: _Loader, document: object) -> Config:
@@ -484,7 +522,7 @@ def _build(loader: _Loader, document: object) -> Config:
     if exposed is not None:
         loader.warnings.append(exposed)
 
-    return Config(
+    config = Config(
         source=loader.source,
         listen=listen,
         admin=admin,
@@ -495,6 +533,39 @@ def _build(loader: _Loader, document: object) -> Config:
         secrets=frozenset(loader.secrets),
         warnings=tuple(loader.warnings),
     )
+    check_divisible(config, workers)  # the check `run` applies, so `validate` agrees with it
+    return config
+
+
+def check_divisible(config: Config, workers: int) -> None:
+    """Refuse a worker count the config cannot serve (ConfigError names the path).
+
+    Every worker needs at least one of each per-upstream slot, since the
+    host-wide totals are split between them (see sidecar/workers.py), and
+    worker ``i`` serves its admin listener on the configured port plus ``i``.
+    Applied when the file is loaded (its own ``workers``) and by ``run`` for
+    ``--workers``.
+    """
+    if workers <= 1:
+        return
+    for upstream in config.upstreams:
+        limits = upstream.limits
+        for name in ("max_connections", "max_concurrent_requests"):
+            value = getattr(limits, name)
+            if value < workers:
+                raise ConfigError(
+                    config.source,
+                    f"upstreams.{upstream.name}.limits.{name}",
+                    f"must be at least workers ({workers}) so that every worker gets one, got {value}",
+                )
+    admin = config.admin.listen
+    if admin is not None and admin.port != 0 and admin.port + workers - 1 > 65535:
+        raise ConfigError(
+            config.source,
+            "workers",
+            f"{workers} workers would put admin listeners past port 65535 "
+            f"(worker i listens on {admin.port} + i); use fewer workers or admin port 0",
+        )
 
 
 def _admin(loader: _Loader, raw: object) -> AdminSettings:
@@ -640,9 +711,34 @@ def _parse_upstream_url(loader: _Loader, url: str, path: str) -> tuple[str, str,
         raise loader.error(path, "must not carry credentials; use headers.set with ${VAR} instead")
     if parts.query or parts.fragment:
         raise loader.error(path, f"must not have a query or fragment, got {url!r}")
+    if port == 0:
+        raise loader.error(path, f"must not use port 0 (nothing can be reached there), got {url!r}")
     if port is None:
         port = 443 if parts.scheme == "https" else 80
-    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+    # urlsplit takes almost anything; these would only fail later, on every request.
+    host = parts.hostname
+    if not (_is_ipv6(host) if parts.netloc.rpartition("@")[2].startswith("[") else _HOST_NAME.fullmatch(host)):
+        raise loader.error(path, f"host must be a DNS name or an IP address, got {host!r}")
+    if not _URL_PATH.fullmatch(parts.path):
+        raise loader.error(
+            path, f"path may hold only URL characters (percent-encode the others, e.g. %20 for a space), got {url!r}"
+        )
+    return parts.scheme, host, port, parts.path.rstrip("/")
+
+
+# Dot-separated labels of letters, digits, '-' and '_' (Docker service names
+# use '_'), optionally fully qualified with a trailing dot; IPv4 fits too.
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
+# RFC 3986 path characters: unreserved, sub-delims, ':', '@', '/' and %XX.
+_URL_PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _tls(loader: _Loader, own: _Layer, defaults: _Layer, name: str) -> TLSSettings:

@@ -60,6 +60,10 @@ _BODY_CHUNK = 64 * 1024
 # letting it through would fail in prepare() with a 500 and a traceback.
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BODYLESS_STATUS = (204, 304)
+# Response headers only the sidecar sets: X-Request-Id is ours, and
+# X-Sidecar-Error tells callers the upstream was never reached, so an upstream
+# must not be able to claim it (a caller would retry a POST it executed).
+_OURS = frozenset({"x-request-id", "x-sidecar-error"})
 
 
 @dataclass(slots=True)
@@ -307,12 +311,18 @@ class Forwarder:
         """Stream the upstream response back; abort the caller's connection on failure."""
         raw_headers = response.headers.raw
         named = _connection_tokens(response.headers.get("connection"))
+        # The body is relayed as it was framed by Transfer-Encoding (which is
+        # hop-by-hop): a Content-Length beside it describes nothing we send
+        # (RFC 9112 §6.3), and forwarding it would cut or hang the caller's body.
+        drop_length = "transfer-encoding" in response.headers
         seen_content_type = seen_server = False
         downstream_headers: list[tuple[str, str]] = []
         for raw_name, raw_value in raw_headers:
             name = raw_name.decode("latin-1")
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in named or lower == "x-request-id":
+            if lower in HOP_BY_HOP or lower in named or lower in _OURS:
+                continue
+            if drop_length and lower == "content-length":
                 continue
             value = _header_text(raw_value)
             if _CONTROL_CHARACTER.search(value):
@@ -334,13 +344,23 @@ class Forwarder:
             # answer is an ordinary response. aiohttp's C parser stops parsing
             # a connection after an upgrade request, so it cannot be reused.
             downstream.force_close()
-        exchange.status = response.status_code
         await downstream.prepare(request)
+        # Only now has the caller been sent a status: a caller gone before the
+        # headers went out (prepare raising ConnectionResetError) counts as 499.
+        exchange.status = response.status_code
         try:
             if request.method != "HEAD" and response.status_code not in _BODYLESS_STATUS:
                 async for chunk in response.aiter_raw():
                     exchange.bytes_out += len(chunk)
                     await downstream.write(chunk)
+            else:
+                # Read the (empty) body to its end all the same: a response that
+                # was never read to its end closes its connection instead of
+                # returning it to the pool.  Body bytes an upstream sends anyway
+                # are not part of this response; the pool sees them and does
+                # not reuse the connection.
+                async for _ in response.aiter_raw():
+                    pass
         except httpx.TransportError:
             # Headers are out: the only honest signal left is to abort, so the
             # caller cannot mistake a truncated body for a complete one.

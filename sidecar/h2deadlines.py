@@ -30,11 +30,22 @@ import httpcore
 # httpcore's own socket read timeout on a multiplexed connection, as a
 # multiple of timeouts.read: only a connection silent this long fails as a whole.
 BACKSTOP_FACTOR = 2.0
-_HEADERS_PHASE = "http2.receive_response_headers."
+# httpcore's trace events around the wait for a response head, on either
+# protocol: it starts once the request (body included) has been sent, and
+# ends with the final response head (interim 1xx responses do not end it).
+_HEADERS_STARTED = frozenset({"http11.receive_response_headers.started", "http2.receive_response_headers.started"})
+_HEADERS_ENDED = frozenset(
+    f"{protocol}.receive_response_headers.{end}" for protocol in ("http11", "http2") for end in ("complete", "failed")
+)
 
 
 class HeaderDeadline:
-    """httpcore ``trace`` hook that arms ``scope`` while response headers are awaited."""
+    """httpcore ``trace`` hook that arms ``scope`` while response headers are awaited.
+
+    Used on HTTP/1.1 too: there httpcore's read timeout bounds only the gap
+    between two reads, so an upstream sending one header byte (or one
+    ``102 Processing``) at a time could hold the request forever.
+    """
 
     __slots__ = ("_scope", "_read")
 
@@ -43,11 +54,10 @@ class HeaderDeadline:
         self._read = read
 
     async def __call__(self, name: str, info: dict[str, Any]) -> None:
-        if not name.startswith(_HEADERS_PHASE) or self._scope.expired():
-            return  # (an expired scope is already cancelling the request)
-        if name.endswith(".started"):
-            self._scope.reschedule(asyncio.get_running_loop().time() + self._read)
-        else:
+        if name in _HEADERS_STARTED:
+            if not self._scope.expired():  # (an expired scope is already cancelling the request)
+                self._scope.reschedule(asyncio.get_running_loop().time() + self._read)
+        elif name in _HEADERS_ENDED and not self._scope.expired():
             self._scope.reschedule(None)
 
 

@@ -136,6 +136,12 @@ class GuardedRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """A request the parser rejected (or, status 500, a bug): answer it ourselves, then close."""
+        if isinstance(exc, ConnectionError) and (self.transport is None or self.transport.is_closing()):
+            # The caller left between the transport closing and aiohttp
+            # cancelling the handler (writing the headers failed): a
+            # disconnect, already accounted as one, not an error of ours.
+            # aiohttp's request loop drops the connection on ConnectionError.
+            raise ConnectionError("client disconnected") from exc
         if status == 500 and exc is not None:
             # Not client garbage: an error of ours. Keep the traceback.
             self.log_exception("unhandled_error", exc_info=exc)

@@ -50,6 +50,10 @@ _ABORT_GRACE = 1.0
 # A second SIGTERM/SIGINT exits at once, with this code (SPEC §2: 1 = anything
 # but a clean shutdown).
 _EXIT_FORCED = 1
+# The accept queue of both listeners: a burst of new connections waits in the
+# kernel rather than being dropped (and retried by the caller a second later).
+# The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 
 class Sidecar:
@@ -143,7 +147,8 @@ class Sidecar:
         await self._proxy_runner.setup()
         reuse_port = config.workers > 1
         proxy_socket = _bind(self.listen, reuse_port=reuse_port)
-        await web.SockSite(self._proxy_runner, proxy_socket).start()
+        # SockSite calls listen() again with its own backlog (128 by default).
+        await web.SockSite(self._proxy_runner, proxy_socket, backlog=LISTEN_BACKLOG).start()
         self.proxy_port = proxy_socket.getsockname()[1]
 
         if self.admin_listen is not None:
@@ -152,7 +157,7 @@ class Sidecar:
             self._admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=_ABORT_GRACE)
             await self._admin_runner.setup()
             admin_socket = _bind(self.admin_listen, reuse_port=reuse_port)
-            await web.SockSite(self._admin_runner, admin_socket).start()
+            await web.SockSite(self._admin_runner, admin_socket, backlog=LISTEN_BACKLOG).start()
             self.admin_port = admin_socket.getsockname()[1]
             if self.admin_listen != config.admin.listen:
                 # --admin overrode the config file: judge the address actually bound.
@@ -426,7 +431,7 @@ def _bind(address: HostPort, *, reuse_port: bool) -> socket.socket:
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
-        sock.listen(4096)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -469,8 +474,14 @@ def tune_gc() -> None:
     gc.set_threshold(5_000, 20, 20)
 
 
-async def serve(sidecar: Sidecar) -> int:
-    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once (code 1)."""
+async def serve(sidecar: Sidecar, *, supervised: bool = False) -> int:
+    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once (code 1).
+
+    ``supervised`` (a worker of ``workers: N``): a second signal is only the
+    same request again (a signal to the process group arrives both directly
+    and through the supervisor), so it changes nothing; the supervisor
+    decides when to stop a worker at once (see sidecar/workers.py).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -479,6 +490,9 @@ async def serve(sidecar: Sidecar) -> int:
         nonlocal signals_seen
         signals_seen += 1
         name = signal.Signals(signum).name
+        if signals_seen > 1 and supervised:
+            log.debug("signal_repeated", signal=name)
+            return
         if signals_seen > 1:
             log.warning("forced_exit", signal=name)
             with contextlib.suppress(Exception):

@@ -202,6 +202,14 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     may_retry = False  # once: the kept-alive connection had gone stale
                     continue
                 raise
+            if not 100 <= response.status <= 599:
+                await self._refuse(connection, response)
+                raise httpx.RemoteProtocolError(f"upstream sent status {response.status}, outside 100-599")
+            if not connection.multiplexed and _length_is_ambiguous(response.headers):
+                # Content-Length and Transfer-Encoding both: the body is framed by
+                # the chunked coding, but the upstream's framing is not to be
+                # trusted again on this connection (RFC 9112 §6.3).
+                self._retire(connection)
             if connection.http_version is None:
                 version = response.extensions.get("http_version", b"HTTP/1.1")
                 connection.http_version = version.decode("ascii", "replace")
@@ -230,22 +238,45 @@ class PoolTransport(httpx.AsyncBaseTransport):
     async def _send(
         self, connection: _Connection, request: httpcore.Request, timeouts: dict[str, float | None]
     ) -> httpcore.Response:
-        """One attempt on ``connection``; on a multiplexed one the read timeout
-        is the stream's own (see h2deadlines)."""
+        """One attempt on ``connection``.
+
+        The whole wait for the final response head, from when the request and
+        its body have been sent, is bounded by ``timeouts.read`` (see
+        h2deadlines.HeaderDeadline): httpcore's own read timeout only bounds the
+        gap between two reads.  On a multiplexed connection the read timeout
+        is the stream's own, httpcore's a longer backstop (see h2deadlines).
+        """
         read = timeouts.get("read")
         extensions = request.extensions
-        if not connection.multiplexed or read is None:
+        if read is None:
             extensions.pop("trace", None)
             extensions["timeout"] = timeouts
             return await connection.conn.handle_async_request(request)
-        extensions["timeout"] = {**timeouts, "read": read * h2deadlines.BACKSTOP_FACTOR}
+        multiplexed = connection.multiplexed
+        extensions["timeout"] = {**timeouts, "read": read * h2deadlines.BACKSTOP_FACTOR} if multiplexed else timeouts
         try:
             async with asyncio.timeout(None) as scope:
                 extensions["trace"] = h2deadlines.HeaderDeadline(scope, read)
                 return await connection.conn.handle_async_request(request)
         except TimeoutError:
-            self._read_timed_out(connection, read)
+            if not scope.expired():
+                raise
+            if multiplexed:
+                self._read_timed_out(connection, read)
             raise httpx.ReadTimeout("no response headers from the upstream within the read timeout") from None
+        finally:
+            # The body phases that follow need no callback: spare their calls.
+            extensions.pop("trace", None)
+
+    async def _refuse(self, connection: _Connection, response: httpcore.Response) -> None:
+        """A response not to be relayed: close it, and its connection with it
+        (an upstream that breaks HTTP this way is not trusted with another request)."""
+        self._retire(connection)
+        try:
+            with contextlib.suppress(Exception):
+                await response.aclose()
+        finally:
+            self._release(connection)
 
     def _read_timed_out(self, connection: _Connection, read: float) -> None:
         """A stream's read deadline fired: if its connection received nothing at
@@ -322,7 +353,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 return connection, True
         while self._idle:
             connection = self._idle.pop()
-            if connection.conn.has_expired() or not connection.conn.is_available():
+            if connection.conn.has_expired() or not self._reusable(connection):
                 self._discard(connection)
                 continue
             connection.streams = 1
@@ -372,6 +403,19 @@ class PoolTransport(httpx.AsyncBaseTransport):
         if h2streams.cancel_orphans(inner):
             self._spawn(h2streams.flush(inner, request))
 
+    @staticmethod
+    def _reusable(connection: _Connection) -> bool:
+        """May this HTTP/1.1 connection carry another request?
+
+        Only when its last response ended cleanly *and* nothing beyond that
+        response has been received: bytes past the end of a response (more than
+        its Content-Length, a body on a 204, a second response nobody asked
+        for) would otherwise be read as the answer to the next request, which
+        may be another caller's.
+        """
+        conn = connection.conn
+        return conn.is_idle() and not has_unread_bytes(conn)
+
     def _retire(self, connection: _Connection) -> None:
         """Take no new requests on ``connection``; close it once its last one ends."""
         connection.retiring = True
@@ -386,7 +430,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
         elif connection.retiring:
             if connection.streams == 0:
                 self._discard(connection)
-        elif conn.is_closed() or (not connection.multiplexed and not conn.is_idle()):
+        elif conn.is_closed() or (not connection.multiplexed and not self._reusable(connection)):
             self._discard(connection)
         elif connection.multiplexed:
             if connection.streams == 0:
@@ -462,6 +506,30 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 waiter.set_result(None)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _length_is_ambiguous(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Does an HTTP/1.1 response carry both Content-Length and Transfer-Encoding?"""
+    names = {name.lower() for name, _ in headers}
+    return b"transfer-encoding" in names and b"content-length" in names
+
+
+def has_unread_bytes(conn: httpcore.AsyncHTTPConnection) -> bool:
+    """Has this HTTP/1.1 connection received bytes beyond its last complete response?
+
+    httpcore does not say, so this reads its parser's buffer (h11's
+    ``trailing_data``: the unparsed bytes and whether the peer closed).  When
+    those internals are not what we know, the answer is "yes": a connection
+    we cannot vouch for is not reused.
+    """
+    try:
+        state = conn._connection._h11_state  # type: ignore[union-attr]
+        data, closed = state.trailing_data
+    except (AttributeError, TypeError, ValueError):
+        return True
+    if not isinstance(data, (bytes, bytearray)) or not isinstance(closed, bool):
+        return True
+    return bool(data) or closed
 
 
 async def _close_quietly(conn: httpcore.AsyncHTTPConnection) -> None:

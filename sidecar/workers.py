@@ -15,8 +15,14 @@ config error, since any rounding up would break the configured total.
 Every worker runs its own admin listener, on the configured admin port plus
 its index (8089, 8090, ... ; port 0 gives each a free port): its ``/metrics``
 and ``/pools`` describe that worker and its share of each limit, so
-Prometheus scrapes each worker as a target (see README, "Multi-core").  SIGTERM,
-SIGINT and SIGHUP sent to the parent are passed to every worker; the parent
+Prometheus scrapes each worker as a target (see docs/operations.md, "Multi-core").
+
+Signals: SIGHUP sent to the parent is passed to every worker.  The first
+SIGTERM or SIGINT is passed on too and every worker drains; a worker takes
+further ones as the same request (a signal to the whole process group reaches
+it twice).  A second SIGTERM/SIGINT to the parent kills every worker (exit 1),
+and workers still running ``shutdown_timeout`` plus SUPERVISOR_MARGIN after
+the first are killed (exit 1): the parent always exits in bounded time.  It
 exits with 0 when every worker did, else with the first non-zero code.  A
 worker that dies on its own takes the others down with it (exit 1): a
 half-running sidecar would silently serve with part of its capacity.
@@ -33,31 +39,24 @@ import socket
 import sys
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
-from .config import Config, ConfigError, HostPort, Upstream
+from .config import Config, HostPort, Upstream, check_divisible
+
+__all__ = ["check_divisible", "reserve_port", "share", "supervise", "worker_admin", "worker_config"]
 
 EXIT_ERROR = 1
+# Past shutdown_timeout, how long the supervisor waits for workers before
+# killing them: a worker's own drain ends at shutdown_timeout, then aborted
+# requests, listeners and pools get about a second each to close.
+SUPERVISOR_MARGIN = 5.0
+# The deadline if the shutdown_timeout in effect cannot be read.
+_FALLBACK_SHUTDOWN_TIMEOUT = 30.0
 
 
 def share(total: int, workers: int, index: int) -> int:
     """Worker ``index``'s part of ``total``: the parts of all workers sum to ``total``."""
     return total // workers + (1 if index < total % workers else 0)
-
-
-def check_divisible(config: Config, workers: int) -> None:
-    """Refuse limits that cannot give every worker at least one slot (ConfigError names the path)."""
-    if workers <= 1:
-        return
-    for upstream in config.upstreams:
-        limits = upstream.limits
-        for name in ("max_connections", "max_concurrent_requests"):
-            value = getattr(limits, name)
-            if value < workers:
-                raise ConfigError(
-                    config.source,
-                    f"upstreams.{upstream.name}.limits.{name}",
-                    f"must be at least workers ({workers}) so that every worker gets one, got {value}",
-                )
 
 
 def worker_config(config: Config, workers: int, index: int) -> Config:
@@ -109,18 +108,64 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
-    """Fork ``workers`` processes running ``run_worker(index)``; pass signals on; collect exit codes."""
+def supervise(
+    workers: int,
+    run_worker: Callable[[int], int],
+    shutdown_timeout: Callable[[], float],
+) -> int:
+    """Fork ``workers`` processes running ``run_worker(index)``; pass signals on; collect exit codes.
+
+    The first SIGTERM/SIGINT is passed to every worker, which drains; workers
+    take repeats as no news, because a signal sent to the whole process
+    group (``timeout``, a terminal's Ctrl-C, an init system) reaches each of
+    them twice: from the kernel and from here.  Whether a signal means "exit
+    now" is decided here instead: a second one to the supervisor kills every
+    worker.  From the first signal on, workers still alive after
+    ``shutdown_timeout()`` plus SUPERVISOR_MARGIN are killed, so the
+    supervisor always exits in bounded time.
+    """
     children: dict[int, int] = {}  # pid -> index
     stopping = False
+    stop_signals = 0
+    exit_code = 0
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        if signum != signal.SIGHUP:
-            stopping = True
+    def kill_all(signum: int) -> None:
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+
+    def begin_stop(signum: int) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        try:
+            budget = shutdown_timeout()
+        except Exception:  # never let the deadline itself fail
+            budget = _FALLBACK_SHUTDOWN_TIMEOUT
+        signal.setitimer(signal.ITIMER_REAL, budget + SUPERVISOR_MARGIN)
+        kill_all(signum)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_signals, exit_code
+        if signum == signal.SIGHUP:
+            kill_all(signum)
+            return
+        stop_signals += 1
+        if stop_signals == 1:
+            begin_stop(signum)
+            return
+        _log().warning("forced_exit", signal=signal.Signals(signum).name, workers=len(children))
+        exit_code = exit_code or EXIT_ERROR
+        kill_all(signal.SIGKILL)
+
+    def on_deadline(signum: int, frame: FrameType | None) -> None:
+        nonlocal exit_code
+        for pid, index in list(children.items()):
+            _log().error("worker_killed", pid=pid, worker_index=index, reason="did not stop within shutdown_timeout")
+        if children:
+            exit_code = exit_code or EXIT_ERROR
+        kill_all(signal.SIGKILL)
 
     # Block the signals around fork so none lands between fork and the
     # worker's own handlers (it would hit the parent's forwarding handler).
@@ -147,11 +192,11 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
                     os._exit(code)
             children[pid] = index
         for signum in handled:
-            signal.signal(signum, forward)
+            signal.signal(signum, on_signal)
+        signal.signal(signal.SIGALRM, on_deadline)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
 
-    exit_code = 0
     while children:
         try:
             pid, status = os.wait()
@@ -166,9 +211,13 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
             exit_code = code
         if not stopping:
             # A worker ended on its own: stop the rest rather than run short-handed.
-            stopping = True
             exit_code = exit_code or EXIT_ERROR
-            for other in list(children):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(other, signal.SIGTERM)
+            begin_stop(signal.SIGTERM)
+    signal.setitimer(signal.ITIMER_REAL, 0)
     return exit_code
+
+
+def _log() -> Any:
+    from .logs import get_logger
+
+    return get_logger("sidecar.workers")

@@ -146,6 +146,8 @@ class SidecarProcess:
     config_path: Path
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
+    # Its own session and process group (pid == pgid), for signals sent to the whole group.
+    new_session: bool = False
     proc: subprocess.Popen[bytes] | None = None
     proxy_port: int = 0
     admin_port: int | None = None
@@ -182,6 +184,7 @@ class SidecarProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=self.new_session,
         )
         self._reader = asyncio.get_running_loop().create_task(self._read())
         deadline = time.monotonic() + timeout

@@ -249,3 +249,33 @@ def test_validate_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=60) == 0
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+# Documents that `validate` used to accept (or crash on) and `run` then failed on.
+UNSERVABLE_CONFIGS = {
+    "deep-yaml": ("upstreams: " + "[" * 5000 + "]" * 5000 + "\n", "upstreams" + "[0]" * 63, "nested more than 64"),
+    "url-port-0": ("upstreams:\n  api: { url: 'http://127.0.0.1:0' }\n", "upstreams.api.url", "port 0"),
+    "url-space-in-host": ("upstreams:\n  api: { url: 'http://bad host:8080' }\n", "upstreams.api.url", "host"),
+    "url-space-in-path": ("upstreams:\n  api: { url: 'http://127.0.0.1:9/a b' }\n", "upstreams.api.url", "path"),
+    "workers-100000": (
+        "workers: 100000\nupstreams:\n  api: { url: 'http://127.0.0.1:9' }\n",
+        "upstreams.api.limits.max_connections",
+        "must be at least workers (100000)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSERVABLE_CONFIGS))
+def test_validate_rejects_what_run_could_not_serve(case: str, tmp_path: Path) -> None:
+    text, yaml_path, problem = UNSERVABLE_CONFIGS[case]
+    config = tmp_path / f"{case}.yaml"
+    config.write_text(text)
+    for command in ("validate", "run"):
+        result = run_cli(
+            "module", command, "-c", str(config), *(["--listen", "127.0.0.1:0"] if command == "run" else [])
+        )
+        assert result.returncode == 2, (command, result)
+        assert "Traceback" not in result.stderr
+        assert result.stderr.startswith(f"sidecar: invalid config: {config}: {yaml_path}: "), result.stderr
+        assert problem in result.stderr
+        assert result.stderr.count("\n") == 1, "one line, not a dump"

@@ -620,3 +620,85 @@ def test_yaml_merge_keys_may_be_overridden() -> None:
 def test_python_tags_are_not_constructed() -> None:
     error = rejected("!!python/object/apply:os.system ['true']\n")
     assert "malformed YAML" in error.problem
+
+
+# ------------------------------------------- what validate used to let through
+
+
+@pytest.mark.parametrize(
+    ("document", "path"),
+    [
+        pytest.param("[" * 5000 + "]" * 5000, "[0]" * 64, id="top-level-sequences"),
+        pytest.param("upstreams: " + "{a: " * 5000 + "1" + "}" * 5000, "upstreams" + ".a" * 63, id="mappings"),
+        pytest.param(
+            "upstreams:\n  a:\n    url: http://a\n    route:\n      hosts: " + "[" * 5000,
+            "upstreams.a.route.hosts" + "[0]" * 60,
+            id="unclosed",
+        ),
+    ],
+)
+def test_a_deeply_nested_document_is_a_config_error_naming_where(document: str, path: str) -> None:
+    error = rejected(document)
+    assert error.path == path
+    assert "nested more than 64 levels deep" in error.problem
+    assert "line 1, column " in error.problem or "line 5, column " in error.problem
+
+
+def test_nesting_up_to_the_limit_is_only_judged_by_the_schema() -> None:
+    # 64 levels are parsed; the schema then refuses the shape, as for any other value.
+    error = rejected("upstreams: " + "[" * 63 + "]" * 63)
+    assert error.path == "upstreams"
+    assert "mapping" in error.problem
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        pytest.param("http://127.0.0.1:0", "port 0", id="port-0"),
+        pytest.param("https://a.internal:0/api", "port 0", id="port-0-https"),
+        pytest.param("http://bad host:8080", "host", id="space-in-host"),
+        pytest.param("http://ex<ample:80", "host", id="angle-in-host"),
+        pytest.param("http://a..b", "host", id="empty-label"),
+        pytest.param("http://[::g]:80", "not a valid URL", id="bad-ipv6"),
+        pytest.param("http://127.0.0.1:9000/a b", "path", id="space-in-path"),
+        pytest.param("http://127.0.0.1:9000/caf\u00e9", "path", id="non-ascii-path"),
+        pytest.param("http://127.0.0.1:9000/a%zz", "path", id="bad-percent"),
+        pytest.param("http://127.0.0.1:9000/a\\b", "path", id="backslash-in-path"),
+    ],
+)
+def test_upstream_url_that_could_never_be_requested_is_rejected(url: str, words: str) -> None:
+    error = rejected(f"upstreams:\n  a:\n    url: {url!r}\n")
+    assert error.path == "upstreams.a.url"
+    assert words in error.problem
+    assert str(error).startswith("test.yaml: upstreams.a.url: ")
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "base_path"),
+    [
+        ("http://my_service:8080", "my_service", 8080, ""),  # compose service names may have underscores
+        ("http://[::1]:9000/v1", "::1", 9000, "/v1"),
+        ("https://api.example.com./v1/%7Euser;x=1/", "api.example.com.", 443, "/v1/%7Euser;x=1"),
+        ("http://10.0.0.1:65535/a-b_c.d~e!$&'()*+,=:@", "10.0.0.1", 65535, "/a-b_c.d~e!$&'()*+,=:@"),
+    ],
+)
+def test_upstream_urls_that_stay_valid(url: str, host: str, port: int, base_path: str) -> None:
+    upstream = parse(f"upstreams:\n  a:\n    url: {url!r}\n").upstreams[0]
+    assert (upstream.host, upstream.port, upstream.base_path) == (host, port, base_path)
+
+
+def test_workers_beyond_what_the_limits_can_share_are_rejected_at_load() -> None:
+    # `run` refuses this (every worker needs one connection); validation must too.
+    error = rejected("workers: 100000\n" + MINIMAL)
+    assert error.path == "upstreams.api.limits.max_connections"
+    assert "must be at least workers (100000)" in error.problem
+
+
+def test_workers_whose_admin_ports_would_pass_65535_are_rejected() -> None:
+    text = "workers: 100000\nadmin: 127.0.0.1:8089\nupstreams:\n  api:\n    url: http://a\n"
+    text += "    limits: { max_connections: 100000, max_pending: 0 }\n"
+    error = rejected(text)
+    assert error.path == "workers"
+    assert "65535" in error.problem
+    # Admin on port 0 (each worker picks a free one) or off: no such bound.
+    assert parse(text.replace("127.0.0.1:8089", "127.0.0.1:0")).workers == 100000
