@@ -7,10 +7,12 @@ The error tree::
     ├── DestinationNotAllowed          403    destination_not_allowed
     ├── ConnectNotSupported            405    connect_not_supported
     ├── BadRequest                     400    bad_request
+    │   └── BadFraming                 400    bad_request (and the connection is closed)
     ├── RequestTimeout                 408    request_timeout
     ├── RequestTooLarge                413    request_too_large
     ├── UriTooLong                     414    uri_too_long
     ├── HeadersTooLarge                431    headers_too_large
+    ├── HttpVersionNotSupported        505    http_version_not_supported
     ├── Rejected (503, Retry-After)
     │   ├── QueueFull                  503    queue_full
     │   ├── PoolTimeout                503    pool_timeout
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
+from typing import Any
 
 import httpx
 from aiohttp import web
@@ -62,6 +65,11 @@ class BadRequest(SidecarError):
     status, code = 400, "bad_request"
 
 
+class BadFraming(BadRequest):
+    """The request body's framing cannot be trusted: nothing after this head can be
+    told apart from a next request, so the connection is closed after the answer."""
+
+
 class RequestTimeout(SidecarError):
     """The caller stalled while sending its request body (inbound.body_idle_timeout)."""
 
@@ -78,6 +86,12 @@ class UriTooLong(SidecarError):
 
 class HeadersTooLarge(SidecarError):
     status, code = 431, "headers_too_large"
+
+
+class HttpVersionNotSupported(SidecarError):
+    """A request in an HTTP version other than 1.0 and 1.1; the connection is closed."""
+
+    status, code = 505, "http_version_not_supported"
 
 
 class Rejected(SidecarError):
@@ -169,15 +183,52 @@ def without_quoted_bytes(text: str) -> str:
     return _QUOTED_BYTES.sub("", text).strip().rstrip(":")
 
 
-def error_response(error: SidecarError, request_id: str, *, close: bool = False) -> web.Response:
-    """The SPEC §6 response for an error: status, X-Sidecar-Error, JSON body."""
+class _ErrorResponse(web.Response):
+    """A response whose status line can say HTTP/1.1 whatever the request said.
+
+    aiohttp echoes the request's version: it would answer "HTTP/2.0 505" to an
+    HTTP/2.0 request, and "HTTP/1.0 400" to a request it could not parse (for
+    which it makes up an HTTP/1.0 one). A server answers in the highest version
+    it speaks that the caller can read (RFC 9110 §6.2): HTTP/1.1.
+    """
+
+    __slots__ = ("_as_http11",)
+
+    def __init__(self, *, as_http11: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._as_http11 = as_http11
+
+    async def _write_headers(self) -> None:
+        if not self._as_http11:
+            await super()._write_headers()
+            return
+        writer = self._payload_writer
+        assert writer is not None
+        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self._headers)
+        if self._send_headers_immediately:
+            writer.send_headers()
+
+
+def error_response(
+    error: SidecarError, request_id: str, *, close: bool = False, as_http11: bool = False
+) -> web.Response:
+    """The SPEC §6 response for an error: status, X-Sidecar-Error, JSON body.
+
+    ``as_http11``: the status line says HTTP/1.1 whatever the request's version
+    (one we do not speak, or unknown because the request could not be parsed).
+    """
     body = json.dumps(
         {"error": error.code, "message": error.message, "upstream": error.upstream, "request_id": request_id}
     )
     headers = {"X-Sidecar-Error": error.code, "X-Request-Id": request_id}
     if isinstance(error, Rejected):
         headers["Retry-After"] = str(error.retry_after)
-    response = web.Response(status=error.status, text=body, content_type="application/json", headers=headers)
+    if close and as_http11:
+        # aiohttp only writes it itself in answer to an HTTP/1.1 request.
+        headers["Connection"] = "close"
+    response = _ErrorResponse(
+        as_http11=as_http11, status=error.status, text=body, content_type="application/json", headers=headers
+    )
     if close:
         # The header alone would be a lie: aiohttp keeps the connection open
         # unless told to close it, and then writes "Connection: close" itself.

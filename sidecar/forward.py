@@ -20,11 +20,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
-from aiohttp import HttpVersion11, StreamReader, hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, StreamReader, hdrs, web
 
 from .config import Inbound
 from .errors import (
+    BadFraming,
+    ConnectNotSupported,
     Draining,
+    HttpVersionNotSupported,
     RequestTimeout,
     RequestTooLarge,
     SidecarError,
@@ -64,6 +67,16 @@ _BODYLESS_STATUS = (204, 304)
 # X-Sidecar-Error tells callers the upstream was never reached, so an upstream
 # must not be able to claim it (a caller would retry a POST it executed).
 _OURS = frozenset({"x-request-id", "x-sidecar-error"})
+# Errors after which the connection is closed. For CONNECT, untrusted framing
+# and an HTTP version we do not speak, what follows the head cannot be trusted
+# to be a next request: for CONNECT it is tunnel data (or a body the parser may
+# not even frame), and reading it as a request would forward bytes the caller's
+# side never inspected as one.
+_CLOSES_THE_CONNECTION = (Draining, RequestTimeout, ConnectNotSupported, BadFraming, HttpVersionNotSupported)
+# Refused before their body is read, and what follows their head is not to be
+# read at all (see _refuse_to_read_on).
+_UNREAD = (ConnectNotSupported, BadFraming, HttpVersionNotSupported)
+_SPOKEN_VERSIONS = (HttpVersion10, HttpVersion11)
 
 
 @dataclass(slots=True)
@@ -172,8 +185,11 @@ class Forwarder:
         except SidecarError as error:
             exchange.status, exchange.error = error.status, error.code
             exchange.upstream = exchange.upstream or error.upstream
-            close = isinstance(error, (Draining, RequestTimeout)) or _asks_upgrade(request)
-            return error_response(error, exchange.request_id, close=close)
+            close = isinstance(error, _CLOSES_THE_CONNECTION) or _asks_upgrade(request)
+            if isinstance(error, _UNREAD):
+                _refuse_to_read_on(request)
+            as_http11 = request.version not in _SPOKEN_VERSIONS
+            return error_response(error, exchange.request_id, close=close, as_http11=as_http11)
         except (asyncio.CancelledError, ConnectionResetError):
             exchange.error = exchange.error or "client_disconnected"
             exchange.aborted = True
@@ -187,6 +203,8 @@ class Forwarder:
             self._finished(exchange)
 
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+        _check_version(request)
+        _check_framing(request)
         if self._draining():
             raise Draining("the sidecar is shutting down; retry on another instance", retry_after=1)
         generation = self._generation()
@@ -415,6 +433,52 @@ class _IdleWatchdog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _check_version(request: web.BaseRequest) -> None:
+    """Only HTTP/1.0 and 1.1: both parsers let other versions through (llhttp reads a
+    request line without one as HTTP/0.9), and aiohttp would answer in that version."""
+    version = request.version
+    if version not in _SPOKEN_VERSIONS:
+        raise HttpVersionNotSupported(
+            f"HTTP/{version.major}.{version.minor} is not supported: the sidecar speaks HTTP/1.1 (and 1.0)"
+        )
+
+
+def _check_framing(request: web.BaseRequest) -> None:
+    """Refuse a Transfer-Encoding other than one ``chunked`` on an HTTP/1.1 request.
+
+    Both aiohttp parsers only look at the last coding: ``gzip, chunked`` was read
+    as chunked and forwarded without its gzip coding (a corrupted body), and the
+    pure-Python one takes ``chunked, chunked`` as well. Any other list is a
+    framing the caller and the sidecar may not agree on (RFC 9112 §6.3), and in
+    an HTTP/1.0 request Transfer-Encoding means faulty framing (RFC 9112 §6.1).
+    """
+    codings = request.headers.getall(hdrs.TRANSFER_ENCODING, ())
+    if not codings:
+        return
+    if request.version != HttpVersion11:
+        raise BadFraming("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+    if len(codings) != 1 or codings[0].strip(" \t").lower() != "chunked":
+        raise BadFraming("the only request Transfer-Encoding accepted is a single 'chunked'")
+
+
+class NotRead(TimeoutError):
+    """Set on the body stream of a request whose remaining bytes we will not read.
+
+    A TimeoutError for the same reason as :class:`BodyIdle`: aiohttp's lingering
+    read of an unread body then stops at once instead of reading (and
+    discarding) for up to its lingering time before closing.
+    """
+
+
+def _refuse_to_read_on(request: web.BaseRequest) -> None:
+    """Let the connection close right after the answer, not after aiohttp's lingering
+    read: a refused CONNECT is followed by the tunnel the caller thinks it opened,
+    which may never end, and a body with untrusted framing has no known end."""
+    stream = request.content
+    if not stream.is_eof():
+        stream.set_exception(NotRead())
 
 
 def _asks_upgrade(request: web.BaseRequest) -> bool:

@@ -15,27 +15,42 @@ It also answers requests the HTTP parser rejects with the sidecar's own error
 responses (SPEC §6: ``X-Sidecar-Error`` and a JSON body) instead of aiohttp's
 text pages, which echo the offending bytes and always say 400: a request line
 over ``inbound.max_line_size`` gets 414, a header over ``max_field_size`` or
-more than ``max_headers`` headers get 431, anything else malformed gets 400.
+more than ``max_headers`` headers get 431, a well-formed version other than
+HTTP/1.0 and 1.1 gets 505, anything else malformed gets 400, always with an
+HTTP/1.1 status line. An HTTP/0.9 request line (no version) is answered 400 as
+soon as it ends, without waiting for a blank line its client never sends.
 Each is logged as one concise line, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, HttpProcessingError, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from .errors import BadRequest, HeadersTooLarge, SidecarError, UriTooLong, error_response, without_quoted_bytes
+from .errors import (
+    BadRequest,
+    HeadersTooLarge,
+    HttpVersionNotSupported,
+    SidecarError,
+    UriTooLong,
+    error_response,
+    without_quoted_bytes,
+)
 from .forward import new_request_id
 from .logs import get_logger
 
 log = get_logger("sidecar.inbound")
 
 ClientErrorHook = Callable[[str], None]
+# "method target" and nothing else: an HTTP/0.9 request line.
+_HTTP09_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+\r?")
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -47,8 +62,10 @@ class GuardedRequestHandler(RequestHandler):
         "_head_timer",
         "_last_payload",
         "_line_bytes",
+        "_line_start",
         "_in_request_line",
         "_line_too_long",
+        "_refused",
     )
 
     def __init__(
@@ -65,8 +82,10 @@ class GuardedRequestHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._last_payload: Any = None  # the body stream of the last parsed request
         self._line_bytes = 0
+        self._line_start = b""  # the request line's bytes so far (up to max_line_size)
         self._in_request_line = True
         self._line_too_long = False
+        self._refused = False  # answered without the parser: read nothing more
 
     # ------------------------------------------------------------ deadline
 
@@ -79,10 +98,13 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if data and self._head_timer is None and self._between_requests():
             self._start_head()  # the first byte of the next request head
-        if self._in_request_line and data:
-            self._track_request_line(data)
+        if self._in_request_line and data and self._track_request_line(data):
+            self._refuse_http09()
+            return
         parsed_before = self._request_count
         super().data_received(data)
         if self._request_count != parsed_before and self._messages:
@@ -96,6 +118,7 @@ class GuardedRequestHandler(RequestHandler):
 
     def _start_head(self) -> None:
         self._line_bytes = 0
+        self._line_start = b""
         self._in_request_line = True
         self._line_too_long = False
         self._stop_head_timer()
@@ -116,15 +139,37 @@ class GuardedRequestHandler(RequestHandler):
         # response may be on the wire already.  Closing frees everything.
         self.force_close()
 
-    def _track_request_line(self, data: bytes) -> None:
-        """Note whether the request line alone is over max_line_size (414, not 431)."""
+    def _track_request_line(self, data: bytes) -> bool:
+        """Note whether the request line alone is over max_line_size (414, not 431);
+        True when it is complete and an HTTP/0.9 one."""
         newline = data.find(b"\n")
         length = self._line_bytes + (len(data) if newline == -1 else newline)
         self._line_bytes = length
         if length > self.max_line_size:
             self._line_too_long = True
-        if newline != -1:
-            self._in_request_line = False
+        elif not self._line_too_long:
+            self._line_start += data if newline == -1 else data[:newline]
+        if newline == -1:
+            return False
+        self._in_request_line = False
+        line, self._line_start = self._line_start, b""
+        return not self._line_too_long and _HTTP09_REQUEST_LINE.fullmatch(line) is not None
+
+    def _refuse_http09(self) -> None:
+        """Answer an HTTP/0.9 request line at once, as a parse error.
+
+        Its client sends that one line and waits; neither parser answers before
+        a blank line that never comes, so the caller would only see the header
+        timeout close the connection. Nothing more is read from it.
+        """
+        self._refused = True
+        self._stop_head_timer()
+        error = BadHttpMessage("request line without an HTTP version (HTTP/0.9 is not supported)")
+        self._messages.append((_ErrInfo(status=400, exc=error, message=error.message), EMPTY_PAYLOAD))
+        self._request_count += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -------------------------------------------------------- bad requests
 
@@ -161,7 +206,8 @@ class GuardedRequestHandler(RequestHandler):
             error.status = status
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error response")
-        response = error_response(error, new_request_id(), close=True)
+        # The request's version is unknown here (aiohttp stands in an HTTP/1.0 one).
+        response = error_response(error, new_request_id(), close=True, as_http11=True)
         response.force_close()
         return response
 
@@ -173,6 +219,11 @@ class GuardedRequestHandler(RequestHandler):
         text = exc.message if isinstance(exc.message, str) else str(exc)
         if isinstance(exc, BadHttpMessage) and text.startswith("Too many headers"):
             return HeadersTooLarge(f"more than {self.max_headers} request headers")
+        if isinstance(exc, BadStatusLine) and "Invalid HTTP version" in text:
+            # llhttp's word for a well-formed HTTP/x.y it does not speak (HTTP/1.2,
+            # HTTP/3.0); the pure-Python parser lets those through to the handler,
+            # which answers 505 too.
+            return HttpVersionNotSupported("only HTTP/1.1 (and 1.0) requests are supported")
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         reason = without_quoted_bytes(first_line)[:120]
         return BadRequest(f"malformed request: {reason or type(exc).__name__}")

@@ -70,8 +70,9 @@ def status_label(exchange: Exchange) -> int:
 
 # Request-level client errors also counted in sidecar_client_errors_total, next
 # to the connection-level ones the proxy protocol reports (header_timeout,
-# bad_request, uri_too_long, headers_too_large).
-CLIENT_ERROR_KINDS = frozenset({"request_timeout", "request_too_large"})
+# bad_request, uri_too_long, headers_too_large, http_version_not_supported).
+# A 505 is either, depending on which parser refused the version: counted alike.
+CLIENT_ERROR_KINDS = frozenset({"request_timeout", "request_too_large", "http_version_not_supported"})
 
 
 def outcome(exchange: Exchange) -> str:

@@ -5,6 +5,8 @@ No I/O and no aiohttp here, so every rule is unit-tested directly.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 
 from .config import Upstream
@@ -15,6 +17,60 @@ from .errors import BadRequest, ConnectNotSupported, DestinationNotAllowed, NoRo
 class RouteMatch:
     upstream: Upstream
     target: str  # the request target to send upstream: path and query, byte for byte
+
+
+# What an upstream may take for a segment separator: "/", its percent-encoding
+# (servers that decode before splitting), and a backslash, raw or encoded
+# (servers that treat it as "/").
+_SEPARATOR = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
+_ENCODED_DOT = re.compile(r"%2e", re.IGNORECASE)
+
+
+def climbs_out(path: str) -> bool:
+    """True when the dot-segments of ``path`` (no query) climb above where it starts.
+
+    Conservative on purpose, so that no upstream's reading of the path is more
+    permissive than ours: ``%2e`` counts as a dot, ``..;param`` as ``..`` (some
+    servers drop path parameters first), and an empty segment is not a level
+    (some servers merge slashes). Climbing above at any point counts, even if a
+    later segment comes back down.
+    """
+    depth = 0
+    for segment in _SEPARATOR.split(path):
+        name = _ENCODED_DOT.sub(".", segment).split(";", 1)[0]
+        if name == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif name not in ("", "."):
+            depth += 1
+    return False
+
+
+def _stays_inside(free_path_and_query: str) -> str:
+    """Refuse a path that would leave the upstream's fixed part (see :meth:`Router.resolve`)."""
+    if climbs_out(free_path_and_query.partition("?")[0]):
+        raise BadRequest("the request path climbs out of the upstream's base path with '..' segments")
+    return free_path_and_query
+
+
+# RFC 3986 §3.2.2 host (reg-name, which covers IPv4, or a bracketed IP literal)
+# and §3.2.3 port: what a Host header may hold (RFC 9110 §7.2).
+_HOST = re.compile(r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*|\[([0-9A-Fa-f:.]+)\])(?::[0-9]*)?")
+
+
+def valid_host(value: str) -> bool:
+    """Whether a Host header value is a syntactically valid ``host[:port]``."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    literal = match.group(1)
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+    return True
 
 
 def _split_host(authority: str) -> str:
@@ -40,16 +96,30 @@ class Router:
                 self._by_host[host] = upstream
 
     def resolve(self, method: str, raw_target: str, host_header: str | None) -> RouteMatch:
-        """Match a request; raises a SidecarError subclass when it must be refused."""
+        """Match a request; raises a SidecarError subclass when it must be refused.
+
+        The target is forwarded byte for byte, with one exception: a path whose
+        dot-segments would climb above the upstream's fixed part is refused
+        (400), since it would reach other paths of the same host, with the
+        credentials ``headers.set`` adds. The fixed part is the base path of the
+        upstream's ``url``, plus the route's prefix when it is not stripped.
+        """
         if method == "CONNECT":
             raise ConnectNotSupported(
                 "CONNECT is not supported: point the service at http:// and let the sidecar originate TLS"
             )
+        if host_header is not None and not valid_host(host_header.strip(" \t")):
+            # RFC 9112 §3.2. Not quoted back: it is whatever the caller put there.
+            raise BadRequest("the Host header is not a valid host[:port]")
+        if "#" in raw_target:
+            # A fragment is the client's business (RFC 9110 §4.2.5), never part of
+            # a request target: whatever an upstream would make of it, it is not ours.
+            raise BadRequest("a request target must not carry a fragment")
         if raw_target.startswith("/"):
             if host_header and self._by_host:
                 upstream = self._by_host.get(host_header.strip().lower()) or self._by_host.get(_split_host(host_header))
                 if upstream is not None:
-                    return RouteMatch(upstream, self._join(upstream, raw_target))
+                    return RouteMatch(upstream, self._join(upstream, _stays_inside(raw_target)))
             return self._by_path(raw_target)
         if "://" in raw_target[:16]:
             return self._absolute(raw_target)
@@ -59,8 +129,6 @@ class Router:
         scheme, _, rest = raw_target.partition("://")
         if scheme.lower() not in ("http", "https"):
             raise BadRequest(f"unsupported scheme in absolute-form target: {scheme[:20]!r}")
-        if "#" in rest:
-            raise BadRequest("a request target must not carry a fragment")
         slash = len(rest)
         for delimiter in "/?":
             index = rest.find(delimiter)
@@ -78,7 +146,7 @@ class Router:
             )
         if not path_and_query.startswith("/"):
             path_and_query = "/" + path_and_query
-        return RouteMatch(upstream, self._join(upstream, path_and_query))
+        return RouteMatch(upstream, self._join(upstream, _stays_inside(path_and_query)))
 
     def _by_path(self, raw_target: str) -> RouteMatch:
         path, question, query = raw_target.partition("?")
@@ -87,8 +155,11 @@ class Router:
         while True:
             upstream = self._by_prefix.get(candidate)
             if upstream is not None:
-                if upstream.route.strip_prefix and candidate != "/":
-                    path = path[len(candidate) :]
+                # The prefix is fixed whether stripped or not: only what follows it is the caller's.
+                free = path if candidate == "/" else path[len(candidate) :]
+                _stays_inside(free)
+                if upstream.route.strip_prefix:
+                    path = free
                 return RouteMatch(upstream, self._join(upstream, path + question + query))
             if candidate == "/":
                 break

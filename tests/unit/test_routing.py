@@ -182,6 +182,10 @@ def test_absolute_form_to_an_unconfigured_host_is_403(router: Router, target: st
         "http://user:pw@payments.internal/x",  # userinfo
         "http://payments.internal@evil.example/x",  # userinfo hiding the real host
         "http://payments.internal/x#frag",  # fragment
+        "/payments/x#frag",  # fragment in origin-form
+        "/payments/x?a=1#frag",
+        "/payments#",
+        "/x#/../../admin",
         "ftp://payments.internal/x",  # non-http scheme
         "ws://payments.internal/x",
         "http:///x",  # no host
@@ -217,3 +221,181 @@ def test_errors_carry_no_upstream_before_one_is_chosen(router_without_root: Rout
         with pytest.raises(SidecarError) as info:
             router_without_root.resolve("GET", target, None)
         assert info.value.upstream is None
+
+
+# ------------------------------------------------- dot-segments climbing out
+#
+# The fixed part of the path the upstream receives is its base path, plus the
+# prefix when strip_prefix is false: the caller's dot-segments may move around
+# below it, never above it (that would reach other paths of the same host, with
+# the credentials headers.set injects).
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        # Raw dot-segments, stripped prefix: /api/.. is the host's root.
+        ("/payments/..", None),
+        ("/payments/../", None),
+        ("/payments/../admin", None),
+        ("/payments/../../admin", None),
+        ("/payments/v1/../../admin", None),
+        ("/payments/./../admin", None),
+        ("/payments/v1/./.././../admin?a=1", None),
+        # Percent-encoded dots, any case, any mix.
+        ("/payments/%2e%2e/admin", None),
+        ("/payments/%2E%2E/admin", None),
+        ("/payments/.%2e/admin", None),
+        ("/payments/%2e./admin", None),
+        ("/payments/%2E./admin", None),
+        ("/payments/.%2E/admin", None),
+        ("/payments/v1/%2e%2e/%2e%2e/admin", None),
+        # Encoded or backslash separators.
+        ("/payments/..%2fadmin", None),
+        ("/payments/..%2Fadmin", None),
+        ("/payments/v1%2f..%2f..%2fadmin", None),
+        ("/payments/%2e%2e%2fadmin", None),
+        ("/payments/..\\admin", None),
+        ("/payments/v1\\..\\..\\admin", None),
+        ("/payments/..%5cadmin", None),
+        ("/payments/%2e%2e%5Cadmin", None),
+        # A path parameter does not hide a dot-segment from servers that drop it.
+        ("/payments/..;/admin", None),
+        ("/payments/..;x=1/admin", None),
+        # Empty segments are not levels to climb back from (servers merging slashes).
+        ("/payments/v1//../../admin", None),
+        # Prefix kept (strip_prefix: false): /base/keep is fixed, /base is not reachable.
+        ("/keep/..", None),
+        ("/keep/../admin", None),
+        ("/keep/%2e%2e/admin", None),
+        ("/keep/a/../../admin", None),
+        # Longest prefix wins, and its own fixed part counts (payments-v2 has no base path).
+        ("/payments/v2/../x", None),
+        # No base path: still refused, nothing above an upstream's root is a path.
+        ("/nobase/../x", None),
+        # The root prefix and Host-header routes: the base path is the fixed part.
+        ("/..", None),
+        ("/%2e%2e/etc/passwd", None),
+        ("/x/../../etc", None),
+        ("/../admin", "payments.internal"),
+        ("/v1/%2e%2e/%2e%2e/admin", "pay.example.com"),
+        # Absolute-form.
+        ("http://payments.internal/../admin", None),
+        ("http://payments.internal/v1/..%2f..%2fadmin?x=1", None),
+        ("http://[::1]:9/%2e%2e", None),
+    ],
+)
+def test_dot_segments_climbing_out_of_the_fixed_part_are_400(router: Router, target: str, host: str | None) -> None:
+    with pytest.raises(BadRequest) as info:
+        router.resolve("GET", target, host)
+    assert info.value.status == 400 and info.value.code == "bad_request"
+    assert info.value.upstream is None
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "upstream", "sent"),
+    [
+        # Staying inside: forwarded byte for byte, never normalised.
+        ("/payments/a/../b", None, "payments", "/api/a/../b"),
+        ("/payments/a/b/../../c", None, "payments", "/api/a/b/../../c"),
+        ("/payments/a/%2e%2e/b", None, "payments", "/api/a/%2e%2e/b"),
+        ("/payments/a%2f..%2fb", None, "payments", "/api/a%2f..%2fb"),
+        ("/payments/a/..", None, "payments", "/api/a/.."),
+        ("/payments/./x/.", None, "payments", "/api/./x/."),
+        ("/payments/%2e/x", None, "payments", "/api/%2e/x"),
+        # Not dot-segments: more dots, dots within a name.
+        ("/payments/.../x", None, "payments", "/api/.../x"),
+        ("/payments/..a/x", None, "payments", "/api/..a/x"),
+        ("/payments/a../x", None, "payments", "/api/a../x"),
+        ("/payments/%2e%2e%2e/x", None, "payments", "/api/%2e%2e%2e/x"),
+        ("/payments/.hidden/..x", None, "payments", "/api/.hidden/..x"),
+        # Decoded once, as an upstream would: %252e is a literal "%2e", not a dot.
+        ("/payments/%252e%252e/x", None, "payments", "/api/%252e%252e/x"),
+        # The query is not a path: anything goes there.
+        ("/payments/x?a=../..", None, "payments", "/api/x?a=../.."),
+        ("/payments?../../admin", None, "payments", "/api?../../admin"),
+        ("/payments/x?%2e%2e/%2e%2e/%2e%2e", None, "payments", "/api/x?%2e%2e/%2e%2e/%2e%2e"),
+        ("/payments/x?a=1/../..\\..%2f..", None, "payments", "/api/x?a=1/../..\\..%2f.."),
+        # Prefix kept: moving below it is fine.
+        ("/keep/a/../b", None, "keep", "/base/keep/a/../b"),
+        # Not under /payments at all: the root route's own base path is the limit.
+        ("/payments%2f..%2fadmin", None, "root", "/catchall/payments%2f..%2fadmin"),
+        ("/x/../y", None, "root", "/catchall/x/../y"),
+        # Host-header and absolute-form routes.
+        ("/v1/../v2", "payments.internal", "payments", "/api/v1/../v2"),
+        ("http://payments.internal/v1/../v2?q=../..", None, "payments", "/api/v1/../v2?q=../.."),
+    ],
+)
+def test_dot_segments_staying_inside_pass_byte_for_byte(
+    router: Router, target: str, host: str | None, upstream: str, sent: str
+) -> None:
+    assert route(router, target, host) == (upstream, sent)
+
+
+# ------------------------------------------------------- Host header syntax
+#
+# RFC 9112 §3.2: a Host that is not a valid host[:port] is 400, whatever the
+# target form, even when routing does not need it.
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a.test/evil",
+        "a .test",
+        "a@b",
+        "user@payments.internal",
+        "payments.internal/x",
+        "payments.internal?x",
+        "payments.internal#x",
+        "payments.internal\\x",
+        "a\tb",
+        "a, b",
+        "a:b:c",
+        "a:80x",
+        "a:-1",
+        "a%zz",
+        "a%2",
+        "caf\u00e9.example",
+        "[::1",
+        "[::1]x",
+        "[::1]:a",
+        "[not-ipv6]",
+        "[]",
+        "[127.0.0.1]",
+        "[::1]]",
+        "::1",
+        '"quoted"',
+        "a<b>",
+        "a{b}",
+    ],
+)
+def test_invalid_host_header_is_400(router: Router, host: str) -> None:
+    for target in ("/payments/x", "http://payments.internal/x"):
+        with pytest.raises(BadRequest) as info:
+            router.resolve("GET", target, host)
+        assert info.value.status == 400 and info.value.code == "bad_request"
+        assert host not in info.value.message
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "",  # an empty Host is valid (an empty reg-name)
+        "payments.internal",
+        "PAYMENTS.Internal:8088",
+        "localhost:",  # an empty port is valid too
+        "127.0.0.1",
+        "127.0.0.1:1",
+        "[::1]",
+        "[::1]:8088",
+        "[2001:db8::1]:443",
+        "[::ffff:127.0.0.1]",
+        "a-b_c~d.example",
+        "xn--caf-dma.example",
+        "pct%41encoded",
+        "sub!$&'()*+,;=delims",
+    ],
+)
+def test_valid_host_headers_are_accepted(router: Router, host: str) -> None:
+    assert route(router, "/nobase/x", host)[1] in ("/x", "/api/nobase/x", "/catchall/nobase/x")
