@@ -17,7 +17,7 @@ import time
 def main(count: int) -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     from sidecar.config import parse_config
-    from sidecar.forward import Exchange
+    from sidecar.exchange import Exchange
     from sidecar.logs import configure_logging, get_logger, log_access, scrubber
     from sidecar.metrics import Metrics, outcome
     from sidecar.pools import UpstreamPool

@@ -43,7 +43,7 @@ from .errors import (
     error_response,
     without_quoted_bytes,
 )
-from .forward import new_request_id
+from .headers import new_request_id
 from .logs import get_logger
 
 log = get_logger("sidecar.inbound")

@@ -17,7 +17,7 @@ import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
 if TYPE_CHECKING:
-    from .forward import Exchange
+    from .exchange import Exchange
 
 REDACTED = "<redacted>"
 

@@ -23,7 +23,7 @@ from . import __version__
 from .pools import UpstreamPool
 
 if TYPE_CHECKING:
-    from .forward import Exchange
+    from .exchange import Exchange
 
 # Latency buckets from 1 ms to 60 s: proxied calls range from loopback to slow APIs.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

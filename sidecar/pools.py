@@ -9,8 +9,9 @@ from collections import Counter
 
 import httpx
 
-from .admission import Admission
 from .config import HTTP2Mode, Upstream
+from .policy.admission import Admission
+from .policy.stack import upstream_stages
 from .upstream.pool import PoolTransport
 from .upstream.poolstate import PoolStats
 
@@ -109,6 +110,8 @@ class UpstreamPool:
         self.host_header = (b"Host", upstream.host_header.encode("utf-8"))
         self.headers_set = tuple((name.encode("latin-1"), value.encode("utf-8")) for name, value in rules.set)
         self.headers_not_forwarded = frozenset(name.lower() for name in (*rules.remove, *(n for n, _ in rules.set)))
+        # The policies every request to this upstream passes (sidecar/policy/stack.py).
+        self.stages = upstream_stages(self)
         self.outcomes: Counter[str] = Counter()
         self.active = 0  # requests routed here and not finished: waiting or in flight
         self._idle = asyncio.Event()

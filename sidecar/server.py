@@ -23,7 +23,8 @@ from aiohttp import web
 
 from . import __version__, compat
 from .config import Config, ConfigError, HostPort, admin_exposure_warning, load_config
-from .forward import Exchange, Forwarder, Generation
+from .exchange import Exchange, Generation
+from .forward import Forwarder
 from .inbound import GuardedServer
 from .logs import get_logger, log_access, scrubber
 from .metrics import Metrics, outcome

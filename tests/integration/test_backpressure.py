@@ -29,7 +29,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.forward import Exchange
+from sidecar.exchange import Exchange
 from sidecar.pools import UpstreamPool
 from sidecar.server import Sidecar
 from tests.harness import (

@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
-from sidecar.admission import RETRY_AFTER_MAX, Admission, AdmissionCore
 from sidecar.errors import PoolTimeout, QueueFull
+from sidecar.policy.admission import RETRY_AFTER_MAX, Admission, AdmissionCore
 
 # ------------------------------------------------------------------ the core
 

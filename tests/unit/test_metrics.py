@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import parse_config
-from sidecar.forward import Exchange
+from sidecar.exchange import Exchange
 from sidecar.metrics import REJECTION_REASONS, Metrics, method_label, outcome
 from sidecar.pools import UpstreamPool
 

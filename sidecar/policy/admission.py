@@ -1,6 +1,6 @@
 """Per-upstream admission: slots, a bounded FIFO of waiters, a pool timeout.
 
-Requests never queue inside httpcore (TRAPS.md §1-§2): a request is admitted
+Requests never queue inside httpcore (see docs/backpressure.md): a request is admitted
 only while fewer than ``capacity`` are in flight; up to ``max_pending`` more
 wait here in arrival order for at most ``timeouts.pool``; anything beyond is
 refused at once.
@@ -9,6 +9,7 @@ refused at once.
 event loop, unit-tested on its own.  :class:`Admission` is the thin asyncio
 shell: futures for waiters, a timer per waiter, and the rules for giving a
 slot back on every path (success, error, timeout, cancellation).
+:class:`AdmissionStage` puts it in a request's stack of stages.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .errors import PoolTimeout, QueueFull
+from ..errors import PoolTimeout, QueueFull
+from . import Stage
+
+if TYPE_CHECKING:
+    from ..exchange import Exchange
 
 W = TypeVar("W")
 
@@ -242,3 +247,28 @@ class Admission:
                 continue
             waiter.set_result(None)
             return
+
+
+class AdmissionStage(Stage):
+    """The slots stage: waits in the upstream's FIFO, holds a slot until released."""
+
+    __slots__ = ("_admission", "_clock")
+    name = "admission"
+
+    def __init__(self, admission: Admission, clock: Callable[[], float] = time.monotonic) -> None:
+        self._admission = admission
+        self._clock = clock
+
+    async def admit(self, exchange: Exchange) -> None:
+        waited_from = self._clock()
+        exchange.queued = True
+        try:
+            await self._admission.acquire()
+        finally:
+            now = self._clock()
+            exchange.pool_wait = now - waited_from
+        exchange.admitted_at = now
+
+    def release(self, exchange: Exchange) -> None:
+        admitted = exchange.admitted_at
+        self._admission.release(None if admitted is None else self._clock() - admitted)

@@ -1,0 +1,83 @@
+"""What one request sees and what happened to it: the per-request context.
+
+An :class:`Exchange` is made when a request arrives and travels the whole
+request path (``forward.py``): the admission stages read and write it, the
+attempt loop records each upstream :class:`Attempt` on it, and at the end the
+access log and the metrics are written from it, once.
+
+It takes the configuration :class:`Generation` **once**, when the request is
+routed: a reload in the middle of a request never mixes two configs in it (the
+pools, limits and inbound settings all come from the same snapshot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Inbound
+    from .pools import UpstreamPool
+    from .routing import RouteMatch, Router
+
+
+@dataclass(slots=True)
+class Generation:
+    """One loaded config's routing and pools; swapped whole on reload."""
+
+    router: Router
+    pools: dict[str, UpstreamPool]
+    inbound: Inbound
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try at the upstream: what the stages learn from (status, latency, error)."""
+
+    number: int  # 1 for the first attempt
+    started: float
+    status: int | None = None  # the response status, None when no response head arrived
+    headers_after: float | None = None  # seconds from the start to the response head
+    error: str | None = None  # the outcome code when the attempt failed
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request: its facts, its snapshot of the config, its timings and outcome."""
+
+    request_id: str
+    method: str
+    path: str  # encoded, without the query (no secrets, no control characters)
+    started: float
+    declared_length: int | None = None  # the caller's Content-Length, if any
+    generation: Generation | None = None  # taken once, when routed
+    match: RouteMatch | None = None
+    upstream: str | None = None
+    pool: UpstreamPool | None = None
+    # Admission: set by the admission stage.
+    queued: bool = False  # reached admission (pool_wait is meaningful)
+    pool_wait: float = 0.0
+    admitted_at: float | None = None
+    # Attempts at the upstream, in order.
+    attempts: list[Attempt] = field(default_factory=list)
+    # What the caller got.
+    status: int = 0
+    upstream_time: float | None = None
+    http_version: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    aborted: bool = False
+
+    def pool_wait_left(self) -> float:
+        """What is left of ``timeouts.pool`` for waiting: the admission queue and
+        the connection pool share one budget, so no request waits longer in total."""
+        pool = self.pool
+        if pool is None:
+            return 0.0
+        return max(0.0, pool.admission.pool_timeout - self.pool_wait)
+
+    def begin_attempt(self, now: float) -> Attempt:
+        attempt = Attempt(number=len(self.attempts) + 1, started=now)
+        self.attempts.append(attempt)
+        return attempt

@@ -1,0 +1,35 @@
+"""Which stages a request passes, in which order: the one place that says so.
+
+A new policy is a new module in this package plus one line below.  The order
+for one upstream is fixed by the contract: deadline → circuit breaker →
+upstream pacing → rate limit → admission (slots) → attempts → relay; stages
+that refuse without waiting (the declared body limit) go first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import Stages
+from .admission import AdmissionStage
+from .body_limit import DeclaredBodyLimit
+from .draining import DrainingGate
+
+if TYPE_CHECKING:
+    from ..pools import UpstreamPool
+
+
+def sidecar_stages(draining: Callable[[], bool]) -> Stages:
+    """Before routing: what applies to every request whatever its upstream."""
+    return Stages([DrainingGate(draining)])
+
+
+def upstream_stages(pool: UpstreamPool) -> Stages:
+    """After routing: one upstream's policies, built once per pool."""
+    return Stages(
+        [
+            DeclaredBodyLimit(),
+            AdmissionStage(pool.admission),
+        ]
+    )
