@@ -1,4 +1,4 @@
-# The sidecar as a container image (SPEC §10).
+# The sidecar as a container image (see docs/operations.md, "Run with Docker").
 #
 #   docker build -t sidecar .
 #   docker run --init -p 127.0.0.1:8088:8088 -p 127.0.0.1:8089:8089 \
@@ -48,7 +48,7 @@ WORKDIR /tmp
 # Inside the container both listeners bind every interface; publish them on
 # the host's loopback only (see docker-compose.yml).
 EXPOSE 8088 8089
-# SIGTERM starts the graceful drain (SPEC §9); give `docker stop` a grace
+# SIGTERM starts the graceful drain (docs/operations.md); give `docker stop` a grace
 # period above shutdown_timeout (compose: stop_grace_period).
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \

@@ -38,7 +38,7 @@ from aiohttp import web
 
 
 class SidecarError(Exception):
-    """An error the sidecar answers itself, with a SPEC §6 status and code."""
+    """An error the sidecar answers itself, with its status and code (see docs/backpressure.md, "Errors")."""
 
     status: int = 500
     code: str = "internal_error"
@@ -212,7 +212,7 @@ class _ErrorResponse(web.Response):
 def error_response(
     error: SidecarError, request_id: str, *, close: bool = False, as_http11: bool = False
 ) -> web.Response:
-    """The SPEC §6 response for an error: status, X-Sidecar-Error, JSON body.
+    """The response for an error (see docs/backpressure.md, "Errors"): status, X-Sidecar-Error, JSON body.
 
     ``as_http11``: the status line says HTTP/1.1 whatever the request's version
     (one we do not speak, or unknown because the request could not be parsed).

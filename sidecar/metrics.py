@@ -1,4 +1,4 @@
-"""Prometheus metrics: names, labels and a registry of our own (SPEC §7).
+"""Prometheus metrics: names, labels and a registry of our own (see docs/observability.md).
 
 Gauges that describe live state (in flight, pending, connections) are not
 updated per request: a collector reads them from the pools at scrape time,

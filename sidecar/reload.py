@@ -1,4 +1,6 @@
-"""What a reload changes, decided in plain code before anything is touched. SPEC §9.
+"""What a reload changes, decided in plain code before anything is touched.
+
+See docs/operations.md, "Reload and shutdown".
 
 :func:`plan_reload` compares the running config with a freshly loaded one and
 says which upstreams keep their pool (settings identical, field by field),

@@ -1,4 +1,6 @@
-"""Pure routing: request line + Host header → (upstream, target). SPEC §4.
+"""Pure routing: request line + Host header → (upstream, target).
+
+The rules are in docs/routing-and-forwarding.md, "Routing".
 
 No I/O and no aiohttp here, so every rule is unit-tested directly.
 """
