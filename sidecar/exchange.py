@@ -54,6 +54,9 @@ class Exchange:
     match: RouteMatch | None = None
     upstream: str | None = None
     pool: UpstreamPool | None = None
+    # Waiting in the stages: one budget for every wait together.
+    waiting_since: float | None = None  # when the request began passing its upstream's stages
+    deadline: float | None = None  # monotonic time the caller's own budget ends; None: none given
     # Admission: set by the admission stage.
     queued: bool = False  # reached admission (pool_wait is meaningful)
     pool_wait: float = 0.0
@@ -69,13 +72,23 @@ class Exchange:
     error: str | None = None
     aborted: bool = False
 
-    def pool_wait_left(self) -> float:
-        """What is left of ``timeouts.pool`` for waiting: the admission queue and
-        the connection pool share one budget, so no request waits longer in total."""
+    def wait_allowance(self, now: float) -> float | None:
+        """Seconds this request may still wait before it goes upstream.
+
+        One ``timeouts.pool`` covers every wait in the stages together (a
+        learned pause, a rate-limit token, a slot) and the connection pool's
+        own wait after them, so no request waits longer in total; a caller's
+        deadline bounds it further.  None before the request is routed (no
+        budget is known yet).
+        """
         pool = self.pool
         if pool is None:
-            return 0.0
-        return max(0.0, pool.admission.pool_timeout - self.pool_wait)
+            return None
+        since = now if self.waiting_since is None else self.waiting_since
+        left = pool.admission.pool_timeout - (now - since)
+        if self.deadline is not None:
+            left = min(left, self.deadline - now)
+        return max(0.0, left)
 
     def begin_attempt(self, now: float) -> Attempt:
         attempt = Attempt(number=len(self.attempts) + 1, started=now)

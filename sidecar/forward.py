@@ -121,6 +121,7 @@ class Forwarder:
             # must see the request, or it could close the pool under it.
             pool.request_started()
             try:
+                exchange.waiting_since = time.monotonic()
                 await pool.stages.admit(exchange)
                 try:
                     return await self._attempts(request, exchange, pool)
@@ -177,7 +178,7 @@ class Forwarder:
             extensions={
                 # The connection pool may only wait for what is left of
                 # timeouts.pool after the stages, so no request waits longer in total.
-                "timeout": {**pool.timeout_extension, "pool": exchange.pool_wait_left()},
+                "timeout": {**pool.timeout_extension, "pool": exchange.wait_allowance(time.monotonic()) or 0.0},
                 "target": match.target.encode("latin-1"),
             },
         )

@@ -131,7 +131,7 @@ class AdmissionCore(Generic[W]):
 class Admission:
     """The asyncio shell around :class:`AdmissionCore` for one upstream."""
 
-    __slots__ = ("upstream", "pool_timeout", "_core", "_started", "_clock")
+    __slots__ = ("upstream", "pool_timeout", "_core", "_started", "_allowed", "_clock")
 
     def __init__(
         self,
@@ -146,6 +146,7 @@ class Admission:
         self.pool_timeout = pool_timeout
         self._core: AdmissionCore[asyncio.Future[None]] = AdmissionCore(capacity, max_pending)
         self._started: dict[asyncio.Future[None], float] = {}
+        self._allowed: dict[asyncio.Future[None], float] = {}  # how long each waiter may wait
         self._clock = clock
 
     @property
@@ -169,11 +170,13 @@ class Admission:
         oldest = self._core.oldest_waiter()
         return 0.0 if oldest is None else self._clock() - self._started.get(oldest, self._clock())
 
-    async def acquire(self) -> None:
+    async def acquire(self, timeout: float | None = None) -> None:
         """Wait for a slot; raises QueueFull or PoolTimeout (503) when refused.
 
-        On return the caller holds a slot and must call :meth:`release` exactly
-        once, whatever happens next.
+        ``timeout`` is how long this request may wait (what is left of its
+        wait allowance); ``timeouts.pool`` when not given.  On return the
+        caller holds a slot and must call :meth:`release` exactly once,
+        whatever happens next.
         """
         core = self._core
         if core.try_acquire():
@@ -186,9 +189,11 @@ class Admission:
             )
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
+        allowed = self.pool_timeout if timeout is None else max(0.0, timeout)
         core.enqueue(waiter)
         self._started[waiter] = self._clock()
-        timer = loop.call_later(self.pool_timeout, self._expire, waiter)
+        self._allowed[waiter] = allowed
+        timer = loop.call_later(allowed, self._expire, waiter)
         try:
             await waiter
         except asyncio.CancelledError:
@@ -202,15 +207,16 @@ class Admission:
         finally:
             timer.cancel()
             self._started.pop(waiter, None)
+            self._allowed.pop(waiter, None)
 
     def _expire(self, waiter: asyncio.Future[None]) -> None:
         if waiter.done() or not self._core.remove(waiter):
             return
-        waiter.set_exception(self._timed_out())
+        waiter.set_exception(self._timed_out(self._allowed.get(waiter, self.pool_timeout)))
 
-    def _timed_out(self) -> PoolTimeout:
+    def _timed_out(self, allowed: float) -> PoolTimeout:
         return PoolTimeout(
-            f"no slot for upstream {self.upstream!r} within {self.pool_timeout:g}s (timeouts.pool)",
+            f"no slot for upstream {self.upstream!r} within {allowed:g}s (timeouts.pool)",
             upstream=self.upstream,
             retry_after=self._core.retry_after(),
         )
@@ -238,11 +244,12 @@ class Admission:
                 continue
             if now is None:
                 now = self._clock()
-            if now - self._started.get(waiter, now) >= self.pool_timeout:
+            allowed = self._allowed.get(waiter, self.pool_timeout)
+            if now - self._started.get(waiter, now) >= allowed:
                 # Past its deadline, its timer not yet run (a busy loop runs
                 # callbacks late): it gets its 503 now, the slot goes on, so
-                # no request starts upstream after waiting over timeouts.pool.
-                waiter.set_exception(self._timed_out())
+                # no request starts upstream after waiting over its allowance.
+                waiter.set_exception(self._timed_out(allowed))
                 waiter = self._core.release()
                 continue
             waiter.set_result(None)
@@ -263,7 +270,7 @@ class AdmissionStage(Stage):
         waited_from = self._clock()
         exchange.queued = True
         try:
-            await self._admission.acquire()
+            await self._admission.acquire(exchange.wait_allowance(waited_from))
         finally:
             now = self._clock()
             exchange.pool_wait = now - waited_from

@@ -424,3 +424,30 @@ async def test_a_waiter_past_its_deadline_is_not_handed_a_slot_when_its_timer_ru
     assert (admission.in_flight, admission.pending) == (1, 0)
     admission.release()
     assert (admission.in_flight, admission.pending) == (0, 0)
+
+
+async def test_a_waiter_waits_only_for_the_allowance_it_brings() -> None:
+    # Stages before admission (a pause, a token) may have used part of the
+    # request's wait already: admission waits only for what is left.
+    admission = Admission("a", capacity=1, max_pending=4, pool_timeout=5.0)
+    await admission.acquire()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(PoolTimeout, match=r"within 0\.05s"):
+        await admission.acquire(0.05)
+    assert asyncio.get_running_loop().time() - started < 2.0  # not the 5 s timeouts.pool
+    assert admission.pending == 0
+    admission.release()
+    assert admission.in_flight == 0
+
+
+async def test_a_late_handover_respects_the_waiters_own_allowance() -> None:
+    now = [0.0]
+    admission = Admission("a", capacity=1, max_pending=4, pool_timeout=5.0, clock=lambda: now[0])
+    await admission.acquire()
+    short = asyncio.ensure_future(admission.acquire(1.0))
+    await asyncio.sleep(0)
+    now[0] = 1.5  # past the waiter's allowance, its timer has not run yet
+    admission.release()
+    with pytest.raises(PoolTimeout):
+        await short
+    assert admission.in_flight == 0 and admission.pending == 0

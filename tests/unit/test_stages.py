@@ -168,3 +168,20 @@ async def test_admission_stage_records_the_queue_time_of_a_waiter() -> None:
 
 def test_request_too_large_is_a_413() -> None:
     assert RequestTooLarge("x").status == 413
+
+
+def test_the_wait_allowance_is_one_budget_for_every_stage_and_the_deadline_caps_it() -> None:
+    exchange = new_exchange()
+    assert exchange.wait_allowance(1.0) is None  # not routed: no budget known yet
+
+    class _Pool:
+        class admission:  # stands in for the pool's Admission
+            pool_timeout = 2.0
+
+    exchange.pool = _Pool()  # type: ignore[assignment]
+    exchange.waiting_since = 10.0
+    assert exchange.wait_allowance(10.0) == 2.0
+    assert exchange.wait_allowance(11.5) == 0.5  # a pause or a token took 1.5 s of it
+    assert exchange.wait_allowance(13.0) == 0.0
+    exchange.deadline = 10.75
+    assert exchange.wait_allowance(10.5) == 0.25  # the caller's deadline is nearer
