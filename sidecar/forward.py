@@ -140,8 +140,8 @@ class Forwarder:
         """
         stages = pool.stages
         repeatable = not request.body_exists
+        attempt = exchange.begin_attempt(time.monotonic())
         while True:
-            attempt = exchange.begin_attempt(time.monotonic())
             try:
                 response = await self._send(request, exchange, pool)
             except SidecarError as error:
@@ -150,17 +150,21 @@ class Forwarder:
                 delay = stages.next_attempt(exchange, attempt) if repeatable else None
                 if delay is None:
                     raise
-                await asyncio.sleep(delay)
-                continue
-            try:
-                self._answered(exchange, attempt, response)
-                stages.observe(exchange, attempt)
-                delay = stages.next_attempt(exchange, attempt) if repeatable else None
-                if delay is None:
-                    return await self._relay(request, response, exchange)
-            finally:
-                await response.aclose()
+            else:
+                try:
+                    self._answered(exchange, attempt, response)
+                    stages.observe(exchange, attempt)
+                    delay = stages.next_attempt(exchange, attempt) if repeatable else None
+                    if delay is None:
+                        return await self._relay(request, response, exchange)
+                finally:
+                    await response.aclose()
             await asyncio.sleep(delay)
+            attempt = exchange.begin_attempt(time.monotonic())
+            # Every attempt after the first passes the stages' per-attempt gates
+            # (circuit, pause, token) while the request keeps its slot.
+            await stages.before_retry(exchange, attempt)
+            attempt.started = time.monotonic()
 
     async def _send(self, request: web.BaseRequest, exchange: Exchange, pool: UpstreamPool) -> httpx.Response:
         """One attempt: send the request, wait for the response head."""

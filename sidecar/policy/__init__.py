@@ -34,7 +34,11 @@ class Stage:
       returned, synchronously, on every path — success, error, cancellation —
       so whatever admit took (a slot, a token, a lease) always goes back;
     * :meth:`observe` sees every attempt at the upstream, in order;
-    * :meth:`next_attempt` is asked after an attempt that may be repeated.
+    * :meth:`next_attempt` is asked after an attempt that may be repeated;
+    * :meth:`before_retry` gates every attempt after the first, while the
+      request keeps what :meth:`admit` gave it (its slot): a stage that gates
+      each attempt (a circuit, a learned pause, a rate-limit token) checks
+      in :meth:`admit` for the first attempt and here for the others.
     """
 
     __slots__ = ()
@@ -52,6 +56,10 @@ class Stage:
     def next_attempt(self, exchange: Exchange, attempt: Attempt) -> float | None:
         """Seconds to wait before another attempt, or None for no other."""
         return None
+
+    async def before_retry(self, exchange: Exchange, attempt: Attempt) -> None:
+        """Another attempt (``attempt``, not yet sent) is about to be made: let it
+        go, possibly after a bounded wait, or raise a SidecarError."""
 
 
 class Stages:
@@ -102,6 +110,10 @@ class Stages:
             if delay is not None:
                 return delay
         return None
+
+    async def before_retry(self, exchange: Exchange, attempt: Attempt) -> None:
+        for stage in self.stages:
+            await stage.before_retry(exchange, attempt)
 
     def __repr__(self) -> str:
         return f"<Stages {' → '.join(stage.name for stage in self.stages) or '(none)'}>"

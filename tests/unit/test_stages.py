@@ -185,3 +185,24 @@ def test_the_wait_allowance_is_one_budget_for_every_stage_and_the_deadline_caps_
     assert exchange.wait_allowance(13.0) == 0.0
     exchange.deadline = 10.75
     assert exchange.wait_allowance(10.5) == 0.25  # the caller's deadline is nearer
+
+
+async def test_before_retry_gates_each_later_attempt_in_order() -> None:
+    journal: list[str] = []
+
+    class Gate(Recording):
+        async def before_retry(self, exchange: Exchange, attempt: Attempt) -> None:
+            journal.append(f"gate {self.label} {attempt.number}")
+            if self.refuse:
+                raise SidecarError(f"{self.label} refuses the retry")
+
+    exchange = new_exchange()
+    exchange.begin_attempt(0.0)
+    second = exchange.begin_attempt(1.0)
+    await Stages([Gate("a", journal), Gate("b", journal)]).before_retry(exchange, second)
+    assert journal == ["gate a 2", "gate b 2"]
+    with pytest.raises(SidecarError, match="b refuses the retry"):
+        await Stages([Gate("a", journal), Gate("b", journal, refuse=True), Gate("c", journal)]).before_retry(
+            exchange, second
+        )
+    assert journal[-2:] == ["gate a 2", "gate b 2"]
