@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .admin import create_admin_app
 from .config import Config, ConfigError, HostPort, admin_exposure_warning, load_config
 from .forward import Exchange, Forwarder, Generation
 from .inbound import GuardedServer
@@ -152,8 +153,6 @@ class Sidecar:
         self.proxy_port = proxy_socket.getsockname()[1]
 
         if self.admin_listen is not None:
-            from .admin import create_admin_app
-
             self._admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=_ABORT_GRACE)
             await self._admin_runner.setup()
             admin_socket = _bind(self.admin_listen, reuse_port=reuse_port)
