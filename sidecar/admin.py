@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from .config import REDACTED, ConfigError, public_view
-from .logs import scrubber
+from .config import ConfigError, public_view
 from .metrics import CONTENT_TYPE
+from .redact import REDACTED, contains_secret, scrubber
 from .reload import ReloadRefused, ReloadResult
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
     """
     upstream, admission, stats = pool.upstream, pool.admission, pool.stats()
     limits = upstream.limits
-    url = REDACTED if any(secret in upstream.url for secret in secrets) else upstream.url
+    url = REDACTED if contains_secret(upstream.url, secrets) else upstream.url
     return {
         "url": url,
         "http2": upstream.http2.yaml_value,

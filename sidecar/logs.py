@@ -1,58 +1,24 @@
-"""structlog setup and the per-request access event (SPEC §8).
+"""structlog setup and the per-request access event (docs/observability.md).
 
 One JSON event per line on stdout (console rendering on a TTY or when asked).
-Secrets loaded from ${VAR} are scrubbed from every event, whatever logged it.
+Secrets loaded from ${VAR} are scrubbed from every event, whatever logged it
+(sidecar/redact.py).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import re
 import sys
-from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .redact import scrubber
+
 if TYPE_CHECKING:
     from .forward import Exchange
-
-REDACTED = "<redacted>"
-
-
-class SecretScrubber:
-    """A structlog processor replacing any known secret inside string values.
-
-    It runs on every event, the access line included: one precompiled
-    alternation is searched per string value, and only a hit pays for a
-    replacement.
-    """
-
-    def __init__(self) -> None:
-        self.secrets: tuple[str, ...] = ()
-        self._pattern: re.Pattern[str] | None = None
-
-    def update(self, secrets: frozenset[str]) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        self.secrets = tuple(sorted((s for s in secrets if len(s) >= 3), key=len, reverse=True))
-        self._pattern = re.compile("|".join(map(re.escape, self.secrets))) if self.secrets else None
-
-    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        pattern = self._pattern
-        if pattern is not None:
-            for key, value in event.items():
-                if isinstance(value, str) and pattern.search(value):
-                    event[key] = pattern.sub(REDACTED, value)
-        return event
-
-    def redact(self, text: str) -> str:
-        pattern = self._pattern
-        return text if pattern is None else pattern.sub(REDACTED, text)
-
-
-scrubber = SecretScrubber()
 
 
 class _ClientGarbageFilter(logging.Filter):
@@ -118,7 +84,7 @@ def get_logger(name: str = "sidecar") -> Any:
 
 
 def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
-    """The one access event per request, with every SPEC §8 field.
+    """The one access event per request, with every field docs/observability.md lists.
 
     Never the query string, never a header value: the path is logged encoded
     and without its query, and no header is read here at all.

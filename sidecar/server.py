@@ -26,9 +26,10 @@ from .admin import create_admin_app
 from .config import Config, ConfigError, HostPort, admin_exposure_warning, load_config
 from .forward import Exchange, Forwarder, Generation
 from .inbound import GuardedServer
-from .logs import get_logger, log_access, scrubber
+from .logs import get_logger, log_access
 from .metrics import Metrics, outcome
 from .pools import UpstreamPool
+from .redact import scrubber
 from .reload import ReloadRefused, ReloadResult, file_signature, plan_reload
 from .routing import Router
 
