@@ -1,4 +1,4 @@
-"""The proxy handler: route → admit → send (streaming) → stream back. SPEC §4-§6.
+"""The proxy handler: route → admit → send (streaming) → stream back (docs/routing-and-forwarding.md).
 
 Ownership rules that keep every slot and connection accounted for:
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import httpx
 from aiohttp import HttpVersion10, HttpVersion11, StreamReader, hdrs, web
 
+from .compat.aiohttp import RelayedResponse
 from .config import Inbound
 from .errors import (
     BadFraming,
@@ -107,26 +108,6 @@ class Exchange:
     bytes_out: int = 0
     error: str | None = None
     aborted: bool = False
-
-
-class _Response(web.StreamResponse):
-    """A StreamResponse that adds nothing the upstream did not send.
-
-    aiohttp adds ``Content-Type: application/octet-stream`` and its own
-    ``Server`` header when missing; a proxy must not invent either
-    (TRAPS.md §18).
-    """
-
-    __slots__ = ("_invented",)
-
-    def __init__(self, status: int, invented: tuple[str, ...]) -> None:
-        super().__init__(status=status)
-        self._invented = invented
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        for name in self._invented:
-            self._headers.popall(name, None)
 
 
 def _connection_tokens(value: str | None) -> frozenset[str]:
@@ -353,7 +334,7 @@ class Forwarder:
         invented = tuple(
             name for name, seen in (("Content-Type", seen_content_type), ("Server", seen_server)) if not seen
         )
-        downstream = _Response(response.status_code, invented)
+        downstream = RelayedResponse(response.status_code, invented)
         for name, value in downstream_headers:
             downstream.headers.add(name, value)
         downstream.headers["X-Request-Id"] = exchange.request_id

@@ -1,0 +1,1 @@
+"""Checked access to the libraries the sidecar relies on beyond their public API."""
