@@ -1,4 +1,4 @@
-"""structlog setup and the per-request access event (docs/observability.md).
+"""structlog setup: one event per line, secrets scrubbed (docs/observability.md).
 
 One JSON event per line on stdout (console rendering on a TTY or when asked).
 Secrets loaded from ${VAR} are scrubbed from every event, whatever logged it
@@ -10,15 +10,12 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .redact import scrubber
-
-if TYPE_CHECKING:
-    from .forward import Exchange
 
 
 class _ClientGarbageFilter(logging.Filter):
@@ -81,27 +78,3 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> Non
 
 def get_logger(name: str = "sidecar") -> Any:
     return structlog.get_logger(name)
-
-
-def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
-    """The one access event per request, with every field docs/observability.md lists.
-
-    Never the query string, never a header value: the path is logged encoded
-    and without its query, and no header is read here at all.
-    """
-    upstream_time = exchange.upstream_time
-    logger.info(
-        "access",
-        request_id=exchange.request_id,
-        method=exchange.method,
-        path=exchange.path,
-        upstream=exchange.upstream,
-        status=exchange.status or None,
-        duration_ms=round(duration * 1000, 3),
-        pool_wait_ms=round(exchange.pool_wait * 1000, 3),
-        upstream_ms=None if upstream_time is None else round(upstream_time * 1000, 3),
-        upstream_http_version=exchange.http_version,
-        bytes_in=exchange.bytes_in,
-        bytes_out=exchange.bytes_out,
-        error=exchange.error,
-    )
