@@ -18,9 +18,11 @@ def main(count: int) -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     from sidecar.config import parse_config
     from sidecar.exchange import Exchange
-    from sidecar.logs import configure_logging, get_logger, log_access, scrubber
+    from sidecar.logs import configure_logging, get_logger
     from sidecar.metrics import Metrics, outcome
+    from sidecar.observe import log_access
     from sidecar.pools import UpstreamPool
+    from sidecar.redact import scrubber
 
     configure_logging("json", "info")
     scrubber.update(frozenset({"a-loaded-secret-value"}))

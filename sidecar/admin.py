@@ -1,30 +1,64 @@
-"""The admin listener: health, readiness, metrics, pool snapshots, config, reload. SPEC §7."""
+"""The admin listener: health, readiness, metrics, pool snapshots, config, reload.
+
+The endpoints see the running sidecar only through :class:`AdminTarget`, the
+few things they read or ask for; :class:`sidecar.server.Sidecar` is one.  This
+module never imports the server, so the server can import it.
+"""
 
 from __future__ import annotations
 
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from .config import REDACTED, ConfigError, public_view
-from .logs import scrubber
+from .config import ConfigError, public_view
 from .metrics import CONTENT_TYPE
-from .reload import ReloadRefused
+from .redact import REDACTED, contains_secret, scrubber
+from .reload import ReloadRefused, ReloadResult
 
 if TYPE_CHECKING:
+    from .config import Config, HostPort
+    from .metrics import Metrics
     from .pools import UpstreamPool
-    from .server import Sidecar
 
-SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar")
+
+class AdminTarget(Protocol):
+    """What the admin endpoints need from the running sidecar."""
+
+    @property
+    def config(self) -> Config: ...  # /config, the token, the secrets to redact
+    @property
+    def metrics(self) -> Metrics: ...  # /metrics
+    @property
+    def ready(self) -> bool: ...  # /readyz
+    @property
+    def draining(self) -> bool: ...  # /readyz, /pools
+    @property
+    def worker(self) -> int: ...  # /pools: which of `workers: N` answers
+    # /config "bound": the addresses actually listened on.
+    @property
+    def listen(self) -> HostPort: ...
+    @property
+    def proxy_port(self) -> int: ...
+    @property
+    def admin_listen(self) -> HostPort | None: ...
+    @property
+    def admin_port(self) -> int | None: ...
+    def all_pools(self) -> Iterable[UpstreamPool]: ...  # /pools
+    def retired_pools(self) -> Collection[UpstreamPool]: ...  # /pools "retiring"
+    async def reload(self, reason: str) -> ReloadResult: ...  # POST /reload
+
+
+SIDECAR: web.AppKey[AdminTarget] = web.AppKey("sidecar")
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_admin_app(sidecar: Sidecar) -> web.Application:
+def create_admin_app(sidecar: AdminTarget) -> web.Application:
     app = web.Application(middlewares=[_require_token])
     app[SIDECAR] = sidecar
     app.router.add_get("/healthz", healthz)
@@ -77,7 +111,7 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
     """
     upstream, admission, stats = pool.upstream, pool.admission, pool.stats()
     limits = upstream.limits
-    url = REDACTED if any(secret in upstream.url for secret in secrets) else upstream.url
+    url = REDACTED if contains_secret(upstream.url, secrets) else upstream.url
     return {
         "url": url,
         "http2": upstream.http2.yaml_value,

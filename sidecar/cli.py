@@ -1,4 +1,4 @@
-"""``sidecar run`` / ``sidecar validate``.
+"""``sidecar run`` / ``sidecar validate`` (docs/operations.md, "Command line").
 
 Exit codes: 0 clean shutdown, 2 bad config or usage, 1 anything else.
 """
@@ -131,13 +131,12 @@ def _serve(
     worker: int = 0,
 ) -> int:
     from .compat import IncompatibleLibrary
-    from .server import Sidecar, serve
+    from .runtime import run
+    from .server import Sidecar
 
     sidecar = Sidecar(config, listen=listen, admin=admin, shape=shape, worker=worker)
     try:
-        import uvloop
-
-        return uvloop.run(serve(sidecar, supervised=shape is not None))
+        return run(sidecar, supervised=shape is not None)
     except ConfigError as error:  # valid YAML, but a pool cannot be opened (e.g. a bad CA file)
         print(f"sidecar: invalid config: {error}", file=sys.stderr)
         return EXIT_USAGE

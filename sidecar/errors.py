@@ -31,10 +31,11 @@ from __future__ import annotations
 import json
 import re
 import ssl
-from typing import Any
 
 import httpx
 from aiohttp import web
+
+from .compat.aiohttp import Http11Response
 
 
 class SidecarError(Exception):
@@ -183,32 +184,6 @@ def without_quoted_bytes(text: str) -> str:
     return _QUOTED_BYTES.sub("", text).strip().rstrip(":")
 
 
-class _ErrorResponse(web.Response):
-    """A response whose status line can say HTTP/1.1 whatever the request said.
-
-    aiohttp echoes the request's version: it would answer "HTTP/2.0 505" to an
-    HTTP/2.0 request, and "HTTP/1.0 400" to a request it could not parse (for
-    which it makes up an HTTP/1.0 one). A server answers in the highest version
-    it speaks that the caller can read (RFC 9110 §6.2): HTTP/1.1.
-    """
-
-    __slots__ = ("_as_http11",)
-
-    def __init__(self, *, as_http11: bool, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._as_http11 = as_http11
-
-    async def _write_headers(self) -> None:
-        if not self._as_http11:
-            await super()._write_headers()
-            return
-        writer = self._payload_writer
-        assert writer is not None
-        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self._headers)
-        if self._send_headers_immediately:
-            writer.send_headers()
-
-
 def error_response(
     error: SidecarError, request_id: str, *, close: bool = False, as_http11: bool = False
 ) -> web.Response:
@@ -226,7 +201,7 @@ def error_response(
     if close and as_http11:
         # aiohttp only writes it itself in answer to an HTTP/1.1 request.
         headers["Connection"] = "close"
-    response = _ErrorResponse(
+    response = Http11Response(
         as_http11=as_http11, status=error.status, text=body, content_type="application/json", headers=headers
     )
     if close:

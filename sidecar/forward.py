@@ -24,6 +24,7 @@ import httpx
 from aiohttp import hdrs, web
 
 from .body import request_body
+from .compat.aiohttp import RelayedResponse
 from .errors import SidecarError, error_response, from_upstream_exception
 from .exchange import Attempt, Exchange, Generation
 from .headers import caller_request_id, downstream_headers, new_request_id, upstream_headers
@@ -40,25 +41,6 @@ from .wellformed import (
 )
 
 _BODYLESS_STATUS = (204, 304)
-
-
-class _Response(web.StreamResponse):
-    """A StreamResponse that adds nothing the upstream did not send.
-
-    aiohttp adds ``Content-Type: application/octet-stream`` and its own
-    ``Server`` header when missing; a proxy must not invent either.
-    """
-
-    __slots__ = ("_invented",)
-
-    def __init__(self, status: int, invented: tuple[str, ...]) -> None:
-        super().__init__(status=status)
-        self._invented = invented
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        for name in self._invented:
-            self._headers.popall(name, None)
 
 
 class Forwarder:
@@ -209,7 +191,7 @@ class Forwarder:
             framed_by_coding="transfer-encoding" in response.headers,
             upstream=exchange.upstream,
         )
-        downstream = _Response(response.status_code, invented)
+        downstream = RelayedResponse(response.status_code, invented)
         for name, value in relayed:
             downstream.headers.add(name, value)
         downstream.headers["X-Request-Id"] = exchange.request_id

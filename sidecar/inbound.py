@@ -12,7 +12,7 @@ deadline (``inbound.header_timeout``):
 * trickling more bytes never extends it; when it fires the connection is closed.
 
 It also answers requests the HTTP parser rejects with the sidecar's own error
-responses (SPEC §6: ``X-Sidecar-Error`` and a JSON body) instead of aiohttp's
+responses (``X-Sidecar-Error`` and a JSON body, see docs/routing-and-forwarding.md) instead of aiohttp's
 text pages, which echo the offending bytes and always say 400: a request line
 over ``inbound.max_line_size`` gets 414, a header over ``max_field_size`` or
 more than ``max_headers`` headers get 431, a well-formed version other than
@@ -31,9 +31,9 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, HttpProcessingError, LineTooLong
-from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
 
+from .compat.aiohttp import handler_arguments, last_parsed_payload, parsed_request_count, queue_parse_error
 from .errors import (
     BadRequest,
     HeadersTooLarge,
@@ -102,15 +102,16 @@ class GuardedRequestHandler(RequestHandler):
             return
         if data and self._head_timer is None and self._between_requests():
             self._start_head()  # the first byte of the next request head
-        if self._in_request_line and data and self._track_request_line(data):
-            self._refuse_http09()
+        if self._in_request_line and data and self._track_request_line(data) and self._refuse_http09():
             return
-        parsed_before = self._request_count
+        parsed_before = parsed_request_count(self)
         super().data_received(data)
-        if self._request_count != parsed_before and self._messages:
-            self._last_payload = self._messages[-1][1]
-            self._stop_head_timer()
-            self._in_request_line = False
+        if parsed_request_count(self) != parsed_before:
+            payload = last_parsed_payload(self)
+            if payload is not None:
+                self._last_payload = payload
+                self._stop_head_timer()
+                self._in_request_line = False
 
     def _between_requests(self) -> bool:
         payload = self._last_payload
@@ -122,7 +123,7 @@ class GuardedRequestHandler(RequestHandler):
         self._in_request_line = True
         self._line_too_long = False
         self._stop_head_timer()
-        self._head_timer = self._loop.call_later(self._header_timeout(), self._head_timed_out)
+        self._head_timer = asyncio.get_running_loop().call_later(self._header_timeout(), self._head_timed_out)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -155,21 +156,20 @@ class GuardedRequestHandler(RequestHandler):
         line, self._line_start = self._line_start, b""
         return not self._line_too_long and _HTTP09_REQUEST_LINE.fullmatch(line) is not None
 
-    def _refuse_http09(self) -> None:
-        """Answer an HTTP/0.9 request line at once, as a parse error.
+    def _refuse_http09(self) -> bool:
+        """Answer an HTTP/0.9 request line at once, as a parse error; True if done.
 
         Its client sends that one line and waits; neither parser answers before
         a blank line that never comes, so the caller would only see the header
-        timeout close the connection. Nothing more is read from it.
+        timeout close the connection. Nothing more is read from it.  (False:
+        this aiohttp cannot be handed the error, and the deadline closes it.)
         """
+        error = BadHttpMessage("request line without an HTTP version (HTTP/0.9 is not supported)")
+        if not queue_parse_error(self, 400, error):
+            return False
         self._refused = True
         self._stop_head_timer()
-        error = BadHttpMessage("request line without an HTTP version (HTTP/0.9 is not supported)")
-        self._messages.append((_ErrInfo(status=400, exc=error, message=error.message), EMPTY_PAYLOAD))
-        self._request_count += 1
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        return True
 
     # -------------------------------------------------------- bad requests
 
@@ -254,6 +254,5 @@ class GuardedServer(web.Server):
             self,
             header_timeout=self._header_timeout,
             on_client_error=self._on_client_error,
-            loop=self._loop,
-            **self._kwargs,
+            **handler_arguments(self),
         )

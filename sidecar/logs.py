@@ -1,58 +1,21 @@
-"""structlog setup and the per-request access event (SPEC §8).
+"""structlog setup: one event per line, secrets scrubbed (docs/observability.md).
 
 One JSON event per line on stdout (console rendering on a TTY or when asked).
-Secrets loaded from ${VAR} are scrubbed from every event, whatever logged it.
+Secrets loaded from ${VAR} are scrubbed from every event, whatever logged it
+(sidecar/redact.py).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import re
 import sys
-from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
-if TYPE_CHECKING:
-    from .exchange import Exchange
-
-REDACTED = "<redacted>"
-
-
-class SecretScrubber:
-    """A structlog processor replacing any known secret inside string values.
-
-    It runs on every event, the access line included: one precompiled
-    alternation is searched per string value, and only a hit pays for a
-    replacement.
-    """
-
-    def __init__(self) -> None:
-        self.secrets: tuple[str, ...] = ()
-        self._pattern: re.Pattern[str] | None = None
-
-    def update(self, secrets: frozenset[str]) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        self.secrets = tuple(sorted((s for s in secrets if len(s) >= 3), key=len, reverse=True))
-        self._pattern = re.compile("|".join(map(re.escape, self.secrets))) if self.secrets else None
-
-    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        pattern = self._pattern
-        if pattern is not None:
-            for key, value in event.items():
-                if isinstance(value, str) and pattern.search(value):
-                    event[key] = pattern.sub(REDACTED, value)
-        return event
-
-    def redact(self, text: str) -> str:
-        pattern = self._pattern
-        return text if pattern is None else pattern.sub(REDACTED, text)
-
-
-scrubber = SecretScrubber()
+from .redact import scrubber
 
 
 class _ClientGarbageFilter(logging.Filter):
@@ -115,27 +78,3 @@ def configure_logging(log_format: str | None = None, level: str = "info") -> Non
 
 def get_logger(name: str = "sidecar") -> Any:
     return structlog.get_logger(name)
-
-
-def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
-    """The one access event per request, with every SPEC §8 field.
-
-    Never the query string, never a header value: the path is logged encoded
-    and without its query, and no header is read here at all.
-    """
-    upstream_time = exchange.upstream_time
-    logger.info(
-        "access",
-        request_id=exchange.request_id,
-        method=exchange.method,
-        path=exchange.path,
-        upstream=exchange.upstream,
-        status=exchange.status or None,
-        duration_ms=round(duration * 1000, 3),
-        pool_wait_ms=round(exchange.pool_wait * 1000, 3),
-        upstream_ms=None if upstream_time is None else round(upstream_time * 1000, 3),
-        upstream_http_version=exchange.http_version,
-        bytes_in=exchange.bytes_in,
-        bytes_out=exchange.bytes_out,
-        error=exchange.error,
-    )

@@ -23,7 +23,7 @@ import hpack
 import httpcore
 from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame
 
-from . import SelfCheck, register
+from .checks import SelfCheck, register
 from .httpcore import inner_connection, inner_connection_problem
 
 # Switched off by a failed self-check: the reads below then answer "unknown".

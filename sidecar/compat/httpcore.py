@@ -18,7 +18,7 @@ import h11
 import httpcore
 from httpcore import _synchronization
 
-from . import SelfCheck, register
+from .checks import SelfCheck, register
 
 # httpcore's trace events around the wait for a response head, on either
 # protocol: it starts once the request (body included) has been sent, and

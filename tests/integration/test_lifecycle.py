@@ -308,9 +308,9 @@ async def test_watcher_keeps_running_after_an_unexpected_reload_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fault injection: whatever a reload raises, the next edit is still picked up."""
-    import sidecar.server as server_module
+    import sidecar.generations as generations_module
 
-    real_load = server_module.load_config
+    real_load = generations_module.load_config
     calls = 0
 
     def load_failing_once(path: str) -> object:
@@ -320,8 +320,8 @@ async def test_watcher_keeps_running_after_an_unexpected_reload_error(
             raise RuntimeError("injected failure")
         return real_load(path)
 
-    monkeypatch.setattr(server_module, "load_config", load_failing_once)
-    monkeypatch.setattr(server_module, "_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr(generations_module, "load_config", load_failing_once)
+    monkeypatch.setattr(generations_module, "_WATCH_INTERVAL", 0.05)
     async with Upstream() as first, Upstream() as second:
         async with running_sidecar(tmp_path, config_text(upstream_block("a", first.url))) as sidecar:
             path = Path(sidecar.config.source)
@@ -676,9 +676,9 @@ async def test_concurrent_reloads_are_serialised_and_refused_once_draining(tmp_p
 async def test_reload_that_finishes_loading_after_the_drain_began_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sidecar.server as server_module
+    import sidecar.generations as generations_module
 
-    real_load, real_pool = server_module.load_config, server_module.UpstreamPool
+    real_load, real_pool = generations_module.load_config, generations_module.UpstreamPool
     opened: list[UpstreamPool] = []
 
     def slow_load(path: str) -> object:
@@ -692,8 +692,8 @@ async def test_reload_that_finishes_loading_after_the_drain_began_changes_nothin
     async with Upstream() as upstream:
         text = config_text(upstream_block("a", upstream.url))
         async with running_sidecar(tmp_path, text) as sidecar:
-            monkeypatch.setattr(server_module, "load_config", slow_load)
-            monkeypatch.setattr(server_module, "UpstreamPool", recording_pool)
+            monkeypatch.setattr(generations_module, "load_config", slow_load)
+            monkeypatch.setattr(generations_module, "UpstreamPool", recording_pool)
             running = sidecar.generation().pools["a"]
             rewrite(
                 Path(sidecar.config.source), config_text(upstream_block("a", upstream.url, "timeouts: { read: 9s }"))

@@ -7,8 +7,8 @@ import subprocess
 import sys
 import textwrap
 
-from sidecar.config import REDACTED, parse_config, public_view
-from sidecar.logs import SecretScrubber
+from sidecar.config import parse_config, public_view
+from sidecar.redact import REDACTED, SecretScrubber, contains_secret, redact
 
 ENV = {"API_KEY": "k-0123456789", "BASE": "b-secretpath", "ADMIN_TOKEN": "t-admin-987", "PORT": "8443"}
 YAML = """
@@ -52,11 +52,20 @@ def test_scrubber_replaces_secrets_inside_strings_longest_first() -> None:
     assert event == {"event": "x", "a": f"pre {REDACTED} post {REDACTED}", "n": 3, "b": "xy"}
 
 
+def test_one_off_redaction_and_whole_value_hiding_share_the_rules() -> None:
+    secrets = {"abc", "abcdef", "xy"}
+    assert redact("pre abcdef post abc xy", secrets) == f"pre {REDACTED} post {REDACTED} xy"
+    # Hiding a whole value: any secret counts, however short.
+    assert contains_secret("http://h/xy", secrets)
+    assert not contains_secret("http://h/", secrets)
+
+
 def test_configured_logging_scrubs_tracebacks_and_silences_httpx() -> None:
     script = textwrap.dedent(
         """
         import logging
-        from sidecar.logs import configure_logging, get_logger, scrubber
+        from sidecar.logs import configure_logging, get_logger
+        from sidecar.redact import scrubber
         configure_logging("json", "info")
         scrubber.update(frozenset({"s3cr3t-value"}))
         log = get_logger("t")

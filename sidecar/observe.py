@@ -1,0 +1,66 @@
+"""The one observation of every proxied request, made when it ends.
+
+:class:`Observer` is what the proxy handler calls with each finished
+:class:`~sidecar.forward.Exchange`: it feeds the request metrics, the pool's
+tally of outcomes (``/pools`` totals) and writes the access line.  One call,
+in one place, so that every request is counted exactly once whatever way it
+ended (answered, refused, failed or abandoned by its caller); see
+docs/observability.md for the fields.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .logs import get_logger
+from .metrics import outcome
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .metrics import Metrics
+
+__all__ = ["Observer", "log_access"]
+
+access_log = get_logger("sidecar.access")
+
+
+class Observer:
+    """Metrics, pool outcome and access line for each finished exchange."""
+
+    __slots__ = ("_metrics", "_log")
+
+    def __init__(self, metrics: Metrics, log: Any = access_log) -> None:
+        self._metrics = metrics
+        self._log = log
+
+    def __call__(self, exchange: Exchange) -> None:
+        duration = time.monotonic() - exchange.started
+        self._metrics.observe(exchange, duration)
+        if exchange.pool is not None:
+            exchange.pool.outcomes[outcome(exchange)] += 1
+        log_access(self._log, exchange, duration)
+
+
+def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
+    """The one access event per request, with every field docs/observability.md lists.
+
+    Never the query string, never a header value: the path is logged encoded
+    and without its query, and no header is read here at all.
+    """
+    upstream_time = exchange.upstream_time
+    logger.info(
+        "access",
+        request_id=exchange.request_id,
+        method=exchange.method,
+        path=exchange.path,
+        upstream=exchange.upstream,
+        status=exchange.status or None,
+        duration_ms=round(duration * 1000, 3),
+        pool_wait_ms=round(exchange.pool_wait * 1000, 3),
+        upstream_ms=None if upstream_time is None else round(upstream_time * 1000, 3),
+        upstream_http_version=exchange.http_version,
+        bytes_in=exchange.bytes_in,
+        bytes_out=exchange.bytes_out,
+        error=exchange.error,
+    )
