@@ -13,7 +13,6 @@ from .loader import load_config, parse_config
 from .model import (
     DEFAULT_CONFIG_PATH,
     H2_STREAMS_PER_CONNECTION,
-    REDACTED,
     UPSTREAM_NAME,
     AdminSettings,
     Config,
@@ -35,7 +34,6 @@ from .view import admin_exposure_warning, public_view
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "H2_STREAMS_PER_CONNECTION",
-    "REDACTED",
     "UPSTREAM_NAME",
     "AdminSettings",
     "Config",

@@ -28,9 +28,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from ..redact import redact
 from .model import (
     H2_STREAMS_PER_CONNECTION,
-    REDACTED,
     AdminSettings,
     Config,
     ConfigError,
@@ -147,15 +147,6 @@ def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _redact(problem: str, secrets: set[str]) -> str:
-    # A value that came from ${VAR} may be a secret: an error quoting it
-    # ("must be a positive integer, got '...'") would print, log and serve it.
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 3:
-            problem = problem.replace(secret, REDACTED)
-    return problem
-
-
 # --------------------------------------------------------------------------
 # ValidationError → ConfigError (the only place)
 # --------------------------------------------------------------------------
@@ -182,7 +173,7 @@ def _config_error(source: str, exc: ValidationError, document: object, secrets: 
         path, problem = _path(loc), str(error["ctx"]["error"])
     else:  # not reachable with our validators; pydantic's own words are still located
         path, problem = _path(loc), error["msg"]
-    return ConfigError(source, path or TOP_LEVEL, _redact(problem, secrets))
+    return ConfigError(source, path or TOP_LEVEL, redact(problem, secrets))
 
 
 def _reading_order(error: ErrorDetails, document: object) -> tuple[tuple[int, ...], int]:
@@ -264,7 +255,7 @@ class _Builder:
         self.warnings: list[str] = []
 
     def error(self, path: str, problem: str) -> ConfigError:
-        return ConfigError(self.source, path, _redact(problem, self.secrets))
+        return ConfigError(self.source, path, redact(problem, self.secrets))
 
     def build(self, document: Document) -> Config:
         admin = AdminSettings(listen=document.admin.listen, token=document.admin.token)

@@ -19,7 +19,6 @@ UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 # HTTP/2 carries at most this many concurrent streams per connection through
 # httpcore (it caps the server's SETTINGS_MAX_CONCURRENT_STREAMS at 100).
 H2_STREAMS_PER_CONNECTION = 100
-REDACTED = "<redacted>"
 
 
 class ConfigError(Exception):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import REDACTED, Config, HeaderRules, HostPort, HTTP2Mode
+from ..redact import REDACTED, contains_secret
+from .model import Config, HeaderRules, HostPort, HTTP2Mode
 
 
 def public_view(config: Config) -> dict[str, Any]:
@@ -25,7 +26,7 @@ def public_view(config: Config) -> dict[str, Any]:
             return {name: scrub(getattr(value, name)) for name in value.__dataclass_fields__}
         if isinstance(value, tuple):
             return [scrub(item) for item in value]
-        if isinstance(value, str) and any(secret in value for secret in config.secrets):
+        if isinstance(value, str) and contains_secret(value, config.secrets):
             return REDACTED
         return value
 
