@@ -30,17 +30,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.forward import Exchange
-from sidecar.pools import UpstreamPool
 from sidecar.server import Sidecar
-from tests.harness import (
-    LOOPBACK,
-    HypercornUpstream,
-    TLSUpstream,
-    Upstream,
-    proxy_url,
-    running_sidecar,
-    tls_server_context,
-)
+from tests.support import LOOPBACK
+from tests.support.rest import assert_at_rest, pool_of
+from tests.support.sidecar import proxy_url, running_sidecar
+from tests.support.tls import tls_server_context
+from tests.support.upstreams import HypercornUpstream, TLSUpstream, Upstream
 
 # ------------------------------------------------------------------ helpers
 
@@ -73,31 +68,6 @@ def assert_spec_503(outcome: Outcome, code: str, upstream: str = "api") -> None:
     assert body["request_id"] == outcome.headers["X-Request-Id"]
 
 
-def only_pool(sidecar: Sidecar) -> UpstreamPool:
-    (pool,) = sidecar.generation().pools.values()
-    return pool
-
-
-async def wait_until_quiet(pool: UpstreamPool, timeout: float = 10.0) -> None:
-    """Cancelled handlers finish asynchronously: give them a moment, bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = pool.stats()
-        if pool.admission.in_flight == 0 and pool.admission.pending == 0 and pool.active == 0 and stats.active == 0:
-            return
-        await asyncio.sleep(0.05)
-
-
-def assert_nothing_held(pool: UpstreamPool, max_connections: int) -> None:
-    stats = pool.stats()
-    assert pool.admission.in_flight == 0
-    assert pool.admission.pending == 0
-    assert pool.active == 0
-    assert stats.active == 0, stats
-    assert stats.waiting == 0, stats
-    assert stats.connections <= max_connections, stats
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -109,7 +79,9 @@ def unlimited_session() -> aiohttp.ClientSession:
 # ------------------------------------------------------------ overload
 
 
-async def test_overload_sheds_at_once_and_times_out_the_queue_tail(tmp_path: Path) -> None:
+async def test_overload_sheds_at_once_and_times_out_the_queue_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def slow(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(2.0)
         return web.Response(text="done")
@@ -135,12 +107,11 @@ async def test_overload_sheds_at_once_and_times_out_the_queue_tail(tmp_path: Pat
             exchanges.append(exchange)
             finished(exchange)
 
-        sidecar.forwarder._finished = record
+        monkeypatch.setattr(sidecar.forwarder, "_finished", record)
         url = proxy_url(sidecar) + "/api/work"
         outcomes = await asyncio.gather(*(timed_get(session, url) for _ in range(40)))
-        pool = only_pool(sidecar)
-        await wait_until_quiet(pool)
-        assert_nothing_held(pool, 4)
+        pool = pool_of(sidecar)
+        await assert_at_rest(pool, timeout=10, max_connections=4)
 
     by_kind: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
@@ -195,7 +166,7 @@ async def test_waiters_reach_the_upstream_in_arrival_order(tmp_path: Path) -> No
         ) as sidecar,
         unlimited_session() as session,
     ):
-        pool = only_pool(sidecar)
+        pool = pool_of(sidecar)
         base = proxy_url(sidecar) + "/api/"
         tasks = []
         for number in range(12):
@@ -209,8 +180,7 @@ async def test_waiters_reach_the_upstream_in_arrival_order(tmp_path: Path) -> No
         first_may_finish.set()
         outcomes = await asyncio.gather(*tasks)
         assert [o.status for o in outcomes] == [200] * 12
-        await wait_until_quiet(pool)
-        assert_nothing_held(pool, 1)
+        await assert_at_rest(pool, timeout=10, max_connections=1)
     assert [r.path for r in upstream.requests] == [f"/{n}" for n in range(12)]
 
 
@@ -299,13 +269,11 @@ async def storm_setup(tmp_path: Path) -> AsyncIterator[Sidecar]:
         fds_before = open_fds()
         async with running_sidecar(tmp_path, STORM_CONFIG.format(url=upstream.url), admin=False) as sidecar:
             yield sidecar
-            pool = only_pool(sidecar)
-            await wait_until_quiet(pool)
-            assert_nothing_held(pool, STORM_CONNECTIONS)
+            pool = pool_of(sidecar)
+            await assert_at_rest(pool, timeout=10, max_connections=STORM_CONNECTIONS)
             assert upstream.open_connections <= STORM_CONNECTIONS
             await fresh_requests_succeed(sidecar)
-            await wait_until_quiet(pool)
-            assert_nothing_held(pool, STORM_CONNECTIONS)
+            await assert_at_rest(pool, timeout=10, max_connections=STORM_CONNECTIONS)
             # Pooled keep-alive connections are two fds each (both ends live here).
             assert open_fds() <= fds_before + 2 * STORM_CONNECTIONS + 5
 
@@ -320,7 +288,7 @@ async def test_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
         assert results["complete:200"] > 100
 
 
-async def test_double_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
+async def test_double_cancellation_storm_leaks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TRAPS §3: a second cancel landing in the cleanup (finally/close) path.
 
     Besides callers walking away (aiohttp cancels the handler), a third of the
@@ -352,11 +320,12 @@ async def test_double_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
                 loop.call_later(rng.random() * 0.08, cancel_twice, task)
             return await original(request, exchange)
 
-        sidecar.forwarder._handle = handle_and_maybe_cancel  # type: ignore[method-assign]
-        results = await run_storm(sidecar.proxy_port, seed=5)
+        # Undone before storm_setup checks that fresh requests succeed.
+        with monkeypatch.context() as patch:
+            patch.setattr(sidecar.forwarder, "_handle", handle_and_maybe_cancel)
+            results = await run_storm(sidecar.proxy_port, seed=5)
         assert sum(results.values()) == STORM_REQUESTS
         assert double_cancelled > 300
-        sidecar.forwarder._handle = original  # type: ignore[method-assign]
 
 
 # ------------------------------------------------------------------ HTTP/2
@@ -392,7 +361,7 @@ async def test_http2_limit_defaults_to_100_streams_per_connection(tmp_path: Path
         running_sidecar(tmp_path, H2_CONFIG.format(url=upstream.url), admin=False) as sidecar,
         unlimited_session() as session,
     ):
-        pool = only_pool(sidecar)
+        pool = pool_of(sidecar)
         assert pool.admission.capacity == 2 * 100
         outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
         assert outcome.status == 200
@@ -414,7 +383,7 @@ async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path
         running_sidecar(tmp_path, H2_CONFIG.format(url=upstream.url), admin=False) as sidecar,
         unlimited_session() as session,
     ):
-        pool = only_pool(sidecar)
+        pool = pool_of(sidecar)
         url = proxy_url(sidecar) + "/api/x"
         for wave in ("cold", "warm"):
             outcomes = await asyncio.gather(*(timed_get(session, url) for _ in range(30)))
@@ -429,8 +398,7 @@ async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path
                 assert outcome.elapsed < 2.0 + 1.0, (wave, outcome.elapsed)
             # What two connections of five streams carry, learned from SETTINGS.
             assert pool.admission.capacity == 10
-            await wait_until_quiet(pool)
-            assert_nothing_held(pool, 2)
+            await assert_at_rest(pool, timeout=10, max_connections=2)
 
 
 # ------------------------------------------------ double cancellation, aimed
@@ -465,7 +433,7 @@ async def slow_body_h1(request: web.Request) -> web.StreamResponse:
 @pytest.mark.parametrize("protocol", ["http1", "http2"])
 @pytest.mark.parametrize("second", ["next_tick", "one_ms_later"])
 async def test_second_cancel_during_the_upstream_close_leaks_nothing(
-    tmp_path: Path, protocol: str, second: str
+    tmp_path: Path, protocol: str, second: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """TRAPS §3, aimed: the second cancel lands while ``response.aclose()``
     is closing the upstream exchange (the caller stalled mid-response, the
@@ -479,9 +447,9 @@ async def test_second_cancel_during_the_upstream_close_leaks_nothing(
         upstream,
         running_sidecar(tmp_path, DOUBLE_CANCEL_CONFIG.format(url=upstream.url, http2=http2), admin=False) as sidecar,
     ):
-        pool = only_pool(sidecar)
+        pool = pool_of(sidecar)
         forwarder = sidecar.forwarder
-        original_relay, original_handle = forwarder._relay, forwarder._handle
+        original_handle = forwarder._handle
         handlers: list[asyncio.Task[Any]] = []
 
         async def stalled_relay(request: web.BaseRequest, response: Any, exchange: Any) -> web.StreamResponse:
@@ -494,29 +462,27 @@ async def test_second_cancel_during_the_upstream_close_leaks_nothing(
             handlers.append(task)
             return await original_handle(request, exchange)
 
-        forwarder._relay = stalled_relay  # type: ignore[method-assign]
-        forwarder._handle = recorded_handle  # type: ignore[method-assign]
-        for _ in range(3):
-            # A raw socket: aiohttp's client would silently retry the GET.
-            reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
-            writer.write(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
-            deadline = time.monotonic() + 5
-            while pool.stats().active == 0 or not handlers or handlers[-1].done():
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)  # well inside stalled_relay
-            task = handlers[-1]
-            task.cancel()
-            if second == "next_tick":
-                loop.call_soon(task.cancel)
-            else:
-                loop.call_later(0.001, task.cancel)
-            assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, no response
-            writer.close()
-            await wait_until_quiet(pool, timeout=5)
-            assert_nothing_held(pool, 1)
-        forwarder._relay = original_relay  # type: ignore[method-assign]
-        forwarder._handle = original_handle  # type: ignore[method-assign]
+        with monkeypatch.context() as patch:
+            patch.setattr(forwarder, "_relay", stalled_relay)
+            patch.setattr(forwarder, "_handle", recorded_handle)
+            for _ in range(3):
+                # A raw socket: aiohttp's client would silently retry the GET.
+                reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
+                writer.write(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+                deadline = time.monotonic() + 5
+                while pool.stats().active == 0 or not handlers or handlers[-1].done():
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)  # well inside stalled_relay
+                task = handlers[-1]
+                task.cancel()
+                if second == "next_tick":
+                    loop.call_soon(task.cancel)
+                else:
+                    loop.call_later(0.001, task.cancel)
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, no response
+                writer.close()
+                await assert_at_rest(pool, timeout=10, max_connections=1)
 
 
 async def test_http2_over_tls_that_falls_back_to_http1_admits_one_per_connection(tmp_path: Path) -> None:
@@ -540,7 +506,7 @@ async def test_http2_over_tls_that_falls_back_to_http1_admits_one_per_connection
             ) as sidecar,
             unlimited_session() as session,
         ):
-            pool = only_pool(sidecar)
+            pool = pool_of(sidecar)
             assert pool.admission.capacity == 200
             outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
             assert outcome.status == 200

@@ -13,8 +13,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from sidecar.metrics import CLIENT_CLOSED_STATUS
-from tests.harness import LOOPBACK, ScriptedUpstream, SidecarProcess, admin_url, running_sidecar, write_config
 from tests.integration.test_observability import eventually, scrape, value
+from tests.support import LOOPBACK
+from tests.support.sidecar import SidecarProcess, admin_url, running_sidecar
+from tests.support.upstreams import ScriptedUpstream
+from tests.support.yaml import write_config
 
 ROUNDS = 20
 

@@ -23,18 +23,11 @@ import pytest
 from aiohttp import web
 
 from sidecar.server import Sidecar
-from tests.harness import (
-    LOOPBACK,
-    ScriptedUpstream,
-    TLSUpstream,
-    Upstream,
-    proxy_url,
-    raw_request,
-    read_request_head,
-    read_response,
-    running_sidecar,
-    tls_server_context,
-)
+from tests.support import LOOPBACK
+from tests.support.sidecar import proxy_url, running_sidecar
+from tests.support.tls import tls_server_context
+from tests.support.upstreams import ScriptedUpstream, TLSUpstream, Upstream
+from tests.support.wire import raw_request, read_request_head, read_response
 
 MiB = 1024 * 1024
 
@@ -565,7 +558,8 @@ class _RssWatch:
 
 
 async def test_large_bodies_stream_with_flat_memory(tmp_path: Path) -> None:
-    from tests.harness import SidecarProcess, write_config
+    from tests.support.sidecar import SidecarProcess
+    from tests.support.yaml import write_config
 
     upload_size, download_size = 64 * MiB, 256 * MiB
     block = _block(1)
@@ -780,7 +774,8 @@ async def test_upstream_breaking_mid_body_aborts_the_caller(tmp_path: Path, fram
 
 
 async def test_mid_body_failure_logs_no_traceback(tmp_path: Path) -> None:
-    from tests.harness import SidecarProcess, write_config
+    from tests.support.sidecar import SidecarProcess
+    from tests.support.yaml import write_config
 
     async def breaks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request_head(reader)

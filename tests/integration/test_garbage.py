@@ -13,7 +13,9 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.harness import SidecarProcess, Upstream, write_config
+from tests.support.sidecar import SidecarProcess
+from tests.support.upstreams import Upstream
+from tests.support.yaml import write_config
 
 INPUTS = 10_000
 CONCURRENCY = 50

@@ -25,7 +25,10 @@ from aiohttp import web
 
 from sidecar.pools import UpstreamPool
 from sidecar.reload import ReloadRefused
-from tests.harness import LOOPBACK, SidecarProcess, Upstream, admin_url, proxy_url, running_sidecar, write_config
+from tests.support import LOOPBACK
+from tests.support.sidecar import SidecarProcess, admin_url, proxy_url, running_sidecar
+from tests.support.upstreams import Upstream
+from tests.support.yaml import write_config
 
 # --------------------------------------------------------------------------- helpers
 

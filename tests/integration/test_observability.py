@@ -21,7 +21,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import LOOPBACK, SidecarProcess, Upstream, admin_url, proxy_url, running_sidecar, write_config
+from tests.support import LOOPBACK
+from tests.support.sidecar import SidecarProcess, admin_url, proxy_url, running_sidecar
+from tests.support.upstreams import Upstream
+from tests.support.yaml import write_config
 
 SPEC_ACCESS_FIELDS = {
     "request_id",

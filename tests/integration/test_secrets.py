@@ -12,7 +12,10 @@ import aiohttp
 import pytest
 
 from sidecar.config import ConfigError, parse_config
-from tests.harness import SidecarProcess, Upstream, raw_exchange, status_of, write_config
+from tests.support.sidecar import SidecarProcess
+from tests.support.upstreams import Upstream
+from tests.support.wire import raw_exchange, status_of
+from tests.support.yaml import write_config
 
 ENV_TOKEN = "tok-Env-5ecret-4711"
 LITERAL_KEY = "literal-Key-5ecret-0815"

@@ -17,7 +17,9 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.workers import SUPERVISOR_MARGIN
-from tests.harness import SidecarProcess, Upstream, write_config
+from tests.support.sidecar import SidecarProcess
+from tests.support.upstreams import Upstream
+from tests.support.yaml import write_config
 
 
 async def _started(sidecar: SidecarProcess, workers: int) -> list[dict[str, Any]]:
