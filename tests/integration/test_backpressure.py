@@ -36,6 +36,7 @@ from tests.support.rest import assert_at_rest, pool_of
 from tests.support.sidecar import proxy_url, running_sidecar
 from tests.support.tls import tls_server_context
 from tests.support.upstreams import HypercornUpstream, TLSUpstream, Upstream
+from tests.support.yaml import one_upstream
 
 # ------------------------------------------------------------------ helpers
 
@@ -254,20 +255,15 @@ async def fresh_requests_succeed(sidecar: Sidecar, count: int = 50) -> None:
     assert time.monotonic() - started < 10  # promptly: ~50 x 30 ms over 10 connections
 
 
-STORM_CONFIG = """
-upstreams:
-  api:
-    url: {url}
-    limits: {{ max_connections: 10, max_pending: 1000 }}
-    timeouts: {{ pool: 2s }}
-"""
+def storm_config(url: str) -> str:
+    return one_upstream(url, limits={"max_connections": 10, "max_pending": 1000}, timeouts={"pool": "2s"})
 
 
 @asynccontextmanager
 async def storm_setup(tmp_path: Path) -> AsyncIterator[Sidecar]:
     async with Upstream(streaming_upstream, read_body=False) as upstream:
         fds_before = open_fds()
-        async with running_sidecar(tmp_path, STORM_CONFIG.format(url=upstream.url), admin=False) as sidecar:
+        async with running_sidecar(tmp_path, storm_config(upstream.url), admin=False) as sidecar:
             yield sidecar
             pool = pool_of(sidecar)
             await assert_at_rest(pool, timeout=10, max_connections=STORM_CONNECTIONS)
@@ -345,20 +341,16 @@ class H2Upstream(HypercornUpstream):
         await send({"type": "http.response.body", "body": scope["http_version"].encode()})
 
 
-H2_CONFIG = """
-upstreams:
-  api:
-    url: {url}
-    http2: prior-knowledge
-    limits: {{ max_connections: 2, max_pending: 100 }}
-    timeouts: {{ pool: 1s }}
-"""
+def h2_config(url: str) -> str:
+    return one_upstream(
+        url, http2="prior-knowledge", limits={"max_connections": 2, "max_pending": 100}, timeouts={"pool": "1s"}
+    )
 
 
 async def test_http2_limit_defaults_to_100_streams_per_connection(tmp_path: Path) -> None:
     async with (
         H2Upstream(delay=0.0) as upstream,
-        running_sidecar(tmp_path, H2_CONFIG.format(url=upstream.url), admin=False) as sidecar,
+        running_sidecar(tmp_path, h2_config(upstream.url), admin=False) as sidecar,
         unlimited_session() as session,
     ):
         pool = pool_of(sidecar)
@@ -380,7 +372,7 @@ async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path
     """
     async with (
         H2Upstream(delay=2.0, max_streams=5) as upstream,
-        running_sidecar(tmp_path, H2_CONFIG.format(url=upstream.url), admin=False) as sidecar,
+        running_sidecar(tmp_path, h2_config(upstream.url), admin=False) as sidecar,
         unlimited_session() as session,
     ):
         pool = pool_of(sidecar)
@@ -403,14 +395,9 @@ async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path
 
 # ------------------------------------------------ double cancellation, aimed
 
-DOUBLE_CANCEL_CONFIG = """
-upstreams:
-  api:
-    url: {url}
-    http2: {http2}
-    limits: {{ max_connections: 1, max_pending: 10 }}
-    timeouts: {{ pool: 2s }}
-"""
+
+def double_cancel_config(url: str, http2: str | bool) -> str:
+    return one_upstream(url, http2=http2, limits={"max_connections": 1, "max_pending": 10}, timeouts={"pool": "2s"})
 
 
 class SlowBodyH2(H2Upstream):
@@ -441,11 +428,11 @@ async def test_second_cancel_during_the_upstream_close_leaks_nothing(
     h1 = Upstream(slow_body_h1, read_body=False)
     h2 = SlowBodyH2(delay=0)
     upstream: Any = h1 if protocol == "http1" else h2
-    http2 = "false" if protocol == "http1" else "prior-knowledge"
+    http2: str | bool = False if protocol == "http1" else "prior-knowledge"
     loop = asyncio.get_running_loop()
     async with (
         upstream,
-        running_sidecar(tmp_path, DOUBLE_CANCEL_CONFIG.format(url=upstream.url, http2=http2), admin=False) as sidecar,
+        running_sidecar(tmp_path, double_cancel_config(upstream.url, http2), admin=False) as sidecar,
     ):
         pool = pool_of(sidecar)
         forwarder = sidecar.forwarder

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.rest import assert_at_rest
 from tests.support.sidecar import SidecarProcess, proxy_url, running_sidecar
 from tests.support.upstreams import ScriptedUpstream, Upstream
 from tests.support.wire import raw_exchange, requests_in, status_of
@@ -272,7 +273,7 @@ async def test_declared_body_over_limit_is_refused_before_the_upstream(tmp_path:
         await asyncio.sleep(0.1)
         assert upstream.received == [], "the upstream was contacted for a body known to be too large"
         pool = sidecar.generation().pools["api"]
-        assert (pool.admission.in_flight, pool.admission.pending) == (0, 0)
+        await assert_at_rest(pool)
 
 
 async def test_chunked_body_over_limit_is_cut_off(tmp_path: Path) -> None:
@@ -305,7 +306,7 @@ async def test_chunked_body_over_limit_is_cut_off(tmp_path: Path) -> None:
         assert [(r.method, r.complete) for r in framed] == [("POST", False)]
         assert len(framed[0].body) <= 10 * 1024
         pool = sidecar.generation().pools["api"]
-        assert (pool.admission.in_flight, pool.admission.pending) == (0, 0)
+        await assert_at_rest(pool)
         assert pool.stats().connections == 0
 
 

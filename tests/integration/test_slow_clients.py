@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.support.rest import assert_at_rest
 from tests.support.sidecar import SidecarProcess, running_sidecar
 from tests.support.upstreams import ScriptedUpstream, Upstream
 from tests.support.wire import raw_exchange, requests_in, status_of
@@ -107,7 +108,7 @@ async def test_stalled_body_gets_408_and_frees_its_slot(tmp_path: Path) -> None:
         framed = requests_in(upstream.all_bytes)
         assert [(r.method, r.complete, r.body) for r in framed] == [("POST", False, b"0123456789")]
         pool = sc.generation().pools["api"]
-        assert (pool.admission.in_flight, pool.admission.pending) == (0, 0)
+        await assert_at_rest(pool)
         await asyncio.sleep(0.1)
         assert pool.stats().connections == 0
 
