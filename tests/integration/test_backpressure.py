@@ -362,6 +362,7 @@ async def test_http2_limit_defaults_to_100_streams_per_connection(tmp_path: Path
         assert pool.admission.capacity == 2 * 100
 
 
+@pytest.mark.slow
 async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path: Path) -> None:
     """TRAPS §8: httpcore's wait for a free stream has no timeout.
 

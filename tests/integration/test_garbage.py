@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support.sidecar import SidecarProcess
 from tests.support.upstreams import Upstream
@@ -70,6 +71,7 @@ async def _throw(port: int, data: bytes) -> None:
             writer.transport.abort()
 
 
+@pytest.mark.slow
 async def test_random_bytes_never_take_it_down(tmp_path: Path) -> None:
     async with Upstream() as upstream:
         config = """

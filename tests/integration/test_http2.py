@@ -459,6 +459,7 @@ async def test_goaway_below_the_stream_is_a_clean_502(tmp_path: Path) -> None:
 # ------------------------------------------ MAX_CONCURRENT_STREAMS (§8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_connections", [1, 2])
 async def test_more_requests_than_max_concurrent_streams_never_hang(tmp_path: Path, max_connections: int) -> None:
     """The server allows 5 streams per connection; 12 callers hold theirs. The

@@ -115,6 +115,7 @@ def fd_count(pid: int | str) -> int:
 # ------------------------------------------------------------------------ reload
 
 
+@pytest.mark.slow
 async def test_upstream_added_by_editing_the_file_is_routed_while_a_slow_request_completes(tmp_path: Path) -> None:
     async with Upstream(slow_handler) as first, Upstream() as second:
         path = write_config(tmp_path, config_text(upstream_block("a", first.url)))
@@ -150,6 +151,7 @@ async def post_text(session: aiohttp.ClientSession, url: str) -> tuple[int, str]
         return response.status, await response.text()
 
 
+@pytest.mark.slow
 async def test_broken_file_keeps_old_config_counts_and_logs_failure_then_fix_reloads(tmp_path: Path) -> None:
     async with Upstream() as first, Upstream() as second:
         path = write_config(tmp_path, config_text(upstream_block("a", first.url)))
@@ -232,6 +234,7 @@ async def test_unchanged_upstream_keeps_its_connection_across_every_kind_of_relo
         assert len(replaced.peers) == 4
 
 
+@pytest.mark.slow
 async def test_lowering_max_connections_under_load_caps_the_upstream_once_the_old_pool_drains(
     tmp_path: Path,
 ) -> None:
@@ -282,6 +285,7 @@ async def test_lowering_max_connections_under_load_caps_the_upstream_once_the_ol
         assert set(statuses) == {200}
 
 
+@pytest.mark.slow
 async def test_watcher_survives_a_missing_file_and_a_pool_that_cannot_be_built(tmp_path: Path) -> None:
     not_a_certificate = tmp_path / "ca.pem"
     rewrite(not_a_certificate, "this is not a PEM certificate\n")
@@ -508,6 +512,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
 # ------------------------------------------------------------------------- leaks
 
 
+@pytest.mark.slow
 async def test_fifty_reloads_under_light_load_leak_no_fds_or_connections(tmp_path: Path) -> None:
     async with Upstream() as kept, Upstream() as replaced:
         short = {"keepalive_expiry": "500ms"}
@@ -578,6 +583,7 @@ def own_tasks() -> set[asyncio.Task[object]]:
     return {task for task in asyncio.all_tasks() if task is not current}
 
 
+@pytest.mark.slow
 async def test_fifty_reloads_in_process_leave_no_tasks_pools_or_fds_behind(tmp_path: Path) -> None:
     async with Upstream() as kept, Upstream() as replaced:
         short = {"keepalive_expiry": "300ms"}

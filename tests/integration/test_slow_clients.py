@@ -72,6 +72,7 @@ async def test_trickled_headers_do_not_extend_the_deadline(tmp_path: Path) -> No
         assert upstream.received == []
 
 
+@pytest.mark.slow
 async def test_keepalive_connection_gets_a_fresh_deadline_per_request(tmp_path: Path) -> None:
     async with (
         ScriptedUpstream() as upstream,
@@ -148,6 +149,7 @@ async def _served_promptly(url: str, count: int, *, allowed: tuple[int, ...] = (
     return latencies
 
 
+@pytest.mark.slow
 async def test_500_slowloris_connections_do_not_block_normal_requests(tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2048:

@@ -58,6 +58,7 @@ class _RssWatch:
         return self.peak - self.baseline
 
 
+@pytest.mark.slow
 async def test_large_bodies_stream_with_flat_memory(tmp_path: Path) -> None:
     upload_size, download_size = 64 * MiB, 256 * MiB
     block = _block(1)
