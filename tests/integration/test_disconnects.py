@@ -7,6 +7,7 @@ import logging
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -66,7 +67,7 @@ async def test_caller_gone_just_before_the_response_headers_is_499_not_unhandled
             await assert_at_rest(pool)
             samples = await scrape(client, admin_url(sidecar))
 
-    crashes = [record for record in caplog.records if "unhandled_error" in record.getMessage()]
+    crashes: list[Any] = [record for record in caplog.records if "unhandled_error" in record.getMessage()]
     crashes += [event for event in events if event["event"] == "unhandled_error"]
     assert crashes == [], "a caller that left is not an error of ours"
     assert [record for record in caplog.records if record.levelno >= logging.ERROR] == []

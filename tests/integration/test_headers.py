@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -38,7 +39,9 @@ HOP_BY_HOP_SENT = [
 
 
 async def test_request_header_hygiene(tmp_path: Path) -> None:
-    extra = {"headers": {"set": {"Authorization": "Bearer from-config", "X-Added": "added"}, "remove": ["X-Debug"]}}
+    extra: dict[str, Any] = {
+        "headers": {"set": {"Authorization": "Bearer from-config", "X-Added": "added"}, "remove": ["X-Debug"]}
+    }
     async with (
         Upstream() as upstream,
         running_sidecar(tmp_path, one_upstream(f"{upstream.url}/base", route=API_INTERNAL, **extra)) as sidecar,

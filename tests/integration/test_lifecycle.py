@@ -320,7 +320,7 @@ async def test_watcher_keeps_running_after_an_unexpected_reload_error(
     """Fault injection: whatever a reload raises, the next edit is still picked up."""
     import sidecar.server as server_module
 
-    real_load = server_module.load_config
+    real_load = server_module.load_config  # type: ignore[attr-defined]
     calls = 0
 
     def load_failing_once(path: str) -> object:
@@ -690,7 +690,7 @@ async def test_reload_that_finishes_loading_after_the_drain_began_changes_nothin
 ) -> None:
     import sidecar.server as server_module
 
-    real_load, real_pool = server_module.load_config, server_module.UpstreamPool
+    real_load, real_pool = server_module.load_config, server_module.UpstreamPool  # type: ignore[attr-defined]
     opened: list[UpstreamPool] = []
 
     def slow_load(path: str) -> object:

@@ -437,8 +437,8 @@ async def test_secrets_from_env_appear_in_no_admin_output_log_line_or_error_body
                     config = await response.json()
             await process.wait_for_event("access", count=4)
             # A reload that fails: its error body must not leak either.
-            path = process.config_path
-            path.write_text(path.read_text().replace("token:", "tokn:"))
+            config_file = process.config_path
+            config_file.write_text(config_file.read_text().replace("token:", "tokn:"))
             async with aiohttp.ClientSession() as client:
                 async with client.post(process.admin_url + "/reload", headers=auth) as response:
                     assert response.status == 400

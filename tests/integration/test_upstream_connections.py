@@ -10,6 +10,7 @@ import asyncio
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -52,7 +53,7 @@ async def test_aborted_downloads_release_their_pool_slots(tmp_path: Path) -> Non
         return await handler(request)
 
     # A generous pool timeout: "promptly" is asserted below, not by the admission clock on a busy machine.
-    extra = {"limits": {"max_connections": 5, "max_pending": 1000}, "timeouts": {"pool": "10s"}}
+    extra: dict[str, Any] = {"limits": {"max_connections": 5, "max_pending": 1000}, "timeouts": {"pool": "10s"}}
     async with (
         Upstream(route, read_body=False) as upstream,
         running_sidecar(tmp_path, one_upstream(f"{upstream.url}/base", route=API_INTERNAL, **extra)) as sidecar,
@@ -181,7 +182,7 @@ async def test_caller_leaving_while_the_upstream_connection_opens_leaks_nothing(
             filler.connect_ex((LOOPBACK, port))
             fillers.append(filler)
         await asyncio.sleep(0.1)
-        extra = {"limits": {"max_connections": 2}, "timeouts": {"connect": "30s"}}
+        extra: dict[str, Any] = {"limits": {"max_connections": 2}, "timeouts": {"connect": "30s"}}
         async with running_sidecar(
             tmp_path, one_upstream(f"http://{LOOPBACK}:{port}/base", route=API_INTERNAL, **extra)
         ) as sidecar:

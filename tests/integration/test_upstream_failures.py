@@ -10,6 +10,7 @@ import asyncio
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -97,7 +98,7 @@ async def test_upstream_read_timeout_is_504(tmp_path: Path) -> None:
         await asyncio.sleep(5)
         return web.Response(text="too late")
 
-    extra = {"timeouts": {"read": "300ms"}}
+    extra: dict[str, Any] = {"timeouts": {"read": "300ms"}}
     async with (
         Upstream(slow) as upstream,
         running_sidecar(tmp_path, one_upstream(f"{upstream.url}/base", route=API_INTERNAL, **extra)) as sidecar,
@@ -127,7 +128,7 @@ async def test_upstream_connect_timeout_is_504(tmp_path: Path) -> None:
             filler.connect_ex((LOOPBACK, port))
             fillers.append(filler)
         await asyncio.sleep(0.1)
-        extra = {"timeouts": {"connect": "300ms"}}
+        extra: dict[str, Any] = {"timeouts": {"connect": "300ms"}}
         async with running_sidecar(
             tmp_path, one_upstream(f"http://{LOOPBACK}:{port}/base", route=API_INTERNAL, **extra)
         ) as sidecar:

@@ -22,7 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import h2.config
 import h2.connection
@@ -91,7 +91,7 @@ class Upstream:
         self.requests.append(Recorded(request.method, request.raw_path, headers, body, (peer[0], peer[1])))
         return await self.handler(request)
 
-    async def start(self) -> Upstream:
+    async def start(self) -> Self:
         app = web.Application(client_max_size=1024**4)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, auto_decompress=False, handler_cancellation=True)
@@ -108,7 +108,7 @@ class Upstream:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> Upstream:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -135,7 +135,7 @@ class TLSUpstream(Upstream):
         self.client_certs.append(transport.get_extra_info("peercert") if transport else None)
         return await super()._dispatch(request)
 
-    async def start(self) -> TLSUpstream:
+    async def start(self) -> Self:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None)
@@ -224,7 +224,7 @@ class HypercornUpstream:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    async def start(self) -> HypercornUpstream:
+    async def start(self) -> Self:
         from hypercorn.asyncio import serve
         from hypercorn.config import Config as HypercornConfig
 
@@ -266,7 +266,7 @@ class HypercornUpstream:
                 self._socket.close()
             self._socket = None
 
-    async def __aenter__(self) -> HypercornUpstream:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -411,7 +411,7 @@ class RawH2Server:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    async def __aenter__(self) -> RawH2Server:
+    async def __aenter__(self) -> Self:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _H2Protocol(self), LOOPBACK, 0)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -497,7 +497,7 @@ class ScriptedUpstream:
             self._writers.discard(writer)
             writer.close()
 
-    async def start(self) -> ScriptedUpstream:
+    async def start(self) -> Self:
         self._server = await asyncio.start_server(self._accept, LOOPBACK, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -514,7 +514,7 @@ class ScriptedUpstream:
         await self._server.wait_closed()
         self._server = None
 
-    async def __aenter__(self) -> ScriptedUpstream:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
