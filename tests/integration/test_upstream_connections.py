@@ -7,7 +7,6 @@ callers that are aiohttp clients or raw sockets (:mod:`tests.support.wire`).
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from sidecar.server import Sidecar
 from tests.support import LOOPBACK
 from tests.support.rest import assert_at_rest, eventually
 from tests.support.sidecar import proxy_url, running_sidecar
-from tests.support.upstreams import ScriptedUpstream, Upstream
+from tests.support.upstreams import BlackholeUpstream, ScriptedUpstream, Upstream
 from tests.support.wire import read_request_head, request_bytes
 from tests.support.yaml import API_INTERNAL, one_upstream
 
@@ -170,21 +169,10 @@ async def test_upstream_closed_idle_connection_is_not_reused(tmp_path: Path) -> 
 async def test_caller_leaving_while_the_upstream_connection_opens_leaks_nothing(tmp_path: Path) -> None:
     # TRAPS.md §2: a request cancelled while its connection is being opened must not
     # leave a phantom connection (or slot) behind.
-    listener = socket.socket()
-    listener.bind((LOOPBACK, 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(3):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex((LOOPBACK, port))
-            fillers.append(filler)
-        await asyncio.sleep(0.1)
+    async with BlackholeUpstream() as blackhole:
         extra: dict[str, Any] = {"limits": {"max_connections": 2}, "timeouts": {"connect": "30s"}}
         async with running_sidecar(
-            tmp_path, one_upstream(f"http://{LOOPBACK}:{port}/base", route=API_INTERNAL, **extra)
+            tmp_path, one_upstream(f"{blackhole.url}/base", route=API_INTERNAL, **extra)
         ) as sidecar:
             pool = sidecar.generation().pools["api"]
             for _ in range(50):
@@ -197,7 +185,3 @@ async def test_caller_leaving_while_the_upstream_connection_opens_leaks_nothing(
                 await eventually(lambda: pool.stats().connections == 0 and pool.admission.in_flight == 0, 0.9)
             await assert_at_rest(sidecar)
             assert pool.stats().opened_total == pool.stats().closed_total == 50
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()

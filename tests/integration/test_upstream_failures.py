@@ -7,7 +7,6 @@ callers that are aiohttp clients or raw sockets (:mod:`tests.support.wire`).
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from tests.support import LOOPBACK
 from tests.support.rest import assert_at_rest, eventually
 from tests.support.sidecar import assert_sidecar_error, proxy_url, running_sidecar
 from tests.support.tls import tls_server_context
-from tests.support.upstreams import ScriptedUpstream, TLSUpstream, Upstream, unused_port
+from tests.support.upstreams import BlackholeUpstream, ScriptedUpstream, TLSUpstream, Upstream, unused_port
 from tests.support.wire import raw_request, read_request_head, request_bytes
 from tests.support.yaml import API_INTERNAL, one_upstream
 
@@ -115,22 +114,10 @@ async def test_upstream_read_timeout_is_504(tmp_path: Path) -> None:
 
 
 async def test_upstream_connect_timeout_is_504(tmp_path: Path) -> None:
-    # A listener that never accepts, with its backlog filled: further SYNs are dropped.
-    listener = socket.socket()
-    listener.bind((LOOPBACK, 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(3):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex((LOOPBACK, port))
-            fillers.append(filler)
-        await asyncio.sleep(0.1)
+    async with BlackholeUpstream() as blackhole:
         extra: dict[str, Any] = {"timeouts": {"connect": "300ms"}}
         async with running_sidecar(
-            tmp_path, one_upstream(f"http://{LOOPBACK}:{port}/base", route=API_INTERNAL, **extra)
+            tmp_path, one_upstream(f"{blackhole.url}/base", route=API_INTERNAL, **extra)
         ) as sidecar:
             started = time.monotonic()
             async with aiohttp.ClientSession() as client:
@@ -141,10 +128,6 @@ async def test_upstream_connect_timeout_is_504(tmp_path: Path) -> None:
             assert "connecting" in payload["message"]
             assert time.monotonic() - started < 3
             await assert_at_rest(sidecar)
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
 
 
 async def _echo_target(request: web.Request) -> web.StreamResponse:

@@ -6,6 +6,7 @@
 * :mod:`tests.support.tls` — throwaway CAs and certificates.
 * :mod:`tests.support.yaml` — the one builder of ``upstreams.yaml`` text.
 * :mod:`tests.support.rest` — "the pool is back at rest" and ``eventually``.
+* :mod:`tests.support.metrics` — the admin ``/metrics`` page, parsed.
 * :mod:`tests.support.fixtures` — pytest fixtures (registered in ``tests/conftest.py``).
 
 Everything listens on 127.0.0.1, port 0.

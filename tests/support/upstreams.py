@@ -526,3 +526,38 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
+
+
+class BlackholeUpstream:
+    """A listener that never accepts, its backlog filled: further SYNs are
+    dropped, so connecting to it hangs until the connect timeout (never refused)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._fillers: list[socket.socket] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    async def __aenter__(self) -> Self:
+        self._listener = socket.socket()
+        self._listener.bind((LOOPBACK, 0))
+        self._listener.listen(0)
+        self.port = self._listener.getsockname()[1]
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex((LOOPBACK, self.port))
+            self._fillers.append(filler)
+        await asyncio.sleep(0.1)  # the fillers' handshakes fill the backlog
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for filler in self._fillers:
+            filler.close()
+        self._fillers.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
