@@ -23,7 +23,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.harness import SidecarProcess, Upstream
+from tests.support.sidecar import SidecarProcess
+from tests.support.upstreams import Upstream
 
 
 def _config(url: str, names: list[str], read: int = 10, shutdown: str = "1s") -> str:

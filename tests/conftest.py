@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-# Tests import their helpers as `tests.harness`.
+# Tests import their helpers as `tests.support.*`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sidecar import compat
+from tests.support.fixtures import api_sidecar, ca, start_sidecar, upstream  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -30,17 +30,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.exchange import Exchange
-from sidecar.pools import UpstreamPool
 from sidecar.server import Sidecar
-from tests.harness import (
-    LOOPBACK,
-    HypercornUpstream,
-    TLSUpstream,
-    Upstream,
-    proxy_url,
-    running_sidecar,
-    tls_server_context,
-)
+from tests.support import LOOPBACK
+from tests.support.rest import assert_at_rest, pool_of
+from tests.support.sidecar import proxy_url, running_sidecar
+from tests.support.tls import tls_server_context
+from tests.support.upstreams import HypercornUpstream, TLSUpstream, Upstream
+from tests.support.yaml import one_upstream
 
 # ------------------------------------------------------------------ helpers
 
@@ -73,31 +69,6 @@ def assert_spec_503(outcome: Outcome, code: str, upstream: str = "api") -> None:
     assert body["request_id"] == outcome.headers["X-Request-Id"]
 
 
-def only_pool(sidecar: Sidecar) -> UpstreamPool:
-    (pool,) = sidecar.generation().pools.values()
-    return pool
-
-
-async def wait_until_quiet(pool: UpstreamPool, timeout: float = 10.0) -> None:
-    """Cancelled handlers finish asynchronously: give them a moment, bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = pool.stats()
-        if pool.admission.in_flight == 0 and pool.admission.pending == 0 and pool.active == 0 and stats.active == 0:
-            return
-        await asyncio.sleep(0.05)
-
-
-def assert_nothing_held(pool: UpstreamPool, max_connections: int) -> None:
-    stats = pool.stats()
-    assert pool.admission.in_flight == 0
-    assert pool.admission.pending == 0
-    assert pool.active == 0
-    assert stats.active == 0, stats
-    assert stats.waiting == 0, stats
-    assert stats.connections <= max_connections, stats
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -109,7 +80,9 @@ def unlimited_session() -> aiohttp.ClientSession:
 # ------------------------------------------------------------ overload
 
 
-async def test_overload_sheds_at_once_and_times_out_the_queue_tail(tmp_path: Path) -> None:
+async def test_overload_sheds_at_once_and_times_out_the_queue_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def slow(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(2.0)
         return web.Response(text="done")
@@ -135,12 +108,11 @@ async def test_overload_sheds_at_once_and_times_out_the_queue_tail(tmp_path: Pat
             exchanges.append(exchange)
             finished(exchange)
 
-        sidecar.forwarder._finished = record
+        monkeypatch.setattr(sidecar.forwarder, "_finished", record)
         url = proxy_url(sidecar) + "/api/work"
         outcomes = await asyncio.gather(*(timed_get(session, url) for _ in range(40)))
-        pool = only_pool(sidecar)
-        await wait_until_quiet(pool)
-        assert_nothing_held(pool, 4)
+        pool = pool_of(sidecar)
+        await assert_at_rest(pool, timeout=10, max_connections=4)
 
     by_kind: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
@@ -195,7 +167,7 @@ async def test_waiters_reach_the_upstream_in_arrival_order(tmp_path: Path) -> No
         ) as sidecar,
         unlimited_session() as session,
     ):
-        pool = only_pool(sidecar)
+        pool = pool_of(sidecar)
         base = proxy_url(sidecar) + "/api/"
         tasks = []
         for number in range(12):
@@ -209,8 +181,7 @@ async def test_waiters_reach_the_upstream_in_arrival_order(tmp_path: Path) -> No
         first_may_finish.set()
         outcomes = await asyncio.gather(*tasks)
         assert [o.status for o in outcomes] == [200] * 12
-        await wait_until_quiet(pool)
-        assert_nothing_held(pool, 1)
+        await assert_at_rest(pool, timeout=10, max_connections=1)
     assert [r.path for r in upstream.requests] == [f"/{n}" for n in range(12)]
 
 
@@ -284,28 +255,21 @@ async def fresh_requests_succeed(sidecar: Sidecar, count: int = 50) -> None:
     assert time.monotonic() - started < 10  # promptly: ~50 x 30 ms over 10 connections
 
 
-STORM_CONFIG = """
-upstreams:
-  api:
-    url: {url}
-    limits: {{ max_connections: 10, max_pending: 1000 }}
-    timeouts: {{ pool: 2s }}
-"""
+def storm_config(url: str) -> str:
+    return one_upstream(url, limits={"max_connections": 10, "max_pending": 1000}, timeouts={"pool": "2s"})
 
 
 @asynccontextmanager
 async def storm_setup(tmp_path: Path) -> AsyncIterator[Sidecar]:
     async with Upstream(streaming_upstream, read_body=False) as upstream:
         fds_before = open_fds()
-        async with running_sidecar(tmp_path, STORM_CONFIG.format(url=upstream.url), admin=False) as sidecar:
+        async with running_sidecar(tmp_path, storm_config(upstream.url), admin=False) as sidecar:
             yield sidecar
-            pool = only_pool(sidecar)
-            await wait_until_quiet(pool)
-            assert_nothing_held(pool, STORM_CONNECTIONS)
+            pool = pool_of(sidecar)
+            await assert_at_rest(pool, timeout=10, max_connections=STORM_CONNECTIONS)
             assert upstream.open_connections <= STORM_CONNECTIONS
             await fresh_requests_succeed(sidecar)
-            await wait_until_quiet(pool)
-            assert_nothing_held(pool, STORM_CONNECTIONS)
+            await assert_at_rest(pool, timeout=10, max_connections=STORM_CONNECTIONS)
             # Pooled keep-alive connections are two fds each (both ends live here).
             assert open_fds() <= fds_before + 2 * STORM_CONNECTIONS + 5
 
@@ -320,7 +284,7 @@ async def test_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
         assert results["complete:200"] > 100
 
 
-async def test_double_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
+async def test_double_cancellation_storm_leaks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TRAPS §3: a second cancel landing in the cleanup (finally/close) path.
 
     Besides callers walking away (aiohttp cancels the handler), a third of the
@@ -352,11 +316,12 @@ async def test_double_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
                 loop.call_later(rng.random() * 0.08, cancel_twice, task)
             return await original(request, exchange)
 
-        sidecar.forwarder._handle = handle_and_maybe_cancel  # type: ignore[method-assign]
-        results = await run_storm(sidecar.proxy_port, seed=5)
+        # Undone before storm_setup checks that fresh requests succeed.
+        with monkeypatch.context() as patch:
+            patch.setattr(sidecar.forwarder, "_handle", handle_and_maybe_cancel)
+            results = await run_storm(sidecar.proxy_port, seed=5)
         assert sum(results.values()) == STORM_REQUESTS
         assert double_cancelled > 300
-        sidecar.forwarder._handle = original  # type: ignore[method-assign]
 
 
 # ------------------------------------------------------------------ HTTP/2
@@ -376,23 +341,19 @@ class H2Upstream(HypercornUpstream):
         await send({"type": "http.response.body", "body": scope["http_version"].encode()})
 
 
-H2_CONFIG = """
-upstreams:
-  api:
-    url: {url}
-    http2: prior-knowledge
-    limits: {{ max_connections: 2, max_pending: 100 }}
-    timeouts: {{ pool: 1s }}
-"""
+def h2_config(url: str) -> str:
+    return one_upstream(
+        url, http2="prior-knowledge", limits={"max_connections": 2, "max_pending": 100}, timeouts={"pool": "1s"}
+    )
 
 
 async def test_http2_limit_defaults_to_100_streams_per_connection(tmp_path: Path) -> None:
     async with (
         H2Upstream(delay=0.0) as upstream,
-        running_sidecar(tmp_path, H2_CONFIG.format(url=upstream.url), admin=False) as sidecar,
+        running_sidecar(tmp_path, h2_config(upstream.url), admin=False) as sidecar,
         unlimited_session() as session,
     ):
-        pool = only_pool(sidecar)
+        pool = pool_of(sidecar)
         assert pool.admission.capacity == 2 * 100
         outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
         assert outcome.status == 200
@@ -401,6 +362,7 @@ async def test_http2_limit_defaults_to_100_streams_per_connection(tmp_path: Path
         assert pool.admission.capacity == 2 * 100
 
 
+@pytest.mark.slow
 async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path: Path) -> None:
     """TRAPS §8: httpcore's wait for a free stream has no timeout.
 
@@ -411,10 +373,10 @@ async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path
     """
     async with (
         H2Upstream(delay=2.0, max_streams=5) as upstream,
-        running_sidecar(tmp_path, H2_CONFIG.format(url=upstream.url), admin=False) as sidecar,
+        running_sidecar(tmp_path, h2_config(upstream.url), admin=False) as sidecar,
         unlimited_session() as session,
     ):
-        pool = only_pool(sidecar)
+        pool = pool_of(sidecar)
         url = proxy_url(sidecar) + "/api/x"
         for wave in ("cold", "warm"):
             outcomes = await asyncio.gather(*(timed_get(session, url) for _ in range(30)))
@@ -429,20 +391,14 @@ async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path
                 assert outcome.elapsed < 2.0 + 1.0, (wave, outcome.elapsed)
             # What two connections of five streams carry, learned from SETTINGS.
             assert pool.admission.capacity == 10
-            await wait_until_quiet(pool)
-            assert_nothing_held(pool, 2)
+            await assert_at_rest(pool, timeout=10, max_connections=2)
 
 
 # ------------------------------------------------ double cancellation, aimed
 
-DOUBLE_CANCEL_CONFIG = """
-upstreams:
-  api:
-    url: {url}
-    http2: {http2}
-    limits: {{ max_connections: 1, max_pending: 10 }}
-    timeouts: {{ pool: 2s }}
-"""
+
+def double_cancel_config(url: str, http2: str | bool) -> str:
+    return one_upstream(url, http2=http2, limits={"max_connections": 1, "max_pending": 10}, timeouts={"pool": "2s"})
 
 
 class SlowBodyH2(H2Upstream):
@@ -465,7 +421,7 @@ async def slow_body_h1(request: web.Request) -> web.StreamResponse:
 @pytest.mark.parametrize("protocol", ["http1", "http2"])
 @pytest.mark.parametrize("second", ["next_tick", "one_ms_later"])
 async def test_second_cancel_during_the_upstream_close_leaks_nothing(
-    tmp_path: Path, protocol: str, second: str
+    tmp_path: Path, protocol: str, second: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """TRAPS §3, aimed: the second cancel lands while ``response.aclose()``
     is closing the upstream exchange (the caller stalled mid-response, the
@@ -473,15 +429,15 @@ async def test_second_cancel_during_the_upstream_close_leaks_nothing(
     h1 = Upstream(slow_body_h1, read_body=False)
     h2 = SlowBodyH2(delay=0)
     upstream: Any = h1 if protocol == "http1" else h2
-    http2 = "false" if protocol == "http1" else "prior-knowledge"
+    http2: str | bool = False if protocol == "http1" else "prior-knowledge"
     loop = asyncio.get_running_loop()
     async with (
         upstream,
-        running_sidecar(tmp_path, DOUBLE_CANCEL_CONFIG.format(url=upstream.url, http2=http2), admin=False) as sidecar,
+        running_sidecar(tmp_path, double_cancel_config(upstream.url, http2), admin=False) as sidecar,
     ):
-        pool = only_pool(sidecar)
+        pool = pool_of(sidecar)
         forwarder = sidecar.forwarder
-        original_relay, original_handle = forwarder._relay, forwarder._handle
+        original_handle = forwarder._handle
         handlers: list[asyncio.Task[Any]] = []
 
         async def stalled_relay(request: web.BaseRequest, response: Any, exchange: Any) -> web.StreamResponse:
@@ -494,29 +450,27 @@ async def test_second_cancel_during_the_upstream_close_leaks_nothing(
             handlers.append(task)
             return await original_handle(request, exchange)
 
-        forwarder._relay = stalled_relay  # type: ignore[method-assign]
-        forwarder._handle = recorded_handle  # type: ignore[method-assign]
-        for _ in range(3):
-            # A raw socket: aiohttp's client would silently retry the GET.
-            reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
-            writer.write(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
-            deadline = time.monotonic() + 5
-            while pool.stats().active == 0 or not handlers or handlers[-1].done():
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)  # well inside stalled_relay
-            task = handlers[-1]
-            task.cancel()
-            if second == "next_tick":
-                loop.call_soon(task.cancel)
-            else:
-                loop.call_later(0.001, task.cancel)
-            assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, no response
-            writer.close()
-            await wait_until_quiet(pool, timeout=5)
-            assert_nothing_held(pool, 1)
-        forwarder._relay = original_relay  # type: ignore[method-assign]
-        forwarder._handle = original_handle  # type: ignore[method-assign]
+        with monkeypatch.context() as patch:
+            patch.setattr(forwarder, "_relay", stalled_relay)
+            patch.setattr(forwarder, "_handle", recorded_handle)
+            for _ in range(3):
+                # A raw socket: aiohttp's client would silently retry the GET.
+                reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
+                writer.write(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+                deadline = time.monotonic() + 5
+                while pool.stats().active == 0 or not handlers or handlers[-1].done():
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)  # well inside stalled_relay
+                task = handlers[-1]
+                task.cancel()
+                if second == "next_tick":
+                    loop.call_soon(task.cancel)
+                else:
+                    loop.call_later(0.001, task.cancel)
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, no response
+                writer.close()
+                await assert_at_rest(pool, timeout=10, max_connections=1)
 
 
 async def test_http2_over_tls_that_falls_back_to_http1_admits_one_per_connection(tmp_path: Path) -> None:
@@ -540,7 +494,7 @@ async def test_http2_over_tls_that_falls_back_to_http1_admits_one_per_connection
             ) as sidecar,
             unlimited_session() as session,
         ):
-            pool = only_pool(sidecar)
+            pool = pool_of(sidecar)
             assert pool.admission.capacity == 200
             outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
             assert outcome.status == 200

@@ -8,7 +8,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.harness import Upstream, proxy_url, running_sidecar
+from tests.support.sidecar import proxy_url, running_sidecar
+from tests.support.upstreams import Upstream
 
 
 async def closing_handler(request: web.Request) -> web.StreamResponse:

@@ -7,14 +7,19 @@ import logging
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
 from sidecar.metrics import CLIENT_CLOSED_STATUS
-from tests.harness import LOOPBACK, ScriptedUpstream, SidecarProcess, admin_url, running_sidecar, write_config
-from tests.integration.test_observability import eventually, scrape, value
+from tests.support import LOOPBACK
+from tests.support.metrics import scrape, value
+from tests.support.rest import assert_at_rest, eventually
+from tests.support.sidecar import SidecarProcess, admin_url, running_sidecar
+from tests.support.upstreams import ScriptedUpstream
+from tests.support.yaml import write_config
 
 ROUNDS = 20
 
@@ -59,11 +64,10 @@ async def test_caller_gone_just_before_the_response_headers_is_499_not_unhandled
                 caller.sendall(b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n")
                 await eventually(lambda: not callers)
             await eventually(lambda: sum(pool.outcomes.values()) == ROUNDS)
-            await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
-            assert pool.admission.pending == 0
+            await assert_at_rest(pool)
             samples = await scrape(client, admin_url(sidecar))
 
-    crashes = [record for record in caplog.records if "unhandled_error" in record.getMessage()]
+    crashes: list[Any] = [record for record in caplog.records if "unhandled_error" in record.getMessage()]
     crashes += [event for event in events if event["event"] == "unhandled_error"]
     assert crashes == [], "a caller that left is not an error of ours"
     assert [record for record in caplog.records if record.levelno >= logging.ERROR] == []

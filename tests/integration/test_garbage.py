@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from tests.harness import SidecarProcess, Upstream, write_config
+from tests.support.sidecar import SidecarProcess
+from tests.support.upstreams import Upstream
+from tests.support.yaml import write_config
 
 INPUTS = 10_000
 CONCURRENCY = 50
@@ -68,6 +71,7 @@ async def _throw(port: int, data: bytes) -> None:
             writer.transport.abort()
 
 
+@pytest.mark.slow
 async def test_random_bytes_never_take_it_down(tmp_path: Path) -> None:
     async with Upstream() as upstream:
         config = """

@@ -12,21 +12,16 @@ import contextlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.harness import (
-    RawUpstream,
-    SidecarProcess,
-    Upstream,
-    proxy_url,
-    raw_exchange,
-    requests_in,
-    running_sidecar,
-    status_of,
-    write_config,
-)
+from tests.support.rest import assert_at_rest
+from tests.support.sidecar import SidecarProcess, proxy_url, running_sidecar
+from tests.support.upstreams import ScriptedUpstream, Upstream
+from tests.support.wire import raw_exchange, requests_in, status_of
+from tests.support.yaml import API_INTERNAL, one_upstream, write_config
 
 
 def _sidecar_error(raw: bytes) -> tuple[int, str | None, dict[str, object] | None]:
@@ -44,14 +39,8 @@ def _sidecar_error(raw: bytes) -> tuple[int, str | None, dict[str, object] | Non
     return status_of(raw), error, parsed
 
 
-def _config(url: str, extra: str = "") -> str:
-    return f"""
-    {extra}
-    upstreams:
-      api:
-        url: {url}
-        route: {{ hosts: [api.internal] }}
-    """
+def _config(url: str, **top: Any) -> str:
+    return one_upstream(url, route=API_INTERNAL, top=top)
 
 
 # --------------------------------------------------------------------------
@@ -74,7 +63,7 @@ OPEN_PROXY_CASES = [
 
 
 async def test_never_an_open_proxy(tmp_path: Path) -> None:
-    async with RawUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url)) as sidecar:
+    async with ScriptedUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url)) as sidecar:
         for request, status, code in OPEN_PROXY_CASES:
             raw = await raw_exchange(sidecar.proxy_port, request)
             got_status, got_code, body = _sidecar_error(raw)
@@ -106,8 +95,8 @@ async def test_upgrade_is_never_tunnelled(tmp_path: Path, upgrade: bytes) -> Non
     switching = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     plain = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
 
-    class SwitchingUpstream(RawUpstream):
-        async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    class SwitchingUpstream(ScriptedUpstream):
+        async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             head = await reader.readuntil(b"\r\n\r\n")
             self.received.append(bytearray(head))
             writer.write(switching if b"upgrade:" in head.lower() else plain)
@@ -173,7 +162,7 @@ SMUGGLING = {
 @pytest.mark.parametrize("parser", ["c", "python"])
 async def test_smuggling_attempts_get_400_and_never_reach_the_upstream(tmp_path: Path, parser: str) -> None:
     env = {"AIOHTTP_NO_EXTENSIONS": "1" if parser == "python" else ""}
-    async with RawUpstream() as upstream:
+    async with ScriptedUpstream() as upstream:
         process = SidecarProcess(write_config(tmp_path, _config(upstream.url)), env=env)
         await process.start()
         try:
@@ -206,8 +195,8 @@ async def test_chunk_size_overflow_never_smuggles(tmp_path: Path, parser: str) -
     request. Documented in SECURITY.md; bounded by max_request_body and
     body_idle_timeout."""
     env = {"AIOHTTP_NO_EXTENSIONS": "1" if parser == "python" else ""}
-    async with RawUpstream() as upstream:
-        config = _config(upstream.url, "inbound: { body_idle_timeout: 1s }")
+    async with ScriptedUpstream() as upstream:
+        config = _config(upstream.url, inbound={"body_idle_timeout": "1s"})
         process = SidecarProcess(write_config(tmp_path, config), env=env)
         await process.start()
         try:
@@ -233,9 +222,13 @@ async def test_chunk_size_overflow_never_smuggles(tmp_path: Path, parser: str) -
 # Limits on the request line, headers and body
 # --------------------------------------------------------------------------
 
+
 async def test_request_line_and_header_limits(tmp_path: Path) -> None:
-    extra = "inbound: { max_line_size: 2048, max_field_size: 1024, max_headers: 20 }"
-    async with RawUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url, extra)) as sidecar:
+    inbound = {"max_line_size": 2048, "max_field_size": 1024, "max_headers": 20}
+    async with (
+        ScriptedUpstream() as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, inbound=inbound)) as sidecar,
+    ):
         cases = [
             (b"GET /api/" + b"a" * 3000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, "uri_too_long"),
             (b"GET /api/x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 1500 + b"\r\n\r\n", 431, "headers_too_large"),
@@ -252,8 +245,13 @@ async def test_request_line_and_header_limits(tmp_path: Path) -> None:
             assert b"vvvvvvvvvv" not in raw and b"aaaaaaaaaa" not in raw, "the offending bytes were echoed back"
         # Just under every limit passes.
         fine = (
-            b"GET /api/" + b"a" * 1900 + b" HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 900 + b"\r\n"
-            + b"".join(b"X-%d: v\r\n" % i for i in range(15)) + b"Connection: close\r\n\r\n"
+            b"GET /api/"
+            + b"a" * 1900
+            + b" HTTP/1.1\r\nHost: a\r\nX-Big: "
+            + b"v" * 900
+            + b"\r\n"
+            + b"".join(b"X-%d: v\r\n" % i for i in range(15))
+            + b"Connection: close\r\n\r\n"
         )
         assert status_of(await raw_exchange(sidecar.proxy_port, fine)) == 200
         assert len(upstream.received) == 1
@@ -263,9 +261,10 @@ async def test_request_line_and_header_limits(tmp_path: Path) -> None:
 
 
 async def test_declared_body_over_limit_is_refused_before_the_upstream(tmp_path: Path) -> None:
-    async with RawUpstream() as upstream, running_sidecar(
-        tmp_path, _config(upstream.url, "inbound: { max_request_body: 1KiB }")
-    ) as sidecar:
+    async with (
+        ScriptedUpstream() as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, inbound={"max_request_body": "1KiB"})) as sidecar,
+    ):
         request = b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000
         raw = await raw_exchange(sidecar.proxy_port, request)
         status, code, body = _sidecar_error(raw)
@@ -274,13 +273,14 @@ async def test_declared_body_over_limit_is_refused_before_the_upstream(tmp_path:
         await asyncio.sleep(0.1)
         assert upstream.received == [], "the upstream was contacted for a body known to be too large"
         pool = sidecar.generation().pools["api"]
-        assert (pool.admission.in_flight, pool.admission.pending) == (0, 0)
+        await assert_at_rest(pool)
 
 
 async def test_chunked_body_over_limit_is_cut_off(tmp_path: Path) -> None:
-    async with RawUpstream(answer_after=b"never") as upstream, running_sidecar(
-        tmp_path, _config(upstream.url, "inbound: { max_request_body: 10KiB }")
-    ) as sidecar:
+    async with (
+        ScriptedUpstream(answer_after=b"never") as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, inbound={"max_request_body": "10KiB"})) as sidecar,
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
         writer.write(CHUNKED)
         sent = 0
@@ -306,13 +306,14 @@ async def test_chunked_body_over_limit_is_cut_off(tmp_path: Path) -> None:
         assert [(r.method, r.complete) for r in framed] == [("POST", False)]
         assert len(framed[0].body) <= 10 * 1024
         pool = sidecar.generation().pools["api"]
-        assert (pool.admission.in_flight, pool.admission.pending) == (0, 0)
+        await assert_at_rest(pool)
         assert pool.stats().connections == 0
 
 
 # --------------------------------------------------------------------------
 # Headers from the upstream
 # --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "response",
@@ -327,7 +328,7 @@ async def test_chunked_body_over_limit_is_cut_off(tmp_path: Path) -> None:
     ids=["nul", "bare-cr", "obs-fold", "space-in-name", "double-content-length", "header-in-reason"],
 )
 async def test_broken_upstream_headers_are_never_reflected(tmp_path: Path, response: bytes) -> None:
-    async with RawUpstream(response) as upstream, running_sidecar(tmp_path, _config(upstream.url)) as sidecar:
+    async with ScriptedUpstream(response) as upstream, running_sidecar(tmp_path, _config(upstream.url)) as sidecar:
         raw = await raw_exchange(sidecar.proxy_port, b"GET /api/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         if b"\r\n Injected" in response:
             # obs-fold: replaced by a space (RFC 9112 §5.2), so it stays one header, never two.
@@ -347,7 +348,7 @@ async def test_broken_upstream_headers_are_never_reflected(tmp_path: Path, respo
 
 async def test_upstream_reason_phrase_is_not_forwarded(tmp_path: Path) -> None:
     response = b"HTTP/1.1 404 Totally <script>Custom</script>\r\nContent-Length: 2\r\n\r\nno"
-    async with RawUpstream(response) as upstream, running_sidecar(tmp_path, _config(upstream.url)) as sidecar:
+    async with ScriptedUpstream(response) as upstream, running_sidecar(tmp_path, _config(upstream.url)) as sidecar:
         raw = await raw_exchange(sidecar.proxy_port, b"GET /api/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         assert raw.startswith(b"HTTP/1.1 404 Not Found\r\n")
         assert b"Custom" not in raw
@@ -357,17 +358,22 @@ async def test_upstream_reason_phrase_is_not_forwarded(tmp_path: Path) -> None:
 # Admin
 # --------------------------------------------------------------------------
 
+
 async def test_admin_token_protects_all_but_the_probes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADMIN_TOKEN_FOR_TEST", "s3cret-admin-token")
-    async with Upstream() as upstream, running_sidecar(
-        tmp_path,
-        f"""
+    async with (
+        Upstream() as upstream,
+        running_sidecar(
+            tmp_path,
+            f"""
         admin: {{ listen: 127.0.0.1:0, token: "${{ADMIN_TOKEN_FOR_TEST}}" }}
         upstreams:
           api:
             url: {upstream.url}
         """,
-    ) as sidecar, aiohttp.ClientSession() as client:
+        ) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         base = f"http://127.0.0.1:{sidecar.admin_port}"
         for path in ("/healthz", "/readyz"):
             async with client.get(base + path) as response:
@@ -412,7 +418,7 @@ async def test_exposed_admin_without_token_logs_a_loud_warning(tmp_path: Path) -
 
 async def test_proxy_survives_a_caller_that_vanishes_mid_error(tmp_path: Path) -> None:
     """Bad requests from callers that disconnect at once leave nothing behind."""
-    async with RawUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url)) as sidecar:
+    async with ScriptedUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url)) as sidecar:
         for _ in range(50):
             _, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
             writer.write(SMUGGLING["cl_and_te"])

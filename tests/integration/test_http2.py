@@ -13,30 +13,24 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.server import Sidecar
-from tests.h2server import RawH2Server
-from tests.harness import (
-    HypercornUpstream,
-    SidecarProcess,
-    admin_url,
-    proxy_url,
-    running_sidecar,
-    tls_files,
-    write_config,
-)
+from tests.support.rest import assert_at_rest
+from tests.support.sidecar import SidecarProcess, admin_url, proxy_url, running_sidecar
+from tests.support.tls import tls_files
+from tests.support.upstreams import HypercornUpstream, RawH2Server
+from tests.support.yaml import one_upstream, write_config
 
 MiB = 1024 * 1024
 
 
-def _yaml(url: str, http2: str, *, extra: str = "") -> str:
-    return f"""
-    upstreams:
-      up:
-        url: {url}
-        http2: {http2}
-        limits: {{ max_connections: 2 }}
-        timeouts: {{ read: 10s, pool: 2s }}
-{extra}
-    """
+def _yaml(url: str, http2: str | bool, *, max_connections: int = 2, **fields: Any) -> str:
+    return one_upstream(
+        url,
+        name="up",
+        http2=http2,
+        limits={"max_connections": max_connections},
+        timeouts={"read": "10s", "pool": "2s"},
+        **fields,
+    )
 
 
 async def _get(client: aiohttp.ClientSession, url: str) -> tuple[int, CIMultiDict[str], bytes]:
@@ -51,20 +45,15 @@ async def _pools(client: aiohttp.ClientSession, sidecar: Sidecar) -> dict[str, A
         return body["upstreams"]["up"]
 
 
-def _assert_pool_at_rest(sidecar: Sidecar) -> None:
-    pool = sidecar.generation().pools["up"]
-    stats = pool.stats()
-    assert pool.admission.in_flight == 0 and pool.admission.pending == 0
-    assert stats.active == 0 and stats.waiting == 0, stats
-
-
 # ------------------------------------------------------------ negotiation
 
 
 async def test_prior_knowledge_multiplexes_200_requests_over_max_connections(tmp_path: Path) -> None:
-    async with HypercornUpstream() as upstream, running_sidecar(
-        tmp_path, _yaml(upstream.url, "prior-knowledge")
-    ) as sidecar, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+    async with (
+        HypercornUpstream() as upstream,
+        running_sidecar(tmp_path, _yaml(upstream.url, "prior-knowledge")) as sidecar,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client,
+    ):
         results = await asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/") for _ in range(200)))
         assert [status for status, _, _ in results] == [200] * 200
         assert {headers["X-Http-Version"] for _, headers, _ in results} == {"2"}
@@ -73,28 +62,32 @@ async def test_prior_knowledge_multiplexes_200_requests_over_max_connections(tmp
         snapshot = await _pools(client, sidecar)
         assert snapshot["http_versions"] == {"HTTP/2": snapshot["connections"]["open"]}
         assert snapshot["connections"]["opened_total"] <= 2
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 async def test_alpn_negotiates_http2_with_ca_file(tmp_path: Path) -> None:
     tls = tls_files(tmp_path)
-    extra = f"        tls: {{ ca_file: {tls.ca_file} }}"
-    async with HypercornUpstream(tls=tls) as upstream, running_sidecar(
-        tmp_path, _yaml(upstream.url, "true", extra=extra)
-    ) as sidecar, aiohttp.ClientSession() as client:
+    async with (
+        HypercornUpstream(tls=tls) as upstream,
+        running_sidecar(tmp_path, _yaml(upstream.url, True, tls={"ca_file": str(tls.ca_file)})) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         results = await asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/") for _ in range(20)))
         assert [status for status, _, _ in results] == [200] * 20
         assert set(upstream.http_versions) == {"2"}
         assert set((await _pools(client, sidecar))["http_versions"]) == {"HTTP/2"}
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 async def test_alpn_falls_back_to_http11_when_the_server_offers_only_http11(tmp_path: Path) -> None:
     tls = tls_files(tmp_path)
-    extra = f"        tls: {{ ca_file: {tls.ca_file} }}"
-    async with HypercornUpstream(tls=tls, alpn=("http/1.1",)) as upstream, running_sidecar(
-        tmp_path, _yaml(upstream.url, "true", extra=extra).replace("max_connections: 2", "max_connections: 10")
-    ) as sidecar, aiohttp.ClientSession() as client:
+    async with (
+        HypercornUpstream(tls=tls, alpn=("http/1.1",)) as upstream,
+        running_sidecar(
+            tmp_path, _yaml(upstream.url, True, max_connections=10, tls={"ca_file": str(tls.ca_file)})
+        ) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         held = asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/hold") for _ in range(10)))
         for _ in range(150):  # one HTTP/1.1 connection per request, opened side by side
             if upstream.in_handler == 10:
@@ -107,7 +100,7 @@ async def test_alpn_falls_back_to_http11_when_the_server_offers_only_http11(tmp_
         assert len(upstream.peers) == 10
         assert set(upstream.http_versions) == {"1.1"}
         assert set((await _pools(client, sidecar))["http_versions"]) == {"HTTP/1.1"}
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 async def test_true_on_a_cleartext_url_stays_http11_and_validate_warns(tmp_path: Path) -> None:
@@ -115,13 +108,13 @@ async def test_true_on_a_cleartext_url_stays_http11_and_validate_warns(tmp_path:
     import sys
 
     async with HypercornUpstream() as upstream:
-        path = write_config(tmp_path, _yaml(upstream.url, "true"), name="validate.yaml")
+        path = write_config(tmp_path, _yaml(upstream.url, True), name="validate.yaml")
         result = subprocess.run(
             [sys.executable, "-m", "sidecar", "validate", "-c", str(path)], capture_output=True, text=True
         )
         assert result.returncode == 0
         assert "stays HTTP/1.1" in result.stdout + result.stderr
-        async with running_sidecar(tmp_path, _yaml(upstream.url, "true")) as sidecar, aiohttp.ClientSession() as client:
+        async with running_sidecar(tmp_path, _yaml(upstream.url, True)) as sidecar, aiohttp.ClientSession() as client:
             status, _, _ = await _get(client, proxy_url(sidecar) + "/up/")
             assert status == 200
             assert upstream.http_versions == ["1.1"]
@@ -130,23 +123,24 @@ async def test_true_on_a_cleartext_url_stays_http11_and_validate_warns(tmp_path:
 
 async def test_wrong_host_certificate_is_502_upstream_connect_error(tmp_path: Path) -> None:
     tls = tls_files(tmp_path, "wrong.example")
-    extra = f"        tls: {{ ca_file: {tls.ca_file} }}"
-    async with HypercornUpstream(tls=tls) as upstream, running_sidecar(
-        tmp_path, _yaml(upstream.url, "true", extra=extra)
-    ) as sidecar, aiohttp.ClientSession() as client:
+    async with (
+        HypercornUpstream(tls=tls) as upstream,
+        running_sidecar(tmp_path, _yaml(upstream.url, True, tls={"ca_file": str(tls.ca_file)})) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         status, headers, body = await _get(client, proxy_url(sidecar) + "/up/")
         assert status == 502
         assert headers["X-Sidecar-Error"] == "upstream_connect_error"
         assert "certificate" in json.loads(body)["message"]
         assert upstream.http_versions == []
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
         assert sidecar.generation().pools["up"].stats().connections == 0
 
 
 async def test_verify_false_connects_and_is_logged_as_a_warning(tmp_path: Path) -> None:
     tls = tls_files(tmp_path, "wrong.example")
     async with HypercornUpstream(tls=tls) as upstream:
-        path = write_config(tmp_path, _yaml(upstream.url, "true", extra="        tls: { verify: false }"))
+        path = write_config(tmp_path, _yaml(upstream.url, True, tls={"verify": False}))
         process = await SidecarProcess(path).start()
         try:
             warnings = [line["message"] for line in process.events("config_warning")]
@@ -166,9 +160,10 @@ async def test_verify_false_connects_and_is_logged_as_a_warning(tmp_path: Path) 
 async def test_abandoned_downloads_do_not_stall_the_connection(tmp_path: Path) -> None:
     """20 callers hang up mid-download; without RST_STREAM the unread data eats
     the 16 MiB connection window and every later stream on it stalls."""
-    async with HypercornUpstream() as upstream, running_sidecar(
-        tmp_path, _yaml(upstream.url, "prior-knowledge").replace("max_connections: 2", "max_connections: 1")
-    ) as sidecar:
+    async with (
+        HypercornUpstream() as upstream,
+        running_sidecar(tmp_path, _yaml(upstream.url, "prior-knowledge", max_connections=1)) as sidecar,
+    ):
         pool = sidecar.generation().pools["up"]
         for _ in range(20):
             async with aiohttp.ClientSession() as client:
@@ -187,7 +182,7 @@ async def test_abandoned_downloads_do_not_stall_the_connection(tmp_path: Path) -
             status, _, body = await asyncio.wait_for(_get(client, proxy_url(sidecar) + f"/up/big?size={4 * MiB}"), 10)
             assert status == 200 and len(body) == 4 * MiB
         await asyncio.sleep(0.1)
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
         # the streams were reset, not the connection: no reconnect churn
         assert pool.stats().connections == 1 and pool.stats().opened_total == 1
 
@@ -196,9 +191,10 @@ async def test_callers_gone_before_response_headers_do_not_stall_the_connection(
     """Callers hang up while waiting for headers; httpcore forgets their streams
     without RST_STREAM, and the large responses the upstream sends later for
     them would eat the connection window."""
-    async with HypercornUpstream() as upstream, running_sidecar(
-        tmp_path, _yaml(upstream.url, "prior-knowledge").replace("max_connections: 2", "max_connections: 1")
-    ) as sidecar:
+    async with (
+        HypercornUpstream() as upstream,
+        running_sidecar(tmp_path, _yaml(upstream.url, "prior-knowledge", max_connections=1)) as sidecar,
+    ):
         pool = sidecar.generation().pools["up"]
         async with aiohttp.ClientSession() as client:
             gone = [
@@ -223,7 +219,7 @@ async def test_callers_gone_before_response_headers_do_not_stall_the_connection(
             assert [status for status, _, _ in results] == [200] * 20
             status, _, body = await asyncio.wait_for(_get(client, proxy_url(sidecar) + f"/up/big?size={4 * MiB}"), 10)
             assert status == 200 and len(body) == 4 * MiB
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
         assert pool.stats().opened_total == 1
 
 
@@ -234,9 +230,10 @@ async def test_hundreds_of_cancellations_leave_nothing_behind(tmp_path: Path) ->
     import random
 
     rng = random.Random(4)
-    async with HypercornUpstream() as upstream, running_sidecar(
-        tmp_path, _yaml(upstream.url, "prior-knowledge")
-    ) as sidecar:
+    async with (
+        HypercornUpstream() as upstream,
+        running_sidecar(tmp_path, _yaml(upstream.url, "prior-knowledge")) as sidecar,
+    ):
         pool = sidecar.generation().pools["up"]
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
 
@@ -253,23 +250,25 @@ async def test_hundreds_of_cancellations_leave_nothing_behind(tmp_path: Path) ->
             if pool.admission.in_flight == 0 and pool.stats().active == 0:
                 break
             await asyncio.sleep(0.02)
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
         async with aiohttp.ClientSession() as client:
             results = await asyncio.wait_for(
                 asyncio.gather(*(_get(client, proxy_url(sidecar) + f"/up/big?size={4 * MiB}") for _ in range(5))), 20
             )
             assert [(status, len(body)) for status, _, body in results] == [(200, 4 * MiB)] * 5
         assert pool.stats().connections <= 2
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 # --------------------------------------------------- GOAWAY and RST (§10)
 
 
 async def test_rst_stream_is_502_and_the_connection_keeps_serving(tmp_path: Path) -> None:
-    async with RawH2Server() as server, running_sidecar(
-        tmp_path, _yaml(server.url, "prior-knowledge")
-    ) as sidecar, aiohttp.ClientSession() as client:
+    async with (
+        RawH2Server() as server,
+        running_sidecar(tmp_path, _yaml(server.url, "prior-knowledge")) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         held = asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/hold") for _ in range(3)))
         await asyncio.sleep(0.05)
         status, headers, _ = await _get(client, proxy_url(sidecar) + "/up/rst")
@@ -278,13 +277,15 @@ async def test_rst_stream_is_502_and_the_connection_keeps_serving(tmp_path: Path
         status, _, body = await _get(client, proxy_url(sidecar) + "/up/ok")
         assert (status, body) == (200, b"ok")
         assert server.connections == 1  # a stream error, not a connection error
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 async def test_goaway_fails_that_request_cleanly_and_the_next_use_a_fresh_connection(tmp_path: Path) -> None:
-    async with RawH2Server() as server, running_sidecar(
-        tmp_path, _yaml(server.url, "prior-knowledge").replace("max_connections: 2", "max_connections: 1")
-    ) as sidecar, aiohttp.ClientSession() as client:
+    async with (
+        RawH2Server() as server,
+        running_sidecar(tmp_path, _yaml(server.url, "prior-knowledge", max_connections=1)) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         held = asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/hold") for _ in range(3)))
         await asyncio.sleep(0.05)
         status, headers, _ = await _get(client, proxy_url(sidecar) + "/up/goaway")
@@ -299,16 +300,18 @@ async def test_goaway_fails_that_request_cleanly_and_the_next_use_a_fresh_connec
         # §10); the pool retries an idempotent request once on a fresh connection
         assert server.connections >= 2
         assert server.paths[-10:] == ["/ok"] * 10
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 async def test_a_broken_connection_fails_its_streams_cleanly_and_is_replaced(tmp_path: Path) -> None:
     """One read error fails every stream on an h2 connection (TRAPS.md §10):
     each gets a clean 502 (or its retry succeeds), and the pool opens a fresh
     connection instead of handing out the broken one."""
-    async with RawH2Server() as server, running_sidecar(
-        tmp_path, _yaml(server.url, "prior-knowledge").replace("max_connections: 2", "max_connections: 1")
-    ) as sidecar, aiohttp.ClientSession() as client:
+    async with (
+        RawH2Server() as server,
+        running_sidecar(tmp_path, _yaml(server.url, "prior-knowledge", max_connections=1)) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         held = asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/hold") for _ in range(3)))
         await asyncio.sleep(0.05)
         post = client.post(proxy_url(sidecar) + "/up/kill", data=b"not retried")
@@ -322,7 +325,7 @@ async def test_a_broken_connection_fails_its_streams_cleanly_and_is_replaced(tmp
         results = await asyncio.gather(*(_get(client, proxy_url(sidecar) + "/up/ok") for _ in range(10)))
         assert [(s, b) for s, _, b in results] == [(200, b"ok")] * 10
         assert server.connections >= 2
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
         assert sidecar.generation().pools["up"].stats().connections == 1
 
 
@@ -331,9 +334,11 @@ async def test_a_stream_without_answer_times_out_alone_while_others_flow(tmp_pat
     with other streams keeping the connection busy, a stream that never gets its
     answer never timed out; when the connection went quiet its timeout failed
     every other stream on it too."""
-    async with RawH2Server(hold_seconds=0.5) as server, running_sidecar(
-        tmp_path,
-        f"""
+    async with (
+        RawH2Server(hold_seconds=0.5) as server,
+        running_sidecar(
+            tmp_path,
+            f"""
         upstreams:
           up:
             url: {server.url}
@@ -341,7 +346,9 @@ async def test_a_stream_without_answer_times_out_alone_while_others_flow(tmp_pat
             limits: {{ max_connections: 1 }}
             timeouts: {{ read: 1s }}
         """,
-    ) as sidecar, aiohttp.ClientSession() as client:
+        ) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         stop = asyncio.Event()
         traffic: list[int] = []
 
@@ -366,14 +373,16 @@ async def test_a_stream_without_answer_times_out_alone_while_others_flow(tmp_pat
         await busy
         assert traffic and set(traffic) == {200}
         assert server.connections == 1  # the connection kept serving
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 async def test_a_stalled_body_times_out_alone_while_others_flow(tmp_path: Path) -> None:
     """timeouts.read is "between bytes": it holds per stream for the body too."""
-    async with RawH2Server() as server, running_sidecar(
-        tmp_path,
-        f"""
+    async with (
+        RawH2Server() as server,
+        running_sidecar(
+            tmp_path,
+            f"""
         upstreams:
           up:
             url: {server.url}
@@ -381,7 +390,9 @@ async def test_a_stalled_body_times_out_alone_while_others_flow(tmp_path: Path) 
             limits: {{ max_connections: 1 }}
             timeouts: {{ read: 1s }}
         """,
-    ) as sidecar, aiohttp.ClientSession() as client:
+        ) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         stop = asyncio.Event()
         traffic: list[int] = []
 
@@ -399,13 +410,15 @@ async def test_a_stalled_body_times_out_alone_while_others_flow(tmp_path: Path) 
         await busy
         assert traffic and set(traffic) == {200}
         assert server.connections == 1
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 async def test_a_silent_connection_is_retired_after_a_read_timeout(tmp_path: Path) -> None:
-    async with RawH2Server() as server, running_sidecar(
-        tmp_path,
-        f"""
+    async with (
+        RawH2Server() as server,
+        running_sidecar(
+            tmp_path,
+            f"""
         upstreams:
           up:
             url: {server.url}
@@ -413,14 +426,16 @@ async def test_a_silent_connection_is_retired_after_a_read_timeout(tmp_path: Pat
             limits: {{ max_connections: 1 }}
             timeouts: {{ read: 500ms }}
         """,
-    ) as sidecar, aiohttp.ClientSession() as client:
+        ) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         status, headers, _ = await asyncio.wait_for(_get(client, proxy_url(sidecar) + "/up/freeze"), 5)
         assert status == 504 and headers["X-Sidecar-Error"] == "upstream_timeout"
         status, _, body = await asyncio.wait_for(_get(client, proxy_url(sidecar) + "/up/ok"), 5)
         assert (status, body) == (200, b"ok")
         assert server.connections == 2
         await asyncio.sleep(0.1)
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
         assert sidecar.generation().pools["up"].stats().connections == 1
 
 
@@ -428,28 +443,33 @@ async def test_goaway_below_the_stream_is_a_clean_502(tmp_path: Path) -> None:
     """GOAWAY(last_stream_id=1) for stream 3: httpcore raises
     ConnectionNotAvailable, which is no httpx error; it must still become a
     502, never a 500."""
-    async with RawH2Server() as server, running_sidecar(
-        tmp_path, _yaml(server.url, "prior-knowledge").replace("max_connections: 2", "max_connections: 1")
-    ) as sidecar, aiohttp.ClientSession() as client:
+    async with (
+        RawH2Server() as server,
+        running_sidecar(tmp_path, _yaml(server.url, "prior-knowledge", max_connections=1)) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
         assert (await _get(client, proxy_url(sidecar) + "/up/ok"))[0] == 200
         status, headers, _ = await _get(client, proxy_url(sidecar) + "/up/goaway1")
         assert status == 502 and headers["X-Sidecar-Error"] == "upstream_protocol_error"
         status, _, body = await _get(client, proxy_url(sidecar) + "/up/ok")
         assert (status, body) == (200, b"ok")
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 # ------------------------------------------ MAX_CONCURRENT_STREAMS (§8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_connections", [1, 2])
 async def test_more_requests_than_max_concurrent_streams_never_hang(tmp_path: Path, max_connections: int) -> None:
     """The server allows 5 streams per connection; 12 callers hold theirs. The
     pool carries 5 per connection and the rest get 503 pool_timeout after
     timeouts.pool, instead of waiting forever on httpcore's stream semaphore."""
-    async with HypercornUpstream(max_concurrent_streams=5) as upstream, running_sidecar(
-        tmp_path,
-        f"""
+    async with (
+        HypercornUpstream(max_concurrent_streams=5) as upstream,
+        running_sidecar(
+            tmp_path,
+            f"""
         upstreams:
           up:
             url: {upstream.url}
@@ -457,7 +477,9 @@ async def test_more_requests_than_max_concurrent_streams_never_hang(tmp_path: Pa
             limits: {{ max_connections: {max_connections} }}
             timeouts: {{ pool: 500ms, read: 10s }}
         """,
-    ) as sidecar, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        ) as sidecar,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client,
+    ):
         tasks = [asyncio.ensure_future(_get(client, proxy_url(sidecar) + "/up/hold")) for _ in range(12)]
         carried = 5 * max_connections
         done, _ = await asyncio.wait(tasks, timeout=4)
@@ -472,7 +494,7 @@ async def test_more_requests_than_max_concurrent_streams_never_hang(tmp_path: Pa
         assert sum(1 for status, _, _ in results if status == 200) == carried
         assert upstream.max_in_handler == carried
         assert len(upstream.peers) == max_connections
-        _assert_pool_at_rest(sidecar)
+        await assert_at_rest(sidecar, "up")
 
 
 def test_pool_timeout_from_the_transport_is_503_pool_timeout() -> None:

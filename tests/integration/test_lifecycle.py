@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,7 +26,10 @@ from aiohttp import web
 
 from sidecar.pools import UpstreamPool
 from sidecar.reload import ReloadRefused
-from tests.harness import LOOPBACK, SidecarProcess, Upstream, admin_url, proxy_url, running_sidecar, write_config
+from tests.support import LOOPBACK
+from tests.support.sidecar import SidecarProcess, admin_url, proxy_url, running_sidecar
+from tests.support.upstreams import Upstream
+from tests.support.yaml import upstreams_yaml, write_config
 
 # --------------------------------------------------------------------------- helpers
 
@@ -91,12 +95,12 @@ async def wait_for_requests(upstream: Upstream, count: int, timeout: float = 5.0
     await wait_until(arrived, timeout, f"{count} request(s) at the upstream")
 
 
-def upstream_block(name: str, url: str, extra: str = "") -> str:
-    return f"  {name}:\n    url: {url}\n" + "".join(f"    {line}\n" for line in extra.splitlines() if line)
+def upstream_block(name: str, url: str, **fields: Any) -> tuple[str, dict[str, Any]]:
+    return name, {"url": url, **fields}
 
 
-def config_text(*blocks: str, shutdown_timeout: str = "10s") -> str:
-    return f"shutdown_timeout: {shutdown_timeout}\nupstreams:\n" + "".join(blocks)
+def config_text(*blocks: tuple[str, dict[str, Any]], shutdown_timeout: str = "10s") -> str:
+    return upstreams_yaml(dict(blocks), shutdown_timeout=shutdown_timeout)
 
 
 def rewrite(path: Path, text: str) -> None:
@@ -111,6 +115,7 @@ def fd_count(pid: int | str) -> int:
 # ------------------------------------------------------------------------ reload
 
 
+@pytest.mark.slow
 async def test_upstream_added_by_editing_the_file_is_routed_while_a_slow_request_completes(tmp_path: Path) -> None:
     async with Upstream(slow_handler) as first, Upstream() as second:
         path = write_config(tmp_path, config_text(upstream_block("a", first.url)))
@@ -146,12 +151,13 @@ async def post_text(session: aiohttp.ClientSession, url: str) -> tuple[int, str]
         return response.status, await response.text()
 
 
+@pytest.mark.slow
 async def test_broken_file_keeps_old_config_counts_and_logs_failure_then_fix_reloads(tmp_path: Path) -> None:
     async with Upstream() as first, Upstream() as second:
         path = write_config(tmp_path, config_text(upstream_block("a", first.url)))
         async with sidecar_process(path) as sidecar, fresh_session() as session:
             admin = sidecar.admin_url
-            rewrite(path, config_text(upstream_block("a", first.url, "limits: { max_connections: -3 }")))
+            rewrite(path, config_text(upstream_block("a", first.url, limits={"max_connections": -3})))
             failed = await sidecar.wait_for_event("config_reload_failed", timeout=5)
             assert failed["reason"] == "file_changed"
             assert failed["path"] == "upstreams.a.limits.max_connections"
@@ -187,12 +193,12 @@ async def test_broken_file_keeps_old_config_counts_and_logs_failure_then_fix_rel
 
 async def test_unchanged_upstream_keeps_its_connection_across_every_kind_of_reload(tmp_path: Path) -> None:
     async with Upstream() as kept, Upstream() as replaced:
-        keepalive = "limits: { keepalive_expiry: 60s }"
+        keepalive = {"keepalive_expiry": "60s"}
 
         def text(read_timeout: str) -> str:
             return config_text(
-                upstream_block("kept", kept.url, keepalive),
-                upstream_block("changed", replaced.url, f"{keepalive}\ntimeouts: {{ read: {read_timeout} }}"),
+                upstream_block("kept", kept.url, limits=keepalive),
+                upstream_block("changed", replaced.url, limits=keepalive, timeouts={"read": read_timeout}),
             )
 
         path = write_config(tmp_path, text("10s"))
@@ -228,6 +234,7 @@ async def test_unchanged_upstream_keeps_its_connection_across_every_kind_of_relo
         assert len(replaced.peers) == 4
 
 
+@pytest.mark.slow
 async def test_lowering_max_connections_under_load_caps_the_upstream_once_the_old_pool_drains(
     tmp_path: Path,
 ) -> None:
@@ -236,8 +243,8 @@ async def test_lowering_max_connections_under_load_caps_the_upstream_once_the_ol
         return web.Response(text="ok")
 
     def text(max_connections: int) -> str:
-        limits = f"limits: {{ max_connections: {max_connections}, max_pending: 1000 }}"
-        return config_text(upstream_block("api", upstream.url, f"{limits}\ntimeouts: {{ pool: 30s }}"))
+        limits = {"max_connections": max_connections, "max_pending": 1000}
+        return config_text(upstream_block("api", upstream.url, limits=limits, timeouts={"pool": "30s"}))
 
     async with Upstream(busy) as upstream:
         path = write_config(tmp_path, text(10))
@@ -278,6 +285,7 @@ async def test_lowering_max_connections_under_load_caps_the_upstream_once_the_ol
         assert set(statuses) == {200}
 
 
+@pytest.mark.slow
 async def test_watcher_survives_a_missing_file_and_a_pool_that_cannot_be_built(tmp_path: Path) -> None:
     not_a_certificate = tmp_path / "ca.pem"
     rewrite(not_a_certificate, "this is not a PEM certificate\n")
@@ -291,8 +299,10 @@ async def test_watcher_survives_a_missing_file_and_a_pool_that_cannot_be_built(t
             assert await get_status(session, sidecar.url + "/a/x") == 200
 
             # Valid YAML whose pool cannot be opened (the CA file is garbage).
-            bad_tls = f"tls: {{ ca_file: {not_a_certificate} }}"
-            rewrite(path, config_text(upstream_block("a", first.url), upstream_block("s", "https://x.test", bad_tls)))
+            bad_tls = {"ca_file": str(not_a_certificate)}
+            rewrite(
+                path, config_text(upstream_block("a", first.url), upstream_block("s", "https://x.test", tls=bad_tls))
+            )
             failed = await sidecar.wait_for_event("config_reload_failed", timeout=5)
             assert failed["path"] == "upstreams.s.tls.ca_file"  # caught while loading the config
             assert await reload_count(session, sidecar.admin_url, "failure") == 1
@@ -310,7 +320,7 @@ async def test_watcher_keeps_running_after_an_unexpected_reload_error(
     """Fault injection: whatever a reload raises, the next edit is still picked up."""
     import sidecar.generations as generations_module
 
-    real_load = generations_module.load_config
+    real_load = generations_module.load_config  # type: ignore[attr-defined]
     calls = 0
 
     def load_failing_once(path: str) -> object:
@@ -327,7 +337,7 @@ async def test_watcher_keeps_running_after_an_unexpected_reload_error(
             path = Path(sidecar.config.source)
             watcher = asyncio.ensure_future(sidecar.watch_config())
             try:
-                rewrite(path, config_text(upstream_block("a", first.url, "timeouts: { read: 11s }")))
+                rewrite(path, config_text(upstream_block("a", first.url, timeouts={"read": "11s"})))
 
                 async def failed_once() -> bool:
                     return calls == 1
@@ -354,7 +364,7 @@ async def test_startup_with_a_pool_that_cannot_be_built_exits_2_naming_the_field
     not_a_certificate = tmp_path / "ca.pem"
     rewrite(not_a_certificate, "this is not a PEM certificate\n")
     path = write_config(
-        tmp_path, config_text(upstream_block("s", "https://x.test", f"tls: {{ ca_file: {not_a_certificate} }}"))
+        tmp_path, config_text(upstream_block("s", "https://x.test", tls={"ca_file": str(not_a_certificate)}))
     )
     process = SidecarProcess(path)
     with pytest.raises(RuntimeError, match="exited with 2"):
@@ -468,7 +478,7 @@ async def test_pool_retired_by_a_reload_still_drains_when_the_process_shuts_down
     async with Upstream(slow_handler) as upstream:
 
         def text(read_timeout: str) -> str:
-            return config_text(upstream_block("a", upstream.url, f"timeouts: {{ read: {read_timeout} }}"))
+            return config_text(upstream_block("a", upstream.url, timeouts={"read": read_timeout}))
 
         path = write_config(tmp_path, text("10s"))
         async with sidecar_process(path) as sidecar, fresh_session() as session:
@@ -502,14 +512,15 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
 # ------------------------------------------------------------------------- leaks
 
 
+@pytest.mark.slow
 async def test_fifty_reloads_under_light_load_leak_no_fds_or_connections(tmp_path: Path) -> None:
     async with Upstream() as kept, Upstream() as replaced:
-        short = "limits: { keepalive_expiry: 500ms }"
+        short = {"keepalive_expiry": "500ms"}
 
         def text(read_seconds: int) -> str:
             return config_text(
-                upstream_block("kept", kept.url, short),
-                upstream_block("changed", replaced.url, f"{short}\ntimeouts: {{ read: {read_seconds}s }}"),
+                upstream_block("kept", kept.url, limits=short),
+                upstream_block("changed", replaced.url, limits=short, timeouts={"read": f"{read_seconds}s"}),
             )
 
         path = write_config(tmp_path, text(10))
@@ -572,14 +583,15 @@ def own_tasks() -> set[asyncio.Task[object]]:
     return {task for task in asyncio.all_tasks() if task is not current}
 
 
+@pytest.mark.slow
 async def test_fifty_reloads_in_process_leave_no_tasks_pools_or_fds_behind(tmp_path: Path) -> None:
     async with Upstream() as kept, Upstream() as replaced:
-        short = "limits: { keepalive_expiry: 300ms }"
+        short = {"keepalive_expiry": "300ms"}
 
         def text(read_seconds: int) -> str:
             return config_text(
-                upstream_block("kept", kept.url, short),
-                upstream_block("changed", replaced.url, f"{short}\ntimeouts: {{ read: {read_seconds}s }}"),
+                upstream_block("kept", kept.url, limits=short),
+                upstream_block("changed", replaced.url, limits=short, timeouts={"read": f"{read_seconds}s"}),
             )
 
         async with running_sidecar(tmp_path, text(10)) as sidecar, fresh_session() as session:
@@ -643,7 +655,7 @@ async def test_concurrent_reloads_are_serialised_and_refused_once_draining(tmp_p
     async with Upstream() as upstream:
 
         def text(read_seconds: int) -> str:
-            return config_text(upstream_block("a", upstream.url, f"timeouts: {{ read: {read_seconds}s }}"))
+            return config_text(upstream_block("a", upstream.url, timeouts={"read": f"{read_seconds}s"}))
 
         async with running_sidecar(tmp_path, text(10)) as sidecar, fresh_session() as session:
             path = Path(sidecar.config.source)
@@ -678,7 +690,7 @@ async def test_reload_that_finishes_loading_after_the_drain_began_changes_nothin
 ) -> None:
     import sidecar.generations as generations_module
 
-    real_load, real_pool = generations_module.load_config, generations_module.UpstreamPool
+    real_load, real_pool = generations_module.load_config, generations_module.UpstreamPool  # type: ignore[attr-defined]
     opened: list[UpstreamPool] = []
 
     def slow_load(path: str) -> object:
@@ -696,7 +708,7 @@ async def test_reload_that_finishes_loading_after_the_drain_began_changes_nothin
             monkeypatch.setattr(generations_module, "UpstreamPool", recording_pool)
             running = sidecar.generation().pools["a"]
             rewrite(
-                Path(sidecar.config.source), config_text(upstream_block("a", upstream.url, "timeouts: { read: 9s }"))
+                Path(sidecar.config.source), config_text(upstream_block("a", upstream.url, timeouts={"read": "9s"}))
             )
             reloading = asyncio.ensure_future(sidecar.reload("test"))
             await asyncio.sleep(0.1)

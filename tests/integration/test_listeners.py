@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from sidecar.server import LISTEN_BACKLOG
-from tests.harness import SidecarProcess, Upstream, running_sidecar, write_config
+from tests.support.sidecar import SidecarProcess, running_sidecar
+from tests.support.upstreams import Upstream
+from tests.support.yaml import write_config
 
 
 def _somaxconn() -> int:

@@ -14,22 +14,11 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from sidecar.server import Sidecar
-from tests.harness import LOOPBACK, TLSUpstream, Upstream, proxy_url, running_sidecar, tls_server_context
-
-
-def _pool_idle(sidecar: Sidecar, name: str = "api") -> bool:
-    pool = sidecar.generation().pools[name]
-    stats = pool.stats()
-    return pool.admission.in_flight == 0 and pool.admission.pending == 0 and stats.active == 0
-
-
-async def _eventually(condition: object, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():  # type: ignore[operator]
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+from tests.support import LOOPBACK
+from tests.support.rest import assert_at_rest, eventually
+from tests.support.sidecar import proxy_url, running_sidecar
+from tests.support.tls import tls_server_context
+from tests.support.upstreams import TLSUpstream, Upstream
 
 
 async def test_https_upstream_through_the_asyncio_backend(tmp_path: Path) -> None:
@@ -70,7 +59,7 @@ async def test_untrusted_certificate_is_a_502_connect_error(tmp_path: Path) -> N
             async with client.get(proxy_url(sidecar) + "/api/x") as response:
                 assert response.status == 502
                 assert response.headers["X-Sidecar-Error"] == "upstream_connect_error"
-            assert _pool_idle(sidecar)
+            await assert_at_rest(sidecar, "api")
 
 
 async def test_read_timeout_is_a_504_and_refused_connect_a_502(tmp_path: Path) -> None:
@@ -103,7 +92,8 @@ async def test_read_timeout_is_a_504_and_refused_connect_a_502(tmp_path: Path) -
         async with client.get(proxy_url(sidecar) + "/gone/x") as response:
             assert response.status == 502
             assert response.headers["X-Sidecar-Error"] == "upstream_connect_error"
-        await _eventually(lambda: _pool_idle(sidecar) and _pool_idle(sidecar, "gone"))
+        await assert_at_rest(sidecar, "api")
+        await assert_at_rest(sidecar, "gone")
 
 
 async def test_connection_closed_by_the_upstream_while_idle_is_not_reused(tmp_path: Path) -> None:
@@ -158,7 +148,7 @@ async def test_large_body_passes_byte_for_byte_past_the_high_water_mark(tmp_path
                 digest.update(chunk)
                 await asyncio.sleep(0)  # a caller slower than the upstream
         assert digest.hexdigest() == hashlib.sha256(blob).hexdigest()
-        await _eventually(lambda: _pool_idle(sidecar))
+        await assert_at_rest(sidecar, "api")
 
 
 async def test_callers_disconnecting_mid_body_give_everything_back(tmp_path: Path) -> None:
@@ -184,6 +174,6 @@ async def test_callers_disconnecting_mid_body_give_everything_back(tmp_path: Pat
 
         for _ in range(5):
             await asyncio.gather(*(read_a_little_then_leave() for _ in range(20)))
-        await _eventually(lambda: _pool_idle(sidecar))
-        await _eventually(lambda: sidecar.generation().pools["api"].stats().connections == 0)
-        await _eventually(lambda: upstream.open_connections == 0)
+        await assert_at_rest(sidecar, "api")
+        await eventually(lambda: sidecar.generation().pools["api"].stats().connections == 0)
+        await eventually(lambda: upstream.open_connections == 0)

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import pty
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import LOOPBACK, SidecarProcess, Upstream, admin_url, proxy_url, running_sidecar, write_config
+from tests.support import LOOPBACK
+from tests.support.metrics import scrape, value
+from tests.support.rest import eventually
+from tests.support.sidecar import SidecarProcess, admin_url, proxy_url, running_sidecar
+from tests.support.upstreams import Upstream, unused_port
+from tests.support.yaml import upstreams_yaml, write_config
 
 SPEC_ACCESS_FIELDS = {
     "request_id",
@@ -37,50 +38,12 @@ SPEC_ACCESS_FIELDS = {
     "error",
 }
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse_metrics(text: str) -> Samples:
-    """Every sample of a Prometheus text page, parsed by the client library's own parser."""
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-async def scrape(session: aiohttp.ClientSession, base: str) -> Samples:
-    async with session.get(base + "/metrics") as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        return parse_metrics(await response.text())
-
-
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
     async with session.get(url) as response:
         assert response.status == 200, await response.text()
         return await response.json()
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
-    """Poll until ``check`` (sync or async) holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------- /metrics
@@ -267,7 +230,7 @@ async def test_pool_timeout_and_upstream_errors_are_counted_by_reason(tmp_path: 
             limits: {{max_connections: 1}}
             timeouts: {{pool: 200ms}}
           dead:
-            url: http://{LOOPBACK}:{closed_port()}
+            url: http://{LOOPBACK}:{unused_port()}
         """,
         ) as sidecar,
         aiohttp.ClientSession() as client,
@@ -416,22 +379,19 @@ async def test_catch_all_route_sends_admin_paths_upstream_not_to_admin(tmp_path:
 def _config_with_secrets(tmp_path: Path, upstream: Upstream, dead_port: int) -> Path:
     return write_config(
         tmp_path,
-        f"""
-        admin:
-          listen: 127.0.0.1:0
-          token: "${{ADMIN_TOKEN}}"
-        upstreams:
-          api:
-            url: {upstream.url}/${{SECRET_BASE}}
-            headers:
-              set:
-                X-Api-Key: "${{SECRET_API_KEY}}"
-                Authorization: "Bearer ${{SECRET_BEARER}}"
-          dead:
-            url: http://{LOOPBACK}:{dead_port}/${{SECRET_BASE}}
-            headers:
-              set: {{X-Api-Key: "${{SECRET_API_KEY}}"}}
-        """,
+        upstreams_yaml(
+            {
+                "api": {
+                    "url": f"{upstream.url}/${{SECRET_BASE}}",
+                    "headers": {"set": {"X-Api-Key": "${SECRET_API_KEY}", "Authorization": "Bearer ${SECRET_BEARER}"}},
+                },
+                "dead": {
+                    "url": f"http://{LOOPBACK}:{dead_port}/${{SECRET_BASE}}",
+                    "headers": {"set": {"X-Api-Key": "${SECRET_API_KEY}"}},
+                },
+            },
+            admin={"listen": "127.0.0.1:0", "token": "${ADMIN_TOKEN}"},
+        ),
     )
 
 
@@ -444,7 +404,7 @@ async def test_secrets_from_env_appear_in_no_admin_output_log_line_or_error_body
     }
     caller_secrets = ["caller-auth-1a2b3c", "cookie-val-4d5e6f", "query-val-7a8b9c"]
     async with Upstream() as upstream:
-        process = SidecarProcess(_config_with_secrets(tmp_path, upstream, closed_port()), env=secrets)
+        process = SidecarProcess(_config_with_secrets(tmp_path, upstream, unused_port()), env=secrets)
         await process.start()
         outputs: list[str] = []
         try:
@@ -477,8 +437,8 @@ async def test_secrets_from_env_appear_in_no_admin_output_log_line_or_error_body
                     config = await response.json()
             await process.wait_for_event("access", count=4)
             # A reload that fails: its error body must not leak either.
-            path = process.config_path
-            path.write_text(path.read_text().replace("token:", "tokn:"))
+            config_file = process.config_path
+            config_file.write_text(config_file.read_text().replace("token:", "tokn:"))
             async with aiohttp.ClientSession() as client:
                 async with client.post(process.admin_url + "/reload", headers=auth) as response:
                     assert response.status == 400

@@ -13,7 +13,9 @@ from aiohttp import web
 
 from sidecar.exchange import Attempt, Exchange
 from sidecar.policy import Stage, Stages
-from tests.harness import Upstream, proxy_url, running_sidecar, write_config
+from tests.support.sidecar import proxy_url, running_sidecar
+from tests.support.upstreams import Upstream
+from tests.support.yaml import write_config
 
 
 def _config(upstream_url: str, *, max_request_body: str) -> str:

@@ -21,7 +21,8 @@ import requests
 from aiohttp import web
 
 from sidecar.server import Sidecar
-from tests.harness import Upstream, proxy_url, running_sidecar
+from tests.support.sidecar import proxy_url, running_sidecar
+from tests.support.upstreams import Upstream
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")

@@ -18,25 +18,25 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness import RawUpstream, SidecarProcess, raw_exchange, status_of, write_config
+from tests.support.sidecar import SidecarProcess
+from tests.support.upstreams import ScriptedUpstream
+from tests.support.wire import raw_exchange, status_of
+from tests.support.yaml import API_INTERNAL, upstreams_yaml, write_config
 
 PARSERS = ["c", "python"]
 
 
 def _config(url: str) -> str:
-    return f"""
-    upstreams:
-      api:
-        url: {url}/base
-        route: {{ hosts: [api.internal] }}
-      keep:
-        url: {url}/kbase
-        route: {{ path_prefix: /keep, strip_prefix: false }}
-    """
+    return upstreams_yaml(
+        {
+            "api": {"url": f"{url}/base", "route": API_INTERNAL},
+            "keep": {"url": f"{url}/kbase", "route": {"path_prefix": "/keep", "strip_prefix": False}},
+        }
+    )
 
 
 @asynccontextmanager
-async def _sidecar(tmp_path: Path, upstream: RawUpstream, parser: str) -> AsyncIterator[SidecarProcess]:
+async def _sidecar(tmp_path: Path, upstream: ScriptedUpstream, parser: str) -> AsyncIterator[SidecarProcess]:
     env = {"AIOHTTP_NO_EXTENSIONS": "1" if parser == "python" else ""}
     process = SidecarProcess(write_config(tmp_path, _config(upstream.url)), env=env)
     await process.start()
@@ -98,7 +98,7 @@ async def _assert_at_rest(process: SidecarProcess) -> None:
 
 
 async def _assert_refused(
-    process: SidecarProcess, upstream: RawUpstream, request: bytes, status: int, code: str, *, closes: bool = True
+    process: SidecarProcess, upstream: ScriptedUpstream, request: bytes, status: int, code: str, *, closes: bool = True
 ) -> None:
     """``request`` gets one error response, the upstream nothing; ``closes``: and the connection is closed."""
     if closes:
@@ -132,7 +132,7 @@ CONNECT_CASES = {
 @pytest.mark.parametrize("parser", PARSERS)
 async def test_refused_connect_closes_the_connection(tmp_path: Path, parser: str) -> None:
     """Whatever follows a CONNECT (tunnel bytes, a declared body) is never read as a request."""
-    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+    async with ScriptedUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
         for request in CONNECT_CASES.values():
             await _assert_refused(process, upstream, request, 405, "connect_not_supported")
 
@@ -156,7 +156,7 @@ CLIMBING_TARGETS = [
 
 @pytest.mark.parametrize("parser", PARSERS)
 async def test_dot_segments_never_climb_out_of_the_base_path(tmp_path: Path, parser: str) -> None:
-    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+    async with ScriptedUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
         for target in CLIMBING_TARGETS:
             request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
             await _assert_refused(process, upstream, request, 400, "bad_request", closes=False)
@@ -200,7 +200,7 @@ TE_CASES = {
 
 @pytest.mark.parametrize("parser", PARSERS)
 async def test_transfer_coding_other_than_chunked_is_400_and_closes(tmp_path: Path, parser: str) -> None:
-    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+    async with ScriptedUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
         for request in TE_CASES.values():
             await _assert_refused(process, upstream, request, 400, "bad_request")
         # One chunked, in any case: decoded and forwarded.
@@ -220,7 +220,7 @@ FRAGMENT_TARGETS = [b"/api/x#frag", b"/api/x?a=1#frag", b"/api#", b"/keep/x#/../
 
 @pytest.mark.parametrize("parser", PARSERS)
 async def test_fragment_in_origin_form_is_400(tmp_path: Path, parser: str) -> None:
-    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+    async with ScriptedUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
         for target in FRAGMENT_TARGETS:
             request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
             await _assert_refused(process, upstream, request, 400, "bad_request", closes=False)
@@ -239,7 +239,7 @@ INVALID_HOSTS = [
 
 @pytest.mark.parametrize("parser", PARSERS)
 async def test_invalid_host_header_is_400(tmp_path: Path, parser: str) -> None:
-    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+    async with ScriptedUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
         for host in INVALID_HOSTS:
             for target in (b"/api/x", b"http://api.internal/x"):
                 request = b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
@@ -275,7 +275,7 @@ VERSION_OR_PARSER_CASES = {
 async def test_http_versions_other_than_1_0_and_1_1_are_refused(tmp_path: Path, parser: str) -> None:
     """505 (or 400 when there is no version to speak of), always as a well-formed
     HTTP/1.1 response, and the connection closed."""
-    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+    async with ScriptedUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
         for request in VERSION_CASES.values():
             await _assert_refused(process, upstream, request, 505, "http_version_not_supported")
         refused_505 = len(VERSION_CASES)
@@ -304,7 +304,7 @@ async def test_http09_request_line_is_answered_at_once(tmp_path: Path, parser: s
     """An HTTP/0.9 client sends one line and waits: neither parser answers before a
     blank line, so without an answer of our own it would only see the header
     timeout close the connection."""
-    async with RawUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
+    async with ScriptedUpstream() as upstream, _sidecar(tmp_path, upstream, parser) as process:
         loop = asyncio.get_running_loop()
         for request in (b"GET /api/x\r\n", b"GET /\r\n", b"GET /api/x\n"):
             started = loop.time()

@@ -21,15 +21,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.server import Sidecar
-from tests.harness import (
-    LOOPBACK,
-    ScriptedUpstream,
-    proxy_url,
-    raw_request,
-    read_response,
-    running_sidecar,
-)
+from tests.support import LOOPBACK
+from tests.support.rest import assert_at_rest, eventually
+from tests.support.sidecar import proxy_url, running_sidecar
+from tests.support.upstreams import ScriptedUpstream
+from tests.support.wire import raw_request, read_response
+from tests.support.yaml import one_upstream
 
 MiB = 1024 * 1024
 FORGED = b"HTTP/1.1 200 OK\r\nX-Poison: 1\r\nContent-Length: 6\r\n\r\nforged"
@@ -38,28 +35,7 @@ Reply = Callable[[str, str, dict[str, str], bytes], Awaitable[bytes]]
 
 
 def config(url: str, read: str = "30s") -> str:
-    return f"""
-        upstreams:
-          api:
-            url: {url}
-            limits: {{ max_connections: 3, max_pending: 200 }}
-            timeouts: {{ pool: 30s, read: {read} }}
-        """
-
-
-def pool_is_clean(sidecar: Sidecar) -> None:
-    pool = sidecar.generation().pools["api"]
-    assert pool.admission.in_flight == 0
-    assert pool.admission.pending == 0
-    assert pool.active == 0
-    assert pool.stats().active == 0
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
+    return one_upstream(url, limits={"max_connections": 3, "max_pending": 200}, timeouts={"pool": "30s", "read": read})
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes]:
@@ -77,8 +53,7 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str
             await reader.readexactly(2)
         await reader.readuntil(b"\r\n")
         return method, path, headers, bytes(body)
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return method, path, headers, body
+    return method, path, headers, await reader.readexactly(int(headers.get("content-length", "0")))
 
 
 def serving(reply: Reply) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
@@ -124,7 +99,7 @@ async def test_bytes_after_a_response_never_answer_the_next_request(tmp_path: Pa
                 assert "X-Poison" not in response.headers
                 assert await response.read() == b"two"
         assert upstream.connections == 2  # the dirty connection was not used again
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)
 
 
 async def test_stress_trailing_bytes_never_cross_callers(tmp_path: Path) -> None:
@@ -173,7 +148,7 @@ async def test_stress_trailing_bytes_never_cross_callers(tmp_path: Path) -> None
         # Extra bytes that arrive with the response are caught for sure; only a
         # segment arriving late could still make a request fail (never cross over).
         assert outcomes["502"] <= 3
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)
         stats = sidecar.generation().pools["api"].stats()
         assert stats.connections <= 3
         assert upstream.connections >= dirty
@@ -207,11 +182,11 @@ async def test_content_length_with_chunked_response_is_ignored(tmp_path: Path, d
                     assert response.status == 200
                     assert response.headers.get("Content-Length") is None
                     assert await asyncio.wait_for(response.read(), 10) == body
-        response = await raw_request(sidecar.proxy_port, b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
-        assert response.header("Content-Length") is None and response.body == body
+        raw = await raw_request(sidecar.proxy_port, b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert raw.header("Content-Length") is None and raw.body == body
         # The framing was ambiguous: that upstream connection is never used again.
         assert upstream.connections == 4
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)
 
 
 # --------------------------------------------------------------------------
@@ -248,7 +223,7 @@ async def test_bodiless_responses_reuse_the_connection(tmp_path: Path, method: s
                     if method == "HEAD":
                         assert response.headers["Content-Length"] == "1234"
         assert upstream.connections == 1
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)
 
 
 async def test_body_on_a_204_never_reaches_the_next_caller(tmp_path: Path) -> None:
@@ -265,7 +240,7 @@ async def test_body_on_a_204_never_reaches_the_next_caller(tmp_path: Path) -> No
                 ) as response:
                     assert response.status == 200 and "X-Poison" not in response.headers
                     assert await response.read() == f"p{i}".encode()
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)
 
 
 # --------------------------------------------------------------------------
@@ -293,7 +268,7 @@ async def test_upstream_cannot_forge_a_sidecar_error(tmp_path: Path) -> None:
                 assert "X-Sidecar-Error" not in response.headers
                 assert response.headers["Retry-After"] == "7"  # the upstream's own: legitimate
                 assert json.loads(await response.read()) == {"error": "pool_timeout"}
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)
 
 
 # --------------------------------------------------------------------------
@@ -333,7 +308,7 @@ async def test_dripping_response_head_times_out(tmp_path: Path, pieces: list[byt
                     assert response.headers["X-Sidecar-Error"] == "upstream_timeout"
                     await response.read()
                 assert 0.9 < elapsed < 4, elapsed
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)
         await eventually(lambda: sidecar.generation().pools["api"].stats().connections == 0)
 
 
@@ -356,7 +331,7 @@ async def test_slow_upload_longer_than_the_read_timeout_succeeds(tmp_path: Path)
                 assert response.status == 200
                 assert await response.read() == b"6000"
             assert time.monotonic() - started > 2  # longer than timeouts.read
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)
 
 
 # --------------------------------------------------------------------------
@@ -382,7 +357,7 @@ async def test_status_outside_100_599_is_502(tmp_path: Path, status_line: bytes)
                 async with client.get(proxy_url(sidecar) + "/api/ok", headers={"X-Tag": f"t{i}"}) as response:
                     assert response.status == 200 and await response.read() == f"t{i}".encode()
         assert upstream.connections == 3  # each bad answer's connection was closed; the last one kept
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)
 
 
 # --------------------------------------------------------------------------
@@ -412,4 +387,4 @@ async def test_early_hints_then_the_final_response(tmp_path: Path) -> None:
         finally:
             writer.close()
         assert upstream.connections == 1
-        pool_is_clean(sidecar)
+        await assert_at_rest(sidecar)

@@ -5,14 +5,17 @@ Authorization and Cookie values are never logged."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from sidecar.config import ConfigError, parse_config
-from tests.harness import SidecarProcess, Upstream, raw_exchange, status_of, write_config
+from tests.support.sidecar import SidecarProcess
+from tests.support.upstreams import Upstream, unused_port
+from tests.support.wire import raw_exchange, status_of
+from tests.support.yaml import upstreams_yaml, write_config
 
 ENV_TOKEN = "tok-Env-5ecret-4711"
 LITERAL_KEY = "literal-Key-5ecret-0815"
@@ -22,29 +25,22 @@ CALLER_COOKIE = "caller-Cookie-5ecret-2"
 SECRETS = (ENV_TOKEN, LITERAL_KEY, ADMIN_TOKEN, CALLER_AUTH, CALLER_COOKIE)
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _config(upstream_url: str, dead_url: str, extra: str = "") -> str:
-    return f"""
-    admin: {{ listen: 127.0.0.1:0, token: "${{ADMIN_TOKEN}}" }}
-    upstreams:
-      api:
-        url: {upstream_url}
-        headers:
-          set:
-            Authorization: "Bearer ${{API_TOKEN}}"
-            X-Api-Key: {LITERAL_KEY}
-      dead:
-        url: {dead_url}
-        timeouts: {{ connect: 1s }}
-        headers:
-          set: {{ Authorization: "Bearer ${{API_TOKEN}}" }}
-    {extra}
-    """
+def _config(upstream_url: str, dead_url: str, **top: Any) -> str:
+    return upstreams_yaml(
+        {
+            "api": {
+                "url": upstream_url,
+                "headers": {"set": {"Authorization": "Bearer ${API_TOKEN}", "X-Api-Key": LITERAL_KEY}},
+            },
+            "dead": {
+                "url": dead_url,
+                "timeouts": {"connect": "1s"},
+                "headers": {"set": {"Authorization": "Bearer ${API_TOKEN}"}},
+            },
+        },
+        admin={"listen": "127.0.0.1:0", "token": "${ADMIN_TOKEN}"},
+        **top,
+    )
 
 
 def _leaks(text: str, secrets: tuple[str, ...] = SECRETS) -> list[str]:
@@ -53,7 +49,7 @@ def _leaks(text: str, secrets: tuple[str, ...] = SECRETS) -> list[str]:
 
 async def test_no_secret_in_logs_errors_config_or_reload(tmp_path: Path) -> None:
     async with Upstream() as upstream:
-        dead = f"http://127.0.0.1:{_closed_port()}"
+        dead = f"http://127.0.0.1:{unused_port()}"
         path = write_config(tmp_path, _config(upstream.url, dead))
         process = SidecarProcess(
             path,
@@ -74,7 +70,7 @@ async def test_no_secret_in_logs_errors_config_or_reload(tmp_path: Path) -> None
                         assert response.status == 200
                         answers.append(await response.text())
                 # A reload that fails on a value that came from ${API_TOKEN}.
-                broken = _config(upstream.url, dead, "defaults: { limits: { max_connections: '${API_TOKEN}' } }")
+                broken = _config(upstream.url, dead, defaults={"limits": {"max_connections": "${API_TOKEN}"}})
                 write_config(tmp_path, broken)
                 async with client.post(process.admin_url + "/reload", headers=admin) as response:
                     assert response.status == 400

@@ -16,25 +16,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness import (
-    RawUpstream,
-    SidecarProcess,
-    Upstream,
-    raw_exchange,
-    requests_in,
-    running_sidecar,
-    status_of,
-    write_config,
-)
+from tests.support.rest import assert_at_rest
+from tests.support.sidecar import SidecarProcess, running_sidecar
+from tests.support.upstreams import ScriptedUpstream, Upstream
+from tests.support.wire import raw_exchange, requests_in, status_of
+from tests.support.yaml import one_upstream, write_config
 
 
-def _config(url: str, inbound: str) -> str:
-    return f"""
-    inbound: {{ {inbound} }}
-    upstreams:
-      api:
-        url: {url}
-    """
+def _config(url: str, **inbound: str) -> str:
+    return one_upstream(url, top={"inbound": inbound})
 
 
 async def _closed_after(reader: asyncio.StreamReader, limit: float) -> float:
@@ -48,7 +38,10 @@ async def _closed_after(reader: asyncio.StreamReader, limit: float) -> float:
 
 
 async def test_silent_connection_is_closed_after_header_timeout(tmp_path: Path) -> None:
-    async with RawUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url, "header_timeout: 1s")) as sc:
+    async with (
+        ScriptedUpstream() as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, header_timeout="1s")) as sc,
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
         waited = await _closed_after(reader, 10)
         writer.close()
@@ -57,7 +50,10 @@ async def test_silent_connection_is_closed_after_header_timeout(tmp_path: Path) 
 
 
 async def test_trickled_headers_do_not_extend_the_deadline(tmp_path: Path) -> None:
-    async with RawUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url, "header_timeout: 1s")) as sc:
+    async with (
+        ScriptedUpstream() as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, header_timeout="1s")) as sc,
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
         writer.write(b"GET /api/x HTTP/1.1\r\nHost: a\r\n")
 
@@ -76,8 +72,12 @@ async def test_trickled_headers_do_not_extend_the_deadline(tmp_path: Path) -> No
         assert upstream.received == []
 
 
+@pytest.mark.slow
 async def test_keepalive_connection_gets_a_fresh_deadline_per_request(tmp_path: Path) -> None:
-    async with RawUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url, "header_timeout: 1s")) as sc:
+    async with (
+        ScriptedUpstream() as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, header_timeout="1s")) as sc,
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
         request = b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"
         for _ in range(2):
@@ -94,9 +94,10 @@ async def test_keepalive_connection_gets_a_fresh_deadline_per_request(tmp_path: 
 
 
 async def test_stalled_body_gets_408_and_frees_its_slot(tmp_path: Path) -> None:
-    async with RawUpstream(answer_after=b"never") as upstream, running_sidecar(
-        tmp_path, _config(upstream.url, "body_idle_timeout: 1s")
-    ) as sc:
+    async with (
+        ScriptedUpstream(answer_after=b"never") as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, body_idle_timeout="1s")) as sc,
+    ):
         started = time.monotonic()
         raw = await raw_exchange(
             sc.proxy_port, b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789", timeout=10
@@ -108,14 +109,14 @@ async def test_stalled_body_gets_408_and_frees_its_slot(tmp_path: Path) -> None:
         framed = requests_in(upstream.all_bytes)
         assert [(r.method, r.complete, r.body) for r in framed] == [("POST", False, b"0123456789")]
         pool = sc.generation().pools["api"]
-        assert (pool.admission.in_flight, pool.admission.pending) == (0, 0)
+        await assert_at_rest(pool)
         await asyncio.sleep(0.1)
         assert pool.stats().connections == 0
 
 
 async def test_slow_but_steady_body_is_not_cut(tmp_path: Path) -> None:
     """The idle timeout is per pause, not a deadline for the whole body."""
-    async with Upstream() as upstream, running_sidecar(tmp_path, _config(upstream.url, "body_idle_timeout: 1s")) as sc:
+    async with Upstream() as upstream, running_sidecar(tmp_path, _config(upstream.url, body_idle_timeout="1s")) as sc:
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
         writer.write(b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
         for byte in b"abcdefgh":
@@ -148,12 +149,13 @@ async def _served_promptly(url: str, count: int, *, allowed: tuple[int, ...] = (
     return latencies
 
 
+@pytest.mark.slow
 async def test_500_slowloris_connections_do_not_block_normal_requests(tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2048:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     async with Upstream() as upstream:
-        process = SidecarProcess(write_config(tmp_path, _config(upstream.url, "header_timeout: 3s")))
+        process = SidecarProcess(write_config(tmp_path, _config(upstream.url, header_timeout="3s")))
         await process.start()
         assert process.proc is not None
         try:
@@ -174,8 +176,10 @@ async def test_500_slowloris_connections_do_not_block_normal_requests(tmp_path: 
             trickler = asyncio.create_task(trickle())
             latencies = await _served_promptly(f"{process.url}/api/ok", 20)
             assert max(latencies) < 3.0, latencies  # generous: a loaded 2-core box
-            print(f"under 500 slowloris connections: median {sorted(latencies)[10] * 1000:.1f} ms, "
-                  f"max {max(latencies) * 1000:.1f} ms")
+            print(
+                f"under 500 slowloris connections: median {sorted(latencies)[10] * 1000:.1f} ms, "
+                f"max {max(latencies) * 1000:.1f} ms"
+            )
 
             # Every slowloris connection is closed by the sidecar, not by us.
             async def closed(reader: asyncio.StreamReader) -> bool:
@@ -203,7 +207,7 @@ async def test_500_slowloris_connections_do_not_block_normal_requests(tmp_path: 
 async def test_slowhttptest_slow_headers_leave_the_service_available(tmp_path: Path) -> None:
     """The real tool: 300 slowloris connections for 10 s; ordinary requests keep being served."""
     async with Upstream() as upstream:
-        process = SidecarProcess(write_config(tmp_path, _config(upstream.url, "header_timeout: 2s")))
+        process = SidecarProcess(write_config(tmp_path, _config(upstream.url, header_timeout="2s")))
         await process.start()
         try:
             stats = await _slowhttptest(process, tmp_path, "-H", "GET", probes=15, allowed=(200,))
@@ -223,7 +227,7 @@ async def test_slowhttptest_slow_bodies_are_cut_and_the_pool_recovers(tmp_path: 
     hang), cuts every stalled body, and the pool is whole again afterwards."""
     async with Upstream() as upstream:
         process = SidecarProcess(
-            write_config(tmp_path, _config(upstream.url, "header_timeout: 2s, body_idle_timeout: 2s"))
+            write_config(tmp_path, _config(upstream.url, header_timeout="2s", body_idle_timeout="2s"))
         )
         await process.start()
         try:
@@ -280,8 +284,11 @@ async def _metrics(process: SidecarProcess) -> str:
 
 
 async def test_header_timeout_follows_a_reload(tmp_path: Path) -> None:
-    async with RawUpstream() as upstream, running_sidecar(tmp_path, _config(upstream.url, "header_timeout: 30s")) as sc:
-        write_config(tmp_path, _config(upstream.url, "header_timeout: 1s"))
+    async with (
+        ScriptedUpstream() as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, header_timeout="30s")) as sc,
+    ):
+        write_config(tmp_path, _config(upstream.url, header_timeout="1s"))
         await sc.reload("test")
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
         waited = await _closed_after(reader, 10)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.harness import Upstream, proxy_url, running_sidecar
+from tests.support.sidecar import proxy_url, running_sidecar
+from tests.support.upstreams import Upstream
 
 
 async def test_request_is_proxied_with_prefix_stripped(tmp_path: Path) -> None:

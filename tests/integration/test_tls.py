@@ -11,27 +11,14 @@ import aiohttp
 import pytest
 import trustme
 
-from tests.harness import SidecarProcess, TLSUpstream, proxy_url, running_sidecar, write_config
+from tests.support.sidecar import SidecarProcess, proxy_url, running_sidecar
+from tests.support.tls import server_context
+from tests.support.upstreams import TLSUpstream
+from tests.support.yaml import one_upstream, write_config
 
 
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def _server_context(cert: trustme.LeafCert) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(context)
-    return context
-
-
-def _config(url: str, tls: str) -> str:
-    return f"""
-    upstreams:
-      api:
-        url: {url}
-        tls: {{ {tls} }}
-    """
+def _config(url: str, **tls: object) -> str:
+    return one_upstream(url, tls=tls)
 
 
 async def _get(sidecar_url: str) -> tuple[int, dict[str, str], dict[str, object] | str]:
@@ -45,9 +32,10 @@ async def _get(sidecar_url: str) -> tuple[int, dict[str, str], dict[str, object]
 async def test_verified_with_ca_file_and_sni_from_the_upstream_host(tmp_path: Path, ca: trustme.CA) -> None:
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    async with TLSUpstream(_server_context(ca.issue_cert("localhost"))) as upstream, running_sidecar(
-        tmp_path, _config(upstream.url, f"ca_file: {ca_file}")
-    ) as sidecar:
+    async with (
+        TLSUpstream(server_context(ca.issue_cert("localhost"))) as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, ca_file=str(ca_file))) as sidecar,
+    ):
         status, _, body = await _get(proxy_url(sidecar))
         assert (status, body) == (200, "ok")
         assert upstream.server_names == ["localhost"]
@@ -56,9 +44,10 @@ async def test_verified_with_ca_file_and_sni_from_the_upstream_host(tmp_path: Pa
 
 async def test_verification_is_on_by_default_with_the_system_store(tmp_path: Path, ca: trustme.CA) -> None:
     """No ca_file: a certificate from a private CA is refused (the system store does not know it)."""
-    async with TLSUpstream(_server_context(ca.issue_cert("localhost"))) as upstream, running_sidecar(
-        tmp_path, _config(upstream.url, "")
-    ) as sidecar:
+    async with (
+        TLSUpstream(server_context(ca.issue_cert("localhost"))) as upstream,
+        running_sidecar(tmp_path, _config(upstream.url)) as sidecar,
+    ):
         status, headers, body = await _get(proxy_url(sidecar))
         assert (status, headers["X-Sidecar-Error"]) == (502, "upstream_connect_error")
         assert isinstance(body, dict)
@@ -85,9 +74,10 @@ async def test_bad_certificate_is_a_502_saying_why(tmp_path: Path, ca: trustme.C
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     cert = issue(ca)  # type: ignore[operator]
-    async with TLSUpstream(_server_context(cert)) as upstream, running_sidecar(
-        tmp_path, _config(upstream.url, f"ca_file: {ca_file}")
-    ) as sidecar:
+    async with (
+        TLSUpstream(server_context(cert)) as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, ca_file=str(ca_file))) as sidecar,
+    ):
         status, headers, body = await _get(proxy_url(sidecar))
         assert (status, headers["X-Sidecar-Error"]) == (502, "upstream_connect_error")
         assert isinstance(body, dict)
@@ -109,17 +99,17 @@ async def test_client_certificate_for_mtls_upstream(tmp_path: Path, ca: trustme.
             out.write(blob.bytes())
     client.private_key_pem.write_to_path(str(key_file))
 
-    context = _server_context(ca.issue_cert("localhost"))
+    context = server_context(ca.issue_cert("localhost"))
     context.verify_mode = ssl.CERT_REQUIRED
     client_ca.configure_trust(context)
     async with TLSUpstream(context) as upstream:
         # Without a client certificate the upstream refuses the handshake.
-        async with running_sidecar(tmp_path, _config(upstream.url, f"ca_file: {ca_file}")) as sidecar:
+        async with running_sidecar(tmp_path, _config(upstream.url, ca_file=str(ca_file))) as sidecar:
             status, headers, _ = await _get(proxy_url(sidecar))
             assert status == 502 and headers["X-Sidecar-Error"].startswith("upstream_")
             assert upstream.requests == []
-        tls = f"ca_file: {ca_file}, client_cert: {cert_file}, client_key: {key_file}"
-        async with running_sidecar(tmp_path, _config(upstream.url, tls)) as sidecar:
+        tls = {"ca_file": str(ca_file), "client_cert": str(cert_file), "client_key": str(key_file)}
+        async with running_sidecar(tmp_path, _config(upstream.url, **tls)) as sidecar:
             status, _, body = await _get(proxy_url(sidecar))
             assert (status, body) == (200, "ok")
         peer = upstream.client_certs[-1]
@@ -129,8 +119,8 @@ async def test_client_certificate_for_mtls_upstream(tmp_path: Path, ca: trustme.
 
 
 async def test_verify_false_connects_and_warns_at_startup(tmp_path: Path, ca: trustme.CA) -> None:
-    async with TLSUpstream(_server_context(ca.issue_cert("other.example"))) as upstream:
-        process = SidecarProcess(write_config(tmp_path, _config(upstream.url, "verify: false")))
+    async with TLSUpstream(server_context(ca.issue_cert("other.example"))) as upstream:
+        process = SidecarProcess(write_config(tmp_path, _config(upstream.url, verify=False)))
         await process.start()
         try:
             warnings = [e for e in process.events("config_warning") if "TLS verification is OFF" in e["message"]]

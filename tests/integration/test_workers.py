@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from sidecar.workers import SUPERVISOR_MARGIN
-from tests.harness import SidecarProcess, Upstream, write_config
+from tests.support.sidecar import SidecarProcess
+from tests.support.upstreams import Upstream
+from tests.support.yaml import write_config
 
 
 async def _started(sidecar: SidecarProcess, workers: int) -> list[dict[str, Any]]:
@@ -231,6 +234,7 @@ async def test_sigterm_to_the_supervisor_alone_drains_every_worker(tmp_path: Pat
     await _stop_workers_under_load(tmp_path, lambda sidecar: sidecar.signal(signal.SIGTERM))
 
 
+@pytest.mark.slow
 async def test_a_worker_that_does_not_stop_in_time_is_killed_and_the_supervisor_exits(tmp_path: Path) -> None:
     async with Upstream() as upstream:
         config = write_config(tmp_path, f"shutdown_timeout: 1s\nupstreams:\n  api:\n    url: {upstream.url}\n")

@@ -19,7 +19,7 @@ from sidecar import cli, compat
 from sidecar.compat import h2 as h2_compat
 from sidecar.compat import httpcore as httpcore_compat
 from sidecar.config import HostPort, load_config
-from tests.harness import write_config
+from tests.support.yaml import write_config
 
 ORIGIN = httpcore.Origin(b"http", b"127.0.0.1", 1)
 

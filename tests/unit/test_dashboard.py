@@ -21,7 +21,7 @@ def exported_series() -> set[str]:
     config = parse_config("upstreams:\n  api: {url: 'http://127.0.0.1:9'}\n")
     pool = UpstreamPool(config.upstreams[0])
     text = Metrics(lambda: [pool]).render().decode()
-    names = set()
+    names: set[str] = set()
     for family in text_string_to_metric_families(text):
         names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
     return names

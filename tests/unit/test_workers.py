@@ -8,6 +8,7 @@ import pytest
 
 from sidecar.config import ConfigError, HostPort, load_config
 from sidecar.workers import check_divisible, share, worker_admin, worker_config
+from tests.support.yaml import one_upstream, write_config
 
 
 @pytest.mark.parametrize("total", [0, 1, 2, 3, 7, 10, 100, 1001])
@@ -18,14 +19,12 @@ def test_shares_sum_to_the_total_and_differ_by_at_most_one(total: int, workers: 
     assert max(parts) - min(parts) <= 1
 
 
-def _config(tmp_path: Path, limits: str) -> Path:
-    path = tmp_path / "upstreams.yaml"
-    path.write_text(f"upstreams:\n  api:\n    url: http://127.0.0.1:9\n    limits: {limits}\n")
-    return path
+def _config(tmp_path: Path, **limits: int) -> Path:
+    return write_config(tmp_path, one_upstream("http://127.0.0.1:9", limits=limits))
 
 
 def test_worker_config_splits_every_limit(tmp_path: Path) -> None:
-    config = load_config(_config(tmp_path, "{max_connections: 5, max_pending: 3, max_keepalive_connections: 4}"))
+    config = load_config(_config(tmp_path, max_connections=5, max_pending=3, max_keepalive_connections=4))
     shares = [worker_config(config, 2, index).upstreams[0].limits for index in range(2)]
     assert [s.max_connections for s in shares] == [3, 2]
     assert [s.max_concurrent_requests for s in shares] == [3, 2]
@@ -36,7 +35,7 @@ def test_worker_config_splits_every_limit(tmp_path: Path) -> None:
 
 
 def test_fewer_connections_than_workers_is_a_config_error(tmp_path: Path) -> None:
-    config = load_config(_config(tmp_path, "{max_connections: 2}"))
+    config = load_config(_config(tmp_path, max_connections=2))
     with pytest.raises(ConfigError) as caught:
         check_divisible(config, 3)
     assert caught.value.path == "upstreams.api.limits.max_connections"
@@ -45,7 +44,7 @@ def test_fewer_connections_than_workers_is_a_config_error(tmp_path: Path) -> Non
 
 
 def test_each_worker_gets_its_own_admin_port(tmp_path: Path) -> None:
-    config = load_config(_config(tmp_path, "{max_connections: 4}"))  # admin defaults to 127.0.0.1:8089
+    config = load_config(_config(tmp_path, max_connections=4))  # admin defaults to 127.0.0.1:8089
     assert [worker_admin(config, "config", index) for index in range(3)] == [
         HostPort("127.0.0.1", 8089),
         HostPort("127.0.0.1", 8090),
