@@ -17,13 +17,21 @@ The error tree::
     │   ├── QueueFull                  503    queue_full
     │   ├── PoolTimeout                503    pool_timeout
     │   └── Draining                   503    draining
-    └── UpstreamError
-        ├── UpstreamConnectError       502    upstream_connect_error
-        ├── UpstreamProtocolError      502    upstream_protocol_error
-        └── UpstreamTimeout            504    upstream_timeout
+    ├── UpstreamError
+    │   ├── UpstreamConnectError       502    upstream_connect_error
+    │   ├── UpstreamProtocolError      502    upstream_protocol_error
+    │   ├── UpstreamTimeout            504    upstream_timeout
+    │   └── UpstreamBodyError          —      upstream_body_error (after the headers: the caller's
+    │                                         connection is aborted, nothing is answered)
+    ├── ClientDisconnected             (499)  client_disconnected (the caller left: nothing is sent)
+    └── InternalError                  500    internal_error
 
-Third-party (httpx/httpcore) exceptions are translated into this tree at
-exactly one boundary: :func:`from_upstream_exception`.
+Every way a request can end is a member of this tree: its ``code`` is the
+access log's ``error`` and the ``/pools`` outcome, and ``counted_as`` says
+which metric counts it (:func:`codes_counted_as`; ``sidecar/metrics.py``
+derives its label sets from it).  Third-party exceptions are translated into
+this tree at exactly one boundary each: :func:`from_upstream_exception`
+(httpx/httpcore) and :func:`from_parser_error` (aiohttp's request parser).
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from __future__ import annotations
 import json
 import re
 import ssl
+from typing import ClassVar, Literal
 
 import httpx
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, HttpProcessingError, LineTooLong
 
 from .compat.aiohttp import Http11Response
 
@@ -43,6 +53,12 @@ class SidecarError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    # Which metric counts a request that ended so: "rejected" (answered by the
+    # sidecar without an upstream response: sidecar_rejected_requests_total),
+    # "upstream" (the upstream failed: sidecar_upstream_errors_total), or
+    # neither.  ``client_error``: also counted in sidecar_client_errors_total.
+    counted_as: ClassVar[Literal["rejected", "upstream"] | None] = None
+    client_error: ClassVar[bool] = False
 
     def __init__(self, message: str, *, upstream: str | None = None) -> None:
         super().__init__(message)
@@ -52,18 +68,22 @@ class SidecarError(Exception):
 
 class NoRoute(SidecarError):
     status, code = 404, "no_route"
+    counted_as = "rejected"
 
 
 class DestinationNotAllowed(SidecarError):
     status, code = 403, "destination_not_allowed"
+    counted_as = "rejected"
 
 
 class ConnectNotSupported(SidecarError):
     status, code = 405, "connect_not_supported"
+    counted_as = "rejected"
 
 
 class BadRequest(SidecarError):
     status, code = 400, "bad_request"
+    counted_as = "rejected"
 
 
 class BadFraming(BadRequest):
@@ -75,10 +95,13 @@ class RequestTimeout(SidecarError):
     """The caller stalled while sending its request body (inbound.body_idle_timeout)."""
 
     status, code = 408, "request_timeout"
+    client_error = True
 
 
 class RequestTooLarge(SidecarError):
     status, code = 413, "request_too_large"
+    counted_as = "rejected"
+    client_error = True
 
 
 class UriTooLong(SidecarError):
@@ -93,12 +116,14 @@ class HttpVersionNotSupported(SidecarError):
     """A request in an HTTP version other than 1.0 and 1.1; the connection is closed."""
 
     status, code = 505, "http_version_not_supported"
+    client_error = True
 
 
 class Rejected(SidecarError):
     """Refused for lack of capacity: always 503 with Retry-After."""
 
     status = 503
+    counted_as = "rejected"
 
     def __init__(self, message: str, *, upstream: str | None = None, retry_after: int = 1) -> None:
         super().__init__(message, upstream=upstream)
@@ -118,6 +143,7 @@ class Draining(Rejected):
 
 
 class UpstreamError(SidecarError):
+    counted_as = "upstream"
     """The upstream failed before its response headers arrived."""
 
     status = 502
@@ -133,6 +159,53 @@ class UpstreamProtocolError(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     status, code = 504, "upstream_timeout"
+
+
+class UpstreamBodyError(UpstreamError):
+    """The upstream failed after its response headers went to the caller: the
+    caller's connection is aborted (never answered), so no truncated body can
+    pass for a complete one."""
+
+    code = "upstream_body_error"
+
+
+class ClientDisconnected(SidecarError):
+    """The caller left before its answer was complete: nothing is sent.
+
+    Counted with status 499 (nginx's "client closed request") so that request
+    rates add up; the access log shows ``status: null``.
+    """
+
+    status, code = 499, "client_disconnected"
+
+
+class InternalError(SidecarError):
+    """A bug of the sidecar's: 500, and its traceback in the log."""
+
+    status, code = 500, "internal_error"
+
+
+def _members(root: type[SidecarError]) -> list[type[SidecarError]]:
+    found = [root]
+    for child in root.__subclasses__():
+        found.extend(_members(child))
+    return found
+
+
+def _coded() -> list[type[SidecarError]]:
+    # Classes that name their own code; abstract groups (Rejected,
+    # UpstreamError) only inherit the base's.
+    return [member for member in _members(SidecarError) if "code" in vars(member)]
+
+
+def codes_counted_as(kind: Literal["rejected", "upstream"]) -> frozenset[str]:
+    """The codes a metric counts, from the tree itself (never a copied list)."""
+    return frozenset(member.code for member in _coded() if member.counted_as == kind)
+
+
+def client_error_codes() -> frozenset[str]:
+    """The request-level codes also counted in sidecar_client_errors_total."""
+    return frozenset(member.code for member in _coded() if member.client_error)
 
 
 def from_upstream_exception(exc: Exception, upstream: str, *, retry_after: int = 1) -> SidecarError:
@@ -177,6 +250,31 @@ def _reason(exc: BaseException) -> str:
 # Parser errors (h11, aiohttp) quote the offending bytes; a message must not
 # carry them back to a caller (header injection, reflected content).
 _QUOTED_BYTES = re.compile(r":?\s*(?:b['\"]|bytearray\().*", re.DOTALL)
+
+
+def from_parser_error(
+    exc: HttpProcessingError, *, line_too_long: bool, max_line_size: int, max_field_size: int, max_headers: int
+) -> SidecarError:
+    """Translate a request the HTTP parser refused into our tree.
+
+    ``line_too_long``: the request line alone was over ``max_line_size`` (the
+    parser says "line too long" for a header as well: 414 versus 431).
+    """
+    if isinstance(exc, LineTooLong):
+        if line_too_long:
+            return UriTooLong(f"request line is longer than {max_line_size} bytes")
+        return HeadersTooLarge(f"a request header is longer than {max_field_size} bytes")
+    text = exc.message if isinstance(exc.message, str) else str(exc)
+    if isinstance(exc, BadHttpMessage) and text.startswith("Too many headers"):
+        return HeadersTooLarge(f"more than {max_headers} request headers")
+    if isinstance(exc, BadStatusLine) and "Invalid HTTP version" in text:
+        # llhttp's word for a well-formed HTTP/x.y it does not speak (HTTP/1.2,
+        # HTTP/3.0); the pure-Python parser lets those through to the handler,
+        # which answers 505 too.
+        return HttpVersionNotSupported("only HTTP/1.1 (and 1.0) requests are supported")
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    reason = without_quoted_bytes(first_line)[:120]
+    return BadRequest(f"malformed request: {reason or type(exc).__name__}")
 
 
 def without_quoted_bytes(text: str) -> str:

@@ -25,7 +25,14 @@ from aiohttp import hdrs, web
 
 from .body import request_body
 from .compat.aiohttp import RelayedResponse
-from .errors import SidecarError, error_response, from_upstream_exception
+from .errors import (
+    ClientDisconnected,
+    InternalError,
+    SidecarError,
+    UpstreamBodyError,
+    error_response,
+    from_upstream_exception,
+)
 from .exchange import Attempt, Exchange, Generation
 from .headers import caller_request_id, downstream_headers, new_request_id, upstream_headers
 from .policy.stack import sidecar_stages
@@ -77,12 +84,12 @@ class Forwarder:
             as_http11 = request.version not in SPOKEN_VERSIONS
             return error_response(error, exchange.request_id, close=close, as_http11=as_http11)
         except (asyncio.CancelledError, ConnectionResetError):
-            exchange.error = exchange.error or "client_disconnected"
+            exchange.error = exchange.error or ClientDisconnected.code
             exchange.aborted = True
             raise
         except Exception:
             # aiohttp answers 500 (or aborts, past the headers); account for it.
-            exchange.error = exchange.error or "internal_error"
+            exchange.error = exchange.error or InternalError.code
             exchange.status = exchange.status or 500
             raise
         finally:
@@ -220,7 +227,7 @@ class Forwarder:
         except httpx.TransportError:
             # Headers are out: the only honest signal left is to abort, so the
             # caller cannot mistake a truncated body for a complete one.
-            exchange.error = "upstream_body_error"
+            exchange.error = UpstreamBodyError.code
             exchange.aborted = True
             _abort(request)
             return downstream

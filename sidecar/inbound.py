@@ -30,19 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from .compat.aiohttp import handler_arguments, last_parsed_payload, parsed_request_count, queue_parse_error
-from .errors import (
-    BadRequest,
-    HeadersTooLarge,
-    HttpVersionNotSupported,
-    SidecarError,
-    UriTooLong,
-    error_response,
-    without_quoted_bytes,
-)
+from .errors import InternalError, SidecarError, error_response, from_parser_error
 from .headers import new_request_id
 from .logs import get_logger
 
@@ -190,9 +182,15 @@ class GuardedRequestHandler(RequestHandler):
         if status == 500 and exc is not None:
             # Not client garbage: an error of ours. Keep the traceback.
             self.log_exception("unhandled_error", exc_info=exc)
-            error: SidecarError = SidecarError("internal error in the sidecar")
+            error: SidecarError = InternalError("internal error in the sidecar")
         elif isinstance(exc, HttpProcessingError):
-            error = self._client_error(exc)
+            error = from_parser_error(
+                exc,
+                line_too_long=self._line_too_long,
+                max_line_size=self.max_line_size,
+                max_field_size=self.max_field_size,
+                max_headers=self.max_headers,
+            )
             self._on_client_error(error.code)
             log.warning(
                 "bad_request_from_client",
@@ -210,23 +208,6 @@ class GuardedRequestHandler(RequestHandler):
         response = error_response(error, new_request_id(), close=True, as_http11=True)
         response.force_close()
         return response
-
-    def _client_error(self, exc: HttpProcessingError) -> SidecarError:
-        if isinstance(exc, LineTooLong):
-            if self._line_too_long:
-                return UriTooLong(f"request line is longer than {self.max_line_size} bytes")
-            return HeadersTooLarge(f"a request header is longer than {self.max_field_size} bytes")
-        text = exc.message if isinstance(exc.message, str) else str(exc)
-        if isinstance(exc, BadHttpMessage) and text.startswith("Too many headers"):
-            return HeadersTooLarge(f"more than {self.max_headers} request headers")
-        if isinstance(exc, BadStatusLine) and "Invalid HTTP version" in text:
-            # llhttp's word for a well-formed HTTP/x.y it does not speak (HTTP/1.2,
-            # HTTP/3.0); the pure-Python parser lets those through to the handler,
-            # which answers 505 too.
-            return HttpVersionNotSupported("only HTTP/1.1 (and 1.0) requests are supported")
-        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        reason = without_quoted_bytes(first_line)[:120]
-        return BadRequest(f"malformed request: {reason or type(exc).__name__}")
 
 
 def _peer(transport: asyncio.BaseTransport | None) -> str | None:

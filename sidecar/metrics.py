@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .errors import ClientDisconnected, client_error_codes, codes_counted_as
 from .pools import UpstreamPool
 
 if TYPE_CHECKING:
@@ -35,21 +36,13 @@ NO_UPSTREAM = "none"
 OTHER_METHOD = "OTHER"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 # nginx's "client closed request": counted so that request rates add up, never sent.
-CLIENT_CLOSED_STATUS = 499
+CLIENT_CLOSED_STATUS = ClientDisconnected.status
 # Errors answered by the sidecar without an upstream response: the `reason` of
-# sidecar_rejected_requests_total. Upstream failures go to sidecar_upstream_errors_total.
-REJECTION_REASONS = frozenset(
-    {
-        "queue_full",
-        "pool_timeout",
-        "draining",
-        "no_route",
-        "destination_not_allowed",
-        "connect_not_supported",
-        "bad_request",
-        "request_too_large",
-    }
-)
+# sidecar_rejected_requests_total. Upstream failures go to
+# sidecar_upstream_errors_total. Both sets come from the error tree.
+REJECTION_REASONS = codes_counted_as("rejected")
+UPSTREAM_ERRORS = codes_counted_as("upstream")
+# The kind label of sidecar_upstream_errors_total: the code without this.
 _UPSTREAM_ERROR_PREFIX = "upstream_"
 
 # *_created series double the output and no dashboard uses them.
@@ -72,7 +65,7 @@ def status_label(exchange: Exchange) -> int:
 # to the connection-level ones the proxy protocol reports (header_timeout,
 # bad_request, uri_too_long, headers_too_large, http_version_not_supported).
 # A 505 is either, depending on which parser refused the version: counted alike.
-CLIENT_ERROR_KINDS = frozenset({"request_timeout", "request_too_large", "http_version_not_supported"})
+CLIENT_ERROR_KINDS = client_error_codes()
 
 
 def outcome(exchange: Exchange) -> str:
@@ -273,7 +266,7 @@ class Metrics:
         if error is not None:
             if error in REJECTION_REASONS:
                 self.rejected.labels(upstream, error).inc()
-            elif error.startswith(_UPSTREAM_ERROR_PREFIX):
+            elif error in UPSTREAM_ERRORS:
                 self.upstream_errors.labels(upstream, error[len(_UPSTREAM_ERROR_PREFIX) :]).inc()
             if error in CLIENT_ERROR_KINDS:
                 self.client_errors.labels(error).inc()
