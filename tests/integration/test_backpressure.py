@@ -1,4 +1,4 @@
-"""SPEC §6 backpressure on real sockets: shed at once, never hang, never leak.
+"""Backpressure on real sockets (docs/backpressure.md): shed at once, never hang, never leak.
 
 * overload: a saturated upstream gets exactly ``max_connections`` connections,
   the queue holds ``max_pending``, everyone else gets 503 ``queue_full`` at
@@ -57,7 +57,7 @@ async def timed_get(session: aiohttp.ClientSession, url: str) -> Outcome:
 
 
 def assert_spec_503(outcome: Outcome, code: str, upstream: str = "api") -> None:
-    """SPEC §6: X-Sidecar-Error, the JSON body and a whole-seconds Retry-After >= 1."""
+    """The sidecar's own refusals: X-Sidecar-Error, the JSON body and a whole-seconds Retry-After >= 1."""
     assert outcome.status == 503
     assert outcome.headers["X-Sidecar-Error"] == code
     retry_after = outcome.headers["Retry-After"]
@@ -285,7 +285,8 @@ async def test_cancellation_storm_leaks_nothing(tmp_path: Path) -> None:
 
 
 async def test_double_cancellation_storm_leaks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """TRAPS §3: a second cancel landing in the cleanup (finally/close) path.
+    """A second cancel landing in the cleanup (finally/close) path (anyio's shield
+    does not stop a native Task.cancel()).
 
     Besides callers walking away (aiohttp cancels the handler), a third of the
     handler tasks are cancelled by us twice: the second cancel arrives in the
@@ -364,7 +365,7 @@ async def test_http2_limit_defaults_to_100_streams_per_connection(tmp_path: Path
 
 @pytest.mark.slow
 async def test_http2_streams_beyond_the_server_limit_get_503_not_a_hang(tmp_path: Path) -> None:
-    """TRAPS §8: httpcore's wait for a free stream has no timeout.
+    """httpcore's wait for a free HTTP/2 stream has no timeout.
 
     The server allows 5 streams per connection, two connections: 10 streams.
     Thirty callers at once on a cold pool (nothing known about the server
@@ -423,7 +424,7 @@ async def slow_body_h1(request: web.Request) -> web.StreamResponse:
 async def test_second_cancel_during_the_upstream_close_leaks_nothing(
     tmp_path: Path, protocol: str, second: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """TRAPS §3, aimed: the second cancel lands while ``response.aclose()``
+    """A second cancel, aimed: it lands while ``response.aclose()``
     is closing the upstream exchange (the caller stalled mid-response, the
     first cancel unwinds into the close, the second interrupts it)."""
     h1 = Upstream(slow_body_h1, read_body=False)

@@ -1,4 +1,6 @@
-"""Message bodies and their framing: byte-identical, chunked, close-delimited, bodyless, 100-continue. SPEC §5.
+"""Message bodies and their framing: byte-identical, chunked, close-delimited, bodyless, 100-continue.
+
+See docs/routing-and-forwarding.md.
 
 Real upstreams on port 0 (:mod:`tests.support.upstreams`), the real sidecar,
 callers that are aiohttp clients or raw sockets (:mod:`tests.support.wire`).

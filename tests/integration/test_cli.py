@@ -1,4 +1,4 @@
-"""The command line as users run it: real child processes, exit codes, stderr. SPEC §2."""
+"""The command line as users run it: real child processes, exit codes, stderr (docs/operations.md)."""
 
 from __future__ import annotations
 

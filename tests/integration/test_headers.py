@@ -1,4 +1,4 @@
-"""Header hygiene both ways: hop-by-hop headers, request ids, cookies, status lines. SPEC §5.
+"""Header hygiene both ways: hop-by-hop headers, request ids, cookies, status lines (docs/routing-and-forwarding.md).
 
 Real upstreams on port 0 (:mod:`tests.support.upstreams`), the real sidecar,
 callers that are aiohttp clients or raw sockets (:mod:`tests.support.wire`).

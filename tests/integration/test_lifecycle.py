@@ -1,4 +1,4 @@
-"""Reload and graceful shutdown against the real process: real files, real signals. SPEC §9.
+"""Reload and graceful shutdown against the real process: real files, real signals (docs/operations.md).
 
 Most tests run ``python -m sidecar run`` as a child process (``SidecarProcess``)
 and change it the way an operator does: by editing upstreams.yaml, sending

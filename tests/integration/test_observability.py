@@ -1,4 +1,4 @@
-"""Observability through real sockets: /metrics, /pools, /config, access logs, secrets. SPEC §7-§8."""
+"""Observability through real sockets: /metrics, /pools, /config, access logs, secrets (docs/observability.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which requests are forwarded where, and which the sidecar refuses itself. SPEC §4.
+"""Which requests are forwarded where, and which the sidecar refuses itself (docs/routing-and-forwarding.md).
 
 Real upstreams on port 0 (:mod:`tests.support.upstreams`), the real sidecar,
 callers that are aiohttp clients or raw sockets (:mod:`tests.support.wire`).

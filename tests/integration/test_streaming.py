@@ -1,4 +1,6 @@
-"""Bodies are streamed, never buffered: flat memory, backpressure, and a body that breaks midway. SPEC §5-§6.
+"""Bodies are streamed, never buffered: flat memory, backpressure, and a body that breaks midway.
+
+See docs/routing-and-forwarding.md.
 
 Real upstreams on port 0 (:mod:`tests.support.upstreams`), the real sidecar,
 callers that are aiohttp clients or raw sockets (:mod:`tests.support.wire`).

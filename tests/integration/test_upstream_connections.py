@@ -1,4 +1,4 @@
-"""Pool slots and upstream connections: released on every abort, kept alive, never reused stale. SPEC §6.
+"""Pool slots and upstream connections: released on every abort, kept alive, never reused stale (docs/backpressure.md).
 
 Real upstreams on port 0 (:mod:`tests.support.upstreams`), the real sidecar,
 callers that are aiohttp clients or raw sockets (:mod:`tests.support.wire`).
@@ -167,7 +167,8 @@ async def test_upstream_closed_idle_connection_is_not_reused(tmp_path: Path) -> 
 
 
 async def test_caller_leaving_while_the_upstream_connection_opens_leaks_nothing(tmp_path: Path) -> None:
-    # TRAPS.md §2: a request cancelled while its connection is being opened must not
+    # httpcore can leak a slot when a request is cancelled while its connection is
+    # being opened (a phantom CONNECTING connection): a request cancelled then must not
     # leave a phantom connection (or slot) behind.
     async with BlackholeUpstream() as blackhole:
         extra: dict[str, Any] = {"limits": {"max_connections": 2}, "timeouts": {"connect": "30s"}}

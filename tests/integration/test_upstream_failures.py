@@ -1,4 +1,6 @@
-"""Upstreams that refuse, time out, hang up or answer garbage: the 502/504 the caller gets. SPEC §6.
+"""Upstreams that refuse, time out, hang up or answer garbage: the 502/504 the caller gets.
+
+See docs/backpressure.md, "Errors".
 
 Real upstreams on port 0 (:mod:`tests.support.upstreams`), the real sidecar,
 callers that are aiohttp clients or raw sockets (:mod:`tests.support.wire`).

@@ -1,4 +1,4 @@
-"""config.py: the SPEC §3 schema, parsed once into typed objects (no sockets)."""
+"""sidecar/config: the schema, parsed once into typed objects (no sockets)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The deployment files agree with each other, with the CLI and with SPEC §10.
+"""The deployment files agree with each other, with the CLI and with docs/operations.md.
 
 Static checks only: scripts/docker-smoke builds and runs the image for real.
 """

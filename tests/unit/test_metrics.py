@@ -1,4 +1,4 @@
-"""Metrics.observe and the live-state collector, without sockets. SPEC §7."""
+"""Metrics.observe and the live-state collector, without sockets (docs/observability.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Secrets from ${VAR} and headers.set never reach /config or a log line. SPEC §3, §7, §8."""
+"""Secrets from ${VAR} and headers.set never reach /config or a log line."""
 
 from __future__ import annotations
 

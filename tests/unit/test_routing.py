@@ -1,4 +1,4 @@
-"""routing.py: every SPEC §4 rule, on the pure Router (no sockets)."""
+"""routing.py: every routing rule, on the pure Router (no sockets)."""
 
 from __future__ import annotations
 
