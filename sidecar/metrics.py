@@ -48,6 +48,8 @@ REJECTION_REASONS = frozenset(
         "connect_not_supported",
         "bad_request",
         "request_too_large",
+        "deadline_exceeded",
+        "rate_limited",
     }
 )
 _UPSTREAM_ERROR_PREFIX = "upstream_"

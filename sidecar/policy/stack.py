@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from . import Stages
 from .admission import AdmissionStage
 from .body_limit import DeclaredBodyLimit
+from .deadline import DeadlineStage
 from .draining import DrainingGate
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ def upstream_stages(pool: UpstreamPool) -> Stages:
     return Stages(
         [
             DeclaredBodyLimit(),
+            DeadlineStage(),
             AdmissionStage(pool.admission),
         ]
     )
