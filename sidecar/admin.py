@@ -13,6 +13,7 @@ from aiohttp import web
 from .config import REDACTED, ConfigError, public_view
 from .logs import scrubber
 from .metrics import CONTENT_TYPE
+from .policy.rate_limit import rate_limit_of
 from .reload import ReloadRefused
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
             "closed_total": stats.closed_total,
         },
         "http_versions": stats.http_versions,
+        "rate_limit": None if (limiter := rate_limit_of(pool.stages)) is None else limiter.snapshot(),
         "totals": {"requests": sum(pool.outcomes.values()), "by_outcome": dict(sorted(pool.outcomes.items()))},
     }
 

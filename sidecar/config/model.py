@@ -74,6 +74,12 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float  # requests per second
+    burst: int  # tokens that may be saved up (at least 1)
+
+
+@dataclass(frozen=True, slots=True)
 class TLSSettings:
     verify: bool
     ca_file: str | None
@@ -119,6 +125,7 @@ class Upstream:
     timeouts: Timeouts
     tls: TLSSettings
     headers: HeaderRules
+    rate_limit: RateLimit | None = None  # None: no local rate limit
 
     @property
     def host_header(self) -> str:

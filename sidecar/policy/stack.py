@@ -16,6 +16,7 @@ from .admission import AdmissionStage
 from .body_limit import DeclaredBodyLimit
 from .deadline import DeadlineStage
 from .draining import DrainingGate
+from .rate_limit import rate_limit_stages
 
 if TYPE_CHECKING:
     from ..pools import UpstreamPool
@@ -32,6 +33,7 @@ def upstream_stages(pool: UpstreamPool) -> Stages:
         [
             DeclaredBodyLimit(),
             DeadlineStage(),
+            *rate_limit_stages(pool.upstream),
             AdmissionStage(pool.admission),
         ]
     )
