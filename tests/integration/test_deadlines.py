@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.harness import Upstream, proxy_url, running_sidecar
+from tests.harness import SidecarProcess, Upstream, proxy_url, running_sidecar, write_config
 
 
 def _config(url: str, *, pool: str = "5s", read: str = "30s") -> str:
@@ -219,3 +219,24 @@ async def test_cancelled_and_expiring_waiters_leave_nothing_behind(tmp_path: Pat
             async with await holder as held:
                 assert held.status == 200
         await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0 and pool.active == 0)
+
+
+async def test_the_access_log_gives_the_budget_in_ms_or_null(tmp_path: Path) -> None:
+    async with Upstream() as upstream:
+        process = SidecarProcess(write_config(tmp_path, _config(upstream.url)))
+        await process.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{process.url}/app/a", headers={"X-Sidecar-Timeout": "1.5"}) as response:
+                    assert response.status == 200
+                async with session.get(f"{process.url}/app/b") as response:
+                    assert response.status == 200
+                async with session.get(f"{process.url}/app/c", headers={"X-Sidecar-Timeout": "nope"}) as response:
+                    assert response.status == 400
+            await process.wait_for_event("access", count=3)
+            by_path = {event["path"]: event for event in process.events("access")}
+            assert by_path["/app/a"]["deadline_ms"] == 1500.0
+            assert by_path["/app/b"]["deadline_ms"] is None
+            assert by_path["/app/c"]["deadline_ms"] is None and by_path["/app/c"]["error"] == "bad_request"
+        finally:
+            await process.stop()

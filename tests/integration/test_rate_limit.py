@@ -8,7 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 
+from sidecar.exchange import Attempt, Exchange
+from sidecar.policy import Stage, Stages
 from sidecar.policy.rate_limit import rate_limit_of
 from tests.harness import Upstream, admin_url, proxy_url, running_sidecar
 
@@ -154,3 +157,42 @@ async def test_cancelled_token_waiters_leave_nothing_behind(tmp_path: Path) -> N
         assert len(upstream.requests) <= 2 + 2 * cancelled_after
         granted, wait = limiter.core.reserve(time.monotonic(), 1.0)
         assert granted and wait <= 1.0, wait
+
+
+class _RetryAfter503(Stage):
+    """Stands in for a retry policy: another attempt after each 503, up to three."""
+
+    __slots__ = ()
+    name = "retry_after_503"
+
+    def next_attempt(self, exchange: Exchange, attempt: Attempt) -> float | None:
+        return 0.0 if attempt.status == 503 and attempt.number < 3 else None
+
+
+async def test_every_attempt_takes_a_token_retries_included(tmp_path: Path) -> None:
+    """2/s burst 1 with a retry on 503: the retry waits for its own token (about
+    0.5 s), and with the allowance too short for it the request ends 429."""
+    answers = iter([503, 200, 503, 503])
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=next(answers), text="attempt")
+
+    async with (
+        Upstream(handler) as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, rate="2/s", burst=1, pool="2s")) as sidecar,
+        aiohttp.ClientSession() as session,
+    ):
+        pool = sidecar.generation().pools["app"]
+        pool.stages = Stages([*pool.stages.stages, _RetryAfter503()])
+        started = time.monotonic()
+        async with session.get(f"{proxy_url(sidecar)}/app/x") as response:
+            assert response.status == 200
+        assert 0.4 <= time.monotonic() - started <= 2.0
+        assert len(upstream.requests) == 2
+        await asyncio.sleep(0.6)  # the bucket (one token) is full again
+        # The first attempt takes the token; the retry's is 0.5 s away, past a 200 ms budget.
+        async with session.get(f"{proxy_url(sidecar)}/app/y", headers={"X-Sidecar-Timeout": "200ms"}) as response:
+            assert response.status == 429
+            assert response.headers["X-Sidecar-Error"] == "rate_limited"
+        assert len(upstream.requests) == 3
+        await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
