@@ -86,8 +86,6 @@ class Forwarder:
             declared_length=request.content_length,
         )
         try:
-            # The caller's budget counts from the moment its headers are in.
-            exchange.deadline = caller_deadline(request.headers, exchange.started)
             return await self._handle(request, exchange)
         except SidecarError as error:
             exchange.status, exchange.error = error.status, error.code
@@ -112,6 +110,10 @@ class Forwarder:
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         check_version(request)
         check_framing(request)
+        # After the framing checks (a request whose framing cannot be trusted
+        # must get the answer that closes its connection); the caller's budget
+        # counts from the moment its headers were in, all the same.
+        exchange.deadline = caller_deadline(request.headers, exchange.started)
         await self._gate.admit(exchange)
         try:
             # The one snapshot of the config this request sees, whatever reloads

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.harness import SidecarProcess, Upstream, proxy_url, running_sidecar, write_config
+from tests.harness import SidecarProcess, Upstream, proxy_url, raw_exchange, running_sidecar, write_config
 
 
 def _config(url: str, *, pool: str = "5s", read: str = "30s") -> str:
@@ -240,3 +240,19 @@ async def test_the_access_log_gives_the_budget_in_ms_or_null(tmp_path: Path) -> 
             assert by_path["/app/c"]["deadline_ms"] is None and by_path["/app/c"]["error"] == "bad_request"
         finally:
             await process.stop()
+
+
+async def test_a_bad_budget_on_a_request_with_bad_framing_still_closes_the_connection(tmp_path: Path) -> None:
+    """The framing check comes first: a request whose body framing cannot be
+    trusted is refused and its connection closed, whatever its X-Sidecar-Timeout
+    says, so no bytes after its head can pass as a next request."""
+    smuggling = (
+        b"POST /app/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\nX-Sidecar-Timeout: abc\r\n\r\n"
+        b"0\r\n\r\nGET /app/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    async with Upstream() as upstream, running_sidecar(tmp_path, _config(upstream.url)) as sidecar:
+        raw = await raw_exchange(sidecar.proxy_port, smuggling)
+        assert raw.startswith(b"HTTP/1.1 400 ")
+        assert raw.count(b"HTTP/1.1 ") == 1
+        assert b"connection: close" in raw.lower()
+        assert upstream.requests == []
