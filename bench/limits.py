@@ -13,11 +13,12 @@ sidecar (a real child process) and through the naive proxy
   it to the quota and refuses the rest at once; the naive proxy, which knows
   no quota, passes up to the pool's 50 req/s, which a real API would answer
   with its own 429s.
-* **deadlines**: every caller sends ``X-Sidecar-Timeout: 300ms`` (it gives up
+* **deadlines**: every caller sends ``X-Sidecar-Timeout: 500ms`` (it gives up
   after that anyway); ``timeouts.pool`` is 5 s.  The sidecar answers 504
-  ``deadline_exceeded`` after about 300 ms for what it cannot serve in time;
+  ``deadline_exceeded`` after about 500 ms for what it cannot serve in time;
   the naive proxy ignores the header and keeps callers waiting up to its
-  pool timeout.
+  pool timeout.  The sidecar runs twice: with a long queue (``max_pending:
+  1000``) and with one the budget can drain (``max_pending: 10``).
 
 Reported: ok req/s (= upstream requests), refusals by status, p50/p99/max of
 successes and refusals, and the longest any caller waited.  Every process
@@ -46,23 +47,28 @@ from bench.overload import POOL_CONNECTIONS, ROOT, _spawn, naive_proxy, percenti
 
 RATE = 20.0
 BURST = 5
-BUDGET_MS = 300
+BUDGET_MS = 500
+SHORT_QUEUE = 10  # 10 waiting at 50 req/s: at most 200 ms in the queue, + 200 ms upstream < the budget
 
 SIDECAR_CONFIG = """\
 admin: off
 upstreams:
   api:
     url: {url}
-    limits: {{ max_connections: {connections}, max_pending: 1000 }}
+    limits: {{ max_connections: {connections}, max_pending: {pending} }}
     timeouts: {{ pool: {pool} }}
 {extra}"""
 
 
 @contextlib.contextmanager
-def sidecar(upstream_url: str, *, pool: str, extra: str = "") -> Iterator[str]:
+def sidecar(upstream_url: str, *, pool: str, extra: str = "", pending: int = 1000) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as directory:
         config = Path(directory) / "upstreams.yaml"
-        config.write_text(SIDECAR_CONFIG.format(url=upstream_url, connections=POOL_CONNECTIONS, pool=pool, extra=extra))
+        config.write_text(
+            SIDECAR_CONFIG.format(
+                url=upstream_url, connections=POOL_CONNECTIONS, pool=pool, extra=extra, pending=pending
+            )
+        )
         child, line = _spawn(
             ["-m", "sidecar", "run", "-c", str(config), "--listen", "127.0.0.1:0", "--log-format", "json"],
             '"event": "started"',
@@ -191,36 +197,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     rate_limit = f"    rate_limit: {{ rate: {RATE:g}/s, burst: {BURST} }}\n"
     budget = {"X-Sidecar-Timeout": f"{BUDGET_MS}ms"}
-    give_up = BUDGET_MS / 1000 + 0.2  # a caller with a 300 ms budget does not wait much longer either
+    give_up = BUDGET_MS / 1000 + 0.2  # a caller with a budget does not wait much longer either
     with upstream() as upstream_url:
         with sidecar(upstream_url, pool="1s", extra=rate_limit) as url:
             results.append(run(f"rate limit {RATE:g}/s, sidecar", url, args.clients, args.duration, {}, 10.0, None))
         with naive_proxy(upstream_url) as url:
             results.append(run(f"rate limit {RATE:g}/s, naive proxy", url, args.clients, args.duration, {}, 10.0, None))
-        with sidecar(upstream_url, pool="5s") as url:
-            results.append(
-                run(
-                    f"deadline {BUDGET_MS} ms, sidecar",
-                    url,
-                    args.clients,
-                    args.duration,
-                    budget,
-                    give_up,
-                    BUDGET_MS / 1000,
-                )
-            )
+        for pending in (1000, SHORT_QUEUE):
+            with sidecar(upstream_url, pool="5s", pending=pending) as url:
+                name = f"deadline {BUDGET_MS} ms, sidecar, max_pending {pending}"
+                results.append(run(name, url, args.clients, args.duration, budget, give_up, BUDGET_MS / 1000))
         with naive_proxy(upstream_url) as url:
-            results.append(
-                run(
-                    f"deadline {BUDGET_MS} ms, naive proxy",
-                    url,
-                    args.clients,
-                    args.duration,
-                    budget,
-                    give_up,
-                    BUDGET_MS / 1000,
-                )
-            )
+            name = f"deadline {BUDGET_MS} ms, naive proxy"
+            results.append(run(name, url, args.clients, args.duration, budget, give_up, BUDGET_MS / 1000))
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     text = "\n".join(
         [
@@ -246,10 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "The naive proxy ignores the header; *gave up* counts callers whose own timeout fired. "
             "*ok within the budget* counts only the successes that came in time to be of use. "
             "The sidecar does not know how long the upstream takes: a request that queued for most of its "
-            "budget is still sent with what is left and then cut off at the deadline (504), so under "
-            "sustained overload with budgets close to the upstream's latency much of the upstream's work "
-            "is for requests that cannot finish; shorter queues (`max_pending`) or a shorter "
-            "`timeouts.pool` keep the waits, and that waste, down.",
+            "budget is still sent with what is left and then cut off at the deadline (504). Under sustained "
+            "overload with a long queue (`max_pending 1000`) every request queues that long, so nearly all "
+            "of the upstream's work is for requests that cannot finish: goodput collapses, though nobody "
+            f"waits past the budget. A queue no longer than the budget can drain (`max_pending {SHORT_QUEUE}`: "
+            "at most 200 ms at 50 req/s) keeps the upstream's work useful and refuses the excess at once "
+            "(503 queue_full, with Retry-After).",
             "",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
             f"load average before the run {load}. Upstream, proxies and load generator share the machine "
