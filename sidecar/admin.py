@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .config import ConfigError, public_view
 from .metrics import CONTENT_TYPE
+from .policy.rate_limit import rate_limit_of
 from .redact import REDACTED, contains_secret, scrubber
 from .reload import ReloadRefused, ReloadResult
 
@@ -135,6 +136,7 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
             "closed_total": stats.closed_total,
         },
         "http_versions": stats.http_versions,
+        "rate_limit": None if (limiter := rate_limit_of(pool.stages)) is None else limiter.snapshot(),
         "totals": {"requests": sum(pool.outcomes.values()), "by_outcome": dict(sorted(pool.outcomes.items()))},
     }
 

@@ -16,7 +16,9 @@ The error tree::
     ├── Rejected (503, Retry-After)
     │   ├── QueueFull                  503    queue_full
     │   ├── PoolTimeout                503    pool_timeout
-    │   └── Draining                   503    draining
+    │   ├── Draining                   503    draining
+    │   └── RateLimited                429    rate_limited
+    ├── DeadlineExceeded               504    deadline_exceeded
     ├── UpstreamError
     │   ├── UpstreamConnectError       502    upstream_connect_error
     │   ├── UpstreamProtocolError      502    upstream_protocol_error
@@ -120,7 +122,7 @@ class HttpVersionNotSupported(SidecarError):
 
 
 class Rejected(SidecarError):
-    """Refused for lack of capacity: always 503 with Retry-After."""
+    """Refused for lack of capacity: 503 (429 for a rate limit), always with Retry-After."""
 
     status = 503
     counted_as = "rejected"
@@ -140,6 +142,19 @@ class PoolTimeout(Rejected):
 
 class Draining(Rejected):
     code = "draining"
+
+
+class RateLimited(Rejected):
+    """The upstream's configured rate limit has no token within the request's wait allowance."""
+
+    status, code = 429, "rate_limited"
+
+
+class DeadlineExceeded(SidecarError):
+    """The caller's own ``X-Sidecar-Timeout`` budget ran out before response headers."""
+
+    status, code = 504, "deadline_exceeded"
+    counted_as = "rejected"
 
 
 class UpstreamError(SidecarError):

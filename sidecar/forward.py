@@ -35,6 +35,7 @@ from .errors import (
 )
 from .exchange import Attempt, Exchange, Generation
 from .headers import caller_request_id, downstream_headers, new_request_id, upstream_headers
+from .policy.deadline import HEADER_BYTES, budget_gone, caller_deadline, exceeded, forwarded_budget
 from .policy.stack import sidecar_stages
 from .pools import UpstreamPool
 from .wellformed import (
@@ -98,6 +99,10 @@ class Forwarder:
     async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         check_version(request)
         check_framing(request)
+        # After the framing checks (a request whose framing cannot be trusted
+        # must get the answer that closes its connection); the caller's budget
+        # counts from the moment its headers were in, all the same.
+        exchange.deadline = caller_deadline(request.headers, exchange.started)
         await self._gate.admit(exchange)
         try:
             # The one snapshot of the config this request sees, whatever reloads
@@ -160,24 +165,43 @@ class Forwarder:
         match = exchange.match
         generation = exchange.generation
         assert match is not None and generation is not None
+        now = time.monotonic()
+        headers = upstream_headers(
+            request.raw_headers, request.headers.getall(hdrs.CONNECTION, ()), pool, exchange.request_id
+        )
+        budget = forwarded_budget(exchange, now)
+        if budget is not None:
+            # What is left of the caller's budget, so the next hop shares the deadline.
+            headers.append((HEADER_BYTES, budget))
         content = request_body(request, exchange, generation.inbound) if request.body_exists else None
         upstream_request = httpx.Request(
             request.method,
             pool.base_url,
-            headers=upstream_headers(
-                request.raw_headers, request.headers.getall(hdrs.CONNECTION, ()), pool, exchange.request_id
-            ),
+            headers=headers,
             content=content,
             extensions={
                 # The connection pool may only wait for what is left of
                 # timeouts.pool after the stages, so no request waits longer in total.
-                "timeout": {**pool.timeout_extension, "pool": exchange.wait_allowance(time.monotonic()) or 0.0},
+                "timeout": {**pool.timeout_extension, "pool": exchange.wait_allowance(now) or 0.0},
                 "target": match.target.encode("latin-1"),
             },
         )
         try:
-            return await pool.client.send(upstream_request, stream=True)
+            if exchange.deadline is None:
+                return await pool.client.send(upstream_request, stream=True)
+            # Connecting, sending and waiting for the response head, all within
+            # what is left of the caller's budget; the configured timeouts still
+            # apply inside it, and to the body afterwards.
+            async with asyncio.timeout(exchange.deadline - now) as scope:
+                return await pool.client.send(upstream_request, stream=True)
+        except TimeoutError:
+            if exchange.deadline is None or not scope.expired():
+                raise
+            raise exceeded(exchange, "waiting for the upstream's response headers") from None
         except httpx.TransportError as exc:
+            if isinstance(exc, httpx.TimeoutException) and budget_gone(exchange, time.monotonic()):
+                # A configured timeout that fired with the caller's budget: the budget is what ran out.
+                raise exceeded(exchange, "waiting for the upstream") from None
             raise from_upstream_exception(exc, pool.name, retry_after=pool.admission.retry_after()) from None
 
     @staticmethod

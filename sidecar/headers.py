@@ -36,8 +36,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Not forwarded upstream either: Host is rewritten, Expect is answered here,
-# X-Request-Id is set by us (kept if the caller sent one).
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "expect", "x-request-id"}
+# X-Request-Id is set by us (kept if the caller sent one), and so is
+# X-Sidecar-Timeout: what is left of the caller's budget, never what it sent.
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "expect", "x-request-id", "x-sidecar-timeout"}
 # Response headers only the sidecar sets: X-Request-Id is ours, and
 # X-Sidecar-Error tells callers the upstream was never reached, so an upstream
 # must not be able to claim it (a caller would retry a POST it executed).

@@ -63,4 +63,5 @@ def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
         bytes_in=exchange.bytes_in,
         bytes_out=exchange.bytes_out,
         error=exchange.error,
+        deadline_ms=None if exchange.deadline is None else round((exchange.deadline - exchange.started) * 1000, 3),
     )

@@ -11,6 +11,8 @@ Limits stay host-wide totals.  Worker ``i`` of ``N`` gets, of a total ``T``,
 (``max_connections``, ``max_concurrent_requests``) but is smaller than N is a
 config error, since any rounding up would break the configured total.
 ``max_pending`` and ``max_keepalive_connections`` may split to 0.
+A ``rate_limit`` splits too: each worker gets ``rate / N`` and its share of
+``burst``, at least one token.
 
 Every worker runs its own admin listener, on the configured admin port plus
 its index (8089, 8090, ... ; port 0 gives each a free port): its ``/metrics``
@@ -41,7 +43,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from .config import Config, HostPort, Upstream, check_divisible
+from .config import Config, HostPort, RateLimit, Upstream, check_divisible
 
 __all__ = ["check_divisible", "reserve_port", "share", "supervise", "worker_admin", "worker_config"]
 
@@ -79,7 +81,17 @@ def _split(upstream: Upstream, workers: int, index: int) -> Upstream:
             max_concurrent_requests=share(limits.max_concurrent_requests, workers, index),
             max_pending=share(limits.max_pending, workers, index),
         ),
+        rate_limit=_split_rate(upstream.rate_limit, workers, index),
     )
+
+
+def _split_rate(limit: RateLimit | None, workers: int, index: int) -> RateLimit | None:
+    """A worker's part of a rate limit: the rate divided evenly, the burst shared
+    like the other limits but never below one token (a worker with none could
+    never send)."""
+    if limit is None:
+        return None
+    return RateLimit(rate=limit.rate / workers, burst=max(1, share(limit.burst, workers, index)))
 
 
 def worker_admin(config: Config, admin: HostPort | str | None, index: int) -> HostPort | None:

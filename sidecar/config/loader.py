@@ -38,6 +38,7 @@ from .model import (
     HTTP2Mode,
     Inbound,
     Limits,
+    RateLimit,
     Route,
     Timeouts,
     TLSSettings,
@@ -348,7 +349,20 @@ class _Builder:
             timeouts=timeouts,
             tls=self.tls(name, pick),
             headers=HeaderRules(set=tuple(headers.set.items()), remove=headers.remove),
+            rate_limit=self.rate_limit(name, pick),
         )
+
+    def rate_limit(self, name: str, pick: Callable[[str, str], tuple[str, Any]]) -> RateLimit | None:
+        rate: float | None = pick("rate_limit", "rate")[1]
+        burst_path, burst = pick("rate_limit", "burst")
+        if rate is None:
+            if burst is not None and burst_path.startswith("upstreams."):
+                raise self.error(
+                    burst_path, f"needs a rate (upstreams.{name}.rate_limit.rate or defaults.rate_limit.rate)"
+                )
+            return None
+        # Unset: one second's worth of requests, so a steady caller at the rate never waits.
+        return RateLimit(rate=rate, burst=max(1, int(rate)) if burst is None else burst)
 
     def tls(self, name: str, pick: Callable[[str, str], tuple[str, Any]]) -> TLSSettings:
         verify_path, verify = pick("tls", "verify")

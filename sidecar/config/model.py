@@ -73,6 +73,12 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float  # requests per second
+    burst: int  # tokens that may be saved up (at least 1)
+
+
+@dataclass(frozen=True, slots=True)
 class TLSSettings:
     verify: bool
     ca_file: str | None
@@ -118,6 +124,7 @@ class Upstream:
     timeouts: Timeouts
     tls: TLSSettings
     headers: HeaderRules
+    rate_limit: RateLimit | None = None  # None: no local rate limit
 
     @property
     def host_header(self) -> str:

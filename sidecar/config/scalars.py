@@ -66,6 +66,21 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(value: object) -> float:
+    """``100/s``, ``600/m``, ``1000/h`` (n > 0, may be fractional) → requests per second."""
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"must be a rate like 100/s, 600/m or 1000/h, got {shown(value)}")
+    per_second = float(match.group(1)) / _RATE_UNITS[match.group(2)]
+    if not math.isfinite(per_second) or per_second <= 0:
+        raise ValueError(f"must be a positive rate, got {shown(value)}")
+    return per_second
+
+
 def parse_size(value: object) -> int:
     """``512KiB``, ``10MiB``, ``1GiB`` or a number of bytes → bytes."""
     if isinstance(value, bool):
@@ -337,6 +352,7 @@ def mapping_of(what: str) -> Callable[[Any], Any]:
 
 Duration = Annotated[float, PlainValidator(expanded(parse_duration))]
 Size = Annotated[int, PlainValidator(expanded(parse_size))]
+OptionalRate = Annotated[float | None, PlainValidator(expanded(optional(parse_rate)))]
 OptionalSize = Annotated[int | None, PlainValidator(expanded(optional(parse_size)))]
 PositiveInt = Annotated[int, PlainValidator(expanded(positive_int))]
 OptionalPositiveInt = Annotated[int | None, PlainValidator(expanded(optional(positive_int)))]

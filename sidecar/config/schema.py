@@ -39,6 +39,7 @@ from .scalars import (
     NonNegativeInt,
     OptionalNonNegativeInt,
     OptionalPositiveInt,
+    OptionalRate,
     OptionalSize,
     OptionalString,
     PathPrefix,
@@ -80,6 +81,16 @@ class TimeoutsLayer(Section):
     pool: Duration = 1.0
 
 
+class RateLimitLayer(Section):
+    rate: OptionalRate = None  # null: no rate limit
+    burst: OptionalPositiveInt = None  # null: the requests in one second of rate, at least 1
+
+
+def _rate_limit_off(value: Any) -> Any:
+    """Under an upstream, ``rate_limit: null`` (or ``off``) turns off an inherited limit."""
+    return {"rate": None} if value is None or value is False or value == "off" else value
+
+
 def _existing_file(value: object) -> str:
     path = non_empty_string(value)
     if not Path(path).is_file():
@@ -117,6 +128,7 @@ class DefaultsLayer(Section):
     limits: LimitsLayer = LimitsLayer()
     timeouts: TimeoutsLayer = TimeoutsLayer()
     tls: TLSLayer = TLSLayer()
+    rate_limit: RateLimitLayer = RateLimitLayer()
 
 
 class RouteSection(Section):
@@ -138,6 +150,7 @@ class UpstreamSection(Section):
     limits: LimitsLayer = LimitsLayer()
     timeouts: TimeoutsLayer = TimeoutsLayer()
     tls: TLSLayer = TLSLayer()
+    rate_limit: Annotated[RateLimitLayer, BeforeValidator(_rate_limit_off)] = RateLimitLayer()
 
 
 def _listen_or_off(value: object, info: ValidationInfo) -> HostPort | None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ..errors import PoolTimeout, QueueFull
 from . import Stage
+from .deadline import budget_gone, exceeded
 
 if TYPE_CHECKING:
     from ..exchange import Exchange
@@ -271,6 +272,11 @@ class AdmissionStage(Stage):
         exchange.queued = True
         try:
             await self._admission.acquire(exchange.wait_allowance(waited_from))
+        except PoolTimeout:
+            if budget_gone(exchange, self._clock()):
+                # The caller's deadline, not timeouts.pool, ended the wait.
+                raise exceeded(exchange, "while the request waited for a slot") from None
+            raise
         finally:
             now = self._clock()
             exchange.pool_wait = now - waited_from

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 from . import Stages
 from .admission import AdmissionStage
 from .body_limit import DeclaredBodyLimit
+from .deadline import DeadlineStage
 from .draining import DrainingGate
+from .rate_limit import rate_limit_stages
 
 if TYPE_CHECKING:
     from ..pools import UpstreamPool
@@ -30,6 +32,8 @@ def upstream_stages(pool: UpstreamPool) -> Stages:
     return Stages(
         [
             DeclaredBodyLimit(),
+            DeadlineStage(),
+            *rate_limit_stages(pool.upstream),
             AdmissionStage(pool.admission),
         ]
     )

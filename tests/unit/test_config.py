@@ -11,6 +11,7 @@ from sidecar.config import (
     ConfigError,
     HostPort,
     HTTP2Mode,
+    RateLimit,
     load_config,
     parse_config,
     parse_duration,
@@ -513,6 +514,56 @@ def test_explicit_keepalive_limit() -> None:
         pytest.param("upstreams:\n  a: 5\n", "upstreams.a", "mapping", id="upstream-not-mapping"),
         pytest.param("- 1\n- 2\n", "(top level)", "mapping", id="top-level-list"),
         pytest.param("inbound: { max_request_body: lots }\n" + MINIMAL, "inbound.max_request_body", "size", id="size"),
+        *(
+            pytest.param(
+                f"upstreams:\n  a: {{ url: 'http://a', rate_limit: {{ rate: {rate} }} }}\n",
+                "upstreams.a.rate_limit.rate",
+                words,
+                id=f"rate-{rate}",
+            )
+            for rate, words in (
+                ("10", "rate like 100/s"),
+                ("10/d", "rate like 100/s"),
+                ("-1/s", "rate like 100/s"),
+                ("0/s", "positive rate"),
+                ("'0.0/m'", "positive rate"),
+                ("ten/s", "rate like 100/s"),
+                ("true", "rate like 100/s"),
+            )
+        ),
+        *(
+            pytest.param(
+                f"upstreams:\n  a: {{ url: 'http://a', rate_limit: {{ rate: 5/s, burst: {burst} }} }}\n",
+                "upstreams.a.rate_limit.burst",
+                "positive integer",
+                id=f"burst-{burst}",
+            )
+            for burst in ("0", "-2", "1.5", "lots")
+        ),
+        pytest.param(
+            "defaults:\n  rate_limit: { rate: 5 per second }\nupstreams:\n  a: { url: 'http://a' }\n",
+            "defaults.rate_limit.rate",
+            "rate like 100/s",
+            id="default-rate",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', rate_limit: { burst: 3 } }\n",
+            "upstreams.a.rate_limit.burst",
+            "needs a rate",
+            id="burst-without-rate",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', rate_limit: { rate: 5/s, brust: 3 } }\n",
+            "upstreams.a.rate_limit.brust",
+            "unknown key",
+            id="rate-limit-typo",
+        ),
+        pytest.param(
+            "upstreams:\n  a: { url: 'http://a', rate_limit: 5/s }\n",
+            "upstreams.a.rate_limit",
+            "mapping",
+            id="rate-limit-not-mapping",
+        ),
     ],
 )
 def test_rejections_name_the_yaml_path(yaml_text: str, path: str, words: str) -> None:
@@ -861,3 +912,39 @@ def test_workers_whose_admin_ports_would_pass_65535_are_rejected() -> None:
     assert "65535" in error.problem
     # Admin on port 0 (each worker picks a free one) or off: no such bound.
     assert parse(text.replace("127.0.0.1:8089", "127.0.0.1:0")).workers == 100000
+
+
+def test_rate_limit_is_inherited_field_by_field_and_can_be_turned_off() -> None:
+    config = parse(
+        """
+        defaults: { rate_limit: { rate: 600/m, burst: 3 } }
+        upstreams:
+          a: { url: 'http://a' }
+          b: { url: 'http://b', rate_limit: { burst: 7 } }
+          c: { url: 'http://c', rate_limit: { rate: 2.5/s } }
+          d: { url: 'http://d', rate_limit: null }
+          e: { url: 'http://e', rate_limit: off }
+        """
+    )
+    limits = {u.name: u.rate_limit for u in config.upstreams}
+    assert limits["a"] == RateLimit(rate=10.0, burst=3)
+    assert limits["b"] == RateLimit(rate=10.0, burst=7)
+    assert limits["c"] == RateLimit(rate=2.5, burst=3)
+    assert limits["d"] is None and limits["e"] is None
+
+
+def test_rate_limit_burst_defaults_to_one_second_of_rate_at_least_one() -> None:
+    config = parse(
+        """
+        upstreams:
+          a: { url: 'http://a', rate_limit: { rate: 100/s } }
+          b: { url: 'http://b', rate_limit: { rate: 90/m } }
+          c: { url: 'http://c', rate_limit: { rate: 1000/h } }
+          d: { url: 'http://d' }
+        """
+    )
+    limits = {u.name: u.rate_limit for u in config.upstreams}
+    assert limits["a"] == RateLimit(rate=100.0, burst=100)
+    assert limits["b"] == RateLimit(rate=1.5, burst=1)
+    assert limits["c"] is not None and limits["c"].burst == 1
+    assert limits["d"] is None

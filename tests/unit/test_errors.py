@@ -46,6 +46,8 @@ def test_the_metrics_label_sets_come_from_the_tree() -> None:
         "connect_not_supported",
         "bad_request",
         "request_too_large",
+        "deadline_exceeded",
+        "rate_limited",
     } == metrics.REJECTION_REASONS
     assert {
         "upstream_connect_error",
