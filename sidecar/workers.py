@@ -79,6 +79,13 @@ def _split(upstream: Upstream, workers: int, index: int) -> Upstream:
             max_concurrent_requests=share(limits.max_concurrent_requests, workers, index),
             max_pending=share(limits.max_pending, workers, index),
         ),
+        # The retry budget's floor is per process: each worker gets its part.
+        retries=dataclasses.replace(
+            upstream.retries,
+            budget=dataclasses.replace(
+                upstream.retries.budget, min_per_second=upstream.retries.budget.min_per_second / workers
+            ),
+        ),
     )
 
 

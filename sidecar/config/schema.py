@@ -32,17 +32,20 @@ from .model import HostPort, HTTP2Mode
 from .scalars import (
     Boolean,
     Duration,
+    FailureOn,
     HeaderNames,
     HeaderValues,
     HostPortValue,
     HTTP2Value,
     NonNegativeInt,
+    NonNegativeNumber,
     OptionalNonNegativeInt,
     OptionalPositiveInt,
     OptionalSize,
     OptionalString,
     PathPrefix,
     PositiveInt,
+    RetryOn,
     RouteHosts,
     Size,
     UpstreamName,
@@ -78,6 +81,31 @@ class TimeoutsLayer(Section):
     read: Duration = 30.0
     write: Duration = 5.0
     pool: Duration = 1.0
+
+
+class BackoffLayer(Section):
+    base: Duration = 0.025
+    max: Duration = 0.25
+
+
+class BudgetLayer(Section):
+    ratio: NonNegativeNumber = 0.2
+    min_per_second: NonNegativeNumber = 10.0
+
+
+class RetriesLayer(Section):
+    attempts: NonNegativeInt = 1
+    retry_on: RetryOn = ("connect_error",)
+    backoff: BackoffLayer = BackoffLayer()
+    budget: BudgetLayer = BudgetLayer()
+    max_body: Size = 64 * 1024
+
+
+class CircuitBreakerLayer(Section):
+    failures: NonNegativeInt = 0
+    failure_on: FailureOn = ("connect_error", "timeout", 502, 503, 504)
+    open_for: Duration = 5.0
+    max_open: Duration = 120.0
 
 
 def _existing_file(value: object) -> str:
@@ -117,6 +145,8 @@ class DefaultsLayer(Section):
     limits: LimitsLayer = LimitsLayer()
     timeouts: TimeoutsLayer = TimeoutsLayer()
     tls: TLSLayer = TLSLayer()
+    retries: RetriesLayer = RetriesLayer()
+    circuit_breaker: CircuitBreakerLayer = CircuitBreakerLayer()
 
 
 class RouteSection(Section):
@@ -138,6 +168,8 @@ class UpstreamSection(Section):
     limits: LimitsLayer = LimitsLayer()
     timeouts: TimeoutsLayer = TimeoutsLayer()
     tls: TLSLayer = TLSLayer()
+    retries: RetriesLayer = RetriesLayer()
+    circuit_breaker: CircuitBreakerLayer = CircuitBreakerLayer()
 
 
 def _listen_or_off(value: object, info: ValidationInfo) -> HostPort | None:
