@@ -101,6 +101,8 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
             "closed_total": stats.closed_total,
         },
         "http_versions": stats.http_versions,
+        "circuit": pool.circuit.snapshot(),
+        "retries": pool.retries.snapshot(),
         "totals": {"requests": sum(pool.outcomes.values()), "by_outcome": dict(sorted(pool.outcomes.items()))},
     }
 

@@ -138,4 +138,5 @@ def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
         bytes_in=exchange.bytes_in,
         bytes_out=exchange.bytes_out,
         error=exchange.error,
+        attempts=len(exchange.attempts),
     )

@@ -161,9 +161,7 @@ def attempt_conditions(*, allow_429: bool) -> Callable[[Any], tuple[str | int, .
             elif code == 429:
                 raise ValueError("429 never counts as a failure (it is the upstream pacing callers)")
             else:
-                raise ValueError(
-                    f"{shown(item)} is not one of {', '.join(ATTEMPT_FAILURES)} or a status ({statuses})"
-                )
+                raise ValueError(f"{shown(item)} is not one of {', '.join(ATTEMPT_FAILURES)} or a status ({statuses})")
             if condition not in seen:
                 seen.append(condition)
         return tuple(seen)

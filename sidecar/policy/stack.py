@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 from . import Stages
 from .admission import AdmissionStage
 from .body_limit import DeclaredBodyLimit
+from .breaker import CircuitBreakerStage
 from .draining import DrainingGate
+from .retry import RetryStage
 
 if TYPE_CHECKING:
     from ..pools import UpstreamPool
@@ -30,6 +32,8 @@ def upstream_stages(pool: UpstreamPool) -> Stages:
     return Stages(
         [
             DeclaredBodyLimit(),
+            CircuitBreakerStage(pool.circuit),
             AdmissionStage(pool.admission),
+            RetryStage(pool.retries),
         ]
     )
