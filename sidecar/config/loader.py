@@ -404,9 +404,7 @@ class _Builder:
 
     def circuit_breaker(self, name: str, own: UpstreamSection, defaults: DefaultsLayer) -> CircuitBreaker:
         pick = self._nested_pick(name, own, defaults)
-        open_path, open_for = pick("circuit_breaker", "open_for")
-        if open_for <= 0:
-            raise self.error(open_path, "must be more than 0")
+        open_for = pick("circuit_breaker", "open_for")[1]  # a Duration: always > 0
         max_path, max_open = pick("circuit_breaker", "max_open")
         if max_open < open_for:
             raise self.error(max_path, f"must not be less than open_for ({open_for:g}s), got {max_open:g}s")
