@@ -6,7 +6,8 @@ import email.utils
 
 import pytest
 
-from sidecar.config.model import Backoff, Retries, RetryBudget as BudgetSettings
+from sidecar.config.model import Backoff, Retries
+from sidecar.config.model import RetryBudget as BudgetSettings
 from sidecar.exchange import Attempt, Exchange
 from sidecar.policy.retry import Decision, RetryBudget, RetryPolicy, decide, idempotent, parse_retry_after
 
@@ -114,7 +115,7 @@ def test_policy_counts_results_and_skips_other_statuses_cheaply() -> None:
     policy.request()
     for _ in range(5):
         policy.request()
-    # ratio 0.2 × 6 requests = 1.2: one retry.
+    # ratio 0.2 * 6 requests = 1.2: one retry.
     assert policy.next_attempt(exchange, Attempt(1, 0.0, status=503)) == 0.0
     assert policy.next_attempt(exchange, Attempt(1, 0.0, status=503)) is None
     assert policy.results == {"sent": 1, "budget_exhausted": 1}
