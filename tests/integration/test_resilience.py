@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from sidecar.exchange import Exchange
+from sidecar.exchange import Attempt, Exchange
 from sidecar.policy import Stage, Stages
 from sidecar.pools import UpstreamPool
 from sidecar.server import Sidecar
@@ -184,6 +184,7 @@ async def test_a_connection_refused_is_retried_for_a_post(tmp_path: Path) -> Non
         async def come_up() -> web.AppRunner:
             await asyncio.sleep(0.05)
             app = web.Application()
+
             async def serve(request: web.Request) -> web.StreamResponse:
                 return await handler(request)
 
@@ -505,4 +506,42 @@ async def test_no_leaks_across_a_storm_of_retries_cancellations_and_a_flapping_c
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.05)
             assert pool.circuit.state().name == "CLOSED"
+            await _at_rest(pool)
+
+
+class _Allowance(Stage):
+    """Records what a per-attempt gate may still wait before each retry."""
+
+    __slots__ = ("seen",)
+    name = "test_allowance"
+
+    def __init__(self) -> None:
+        self.seen: list[float | None] = []
+
+    async def before_retry(self, exchange: Exchange, attempt: Attempt) -> None:
+        self.seen.append(exchange.wait_allowance(time.monotonic()))
+
+
+async def test_a_waited_out_retry_after_does_not_count_against_timeouts_pool(tmp_path: Path) -> None:
+    """timeouts.pool (300 ms) bounds the waits in the stages, not the backoff:
+    after a 1 s Retry-After the gates of the retry may still wait (almost) all of it."""
+    handler = _retry_after("1")
+    async with Upstream(handler) as upstream:
+        config = f"""
+            upstreams:
+              app:
+                url: {upstream.url}
+                timeouts: {{ pool: 300ms }}
+                retries: {{ attempts: 1, retry_on: [503], backoff: {{ max: 2s }} }}
+            """
+        async with running_sidecar(tmp_path, config) as sidecar, aiohttp.ClientSession() as session:
+            pool = sidecar.generation().pools["app"]
+            allowance = _Allowance()
+            pool.stages = Stages([allowance, *pool.stages.stages])
+            async with session.get(f"{proxy_url(sidecar)}/app/x") as response:
+                assert response.status == 200, await response.text()
+                assert response.headers["X-Sidecar-Attempts"] == "2"
+            assert len(allowance.seen) == 1
+            left = allowance.seen[0]
+            assert left is not None and 0.2 <= left <= 0.3
             await _at_rest(pool)
