@@ -18,7 +18,16 @@ from sidecar.policy import Stage, Stages
 from sidecar.pools import UpstreamPool
 from sidecar.server import Sidecar
 from tests.h2server import RawH2Server
-from tests.harness import ScriptedUpstream, Upstream, admin_url, proxy_url, read_request_head, running_sidecar
+from tests.harness import (
+    ScriptedUpstream,
+    SidecarProcess,
+    Upstream,
+    admin_url,
+    proxy_url,
+    read_request_head,
+    running_sidecar,
+    write_config,
+)
 
 
 def _config(url: str, extra: str = "", *, http2: str = "false") -> str:
@@ -545,3 +554,30 @@ async def test_a_waited_out_retry_after_does_not_count_against_timeouts_pool(tmp
             left = allowance.seen[0]
             assert left is not None and 0.2 <= left <= 0.3
             await _at_rest(pool)
+
+
+async def test_the_access_log_counts_attempts_on_every_line(tmp_path: Path) -> None:
+    handler = Answers(503, 200, 502)
+    async with Upstream(handler) as upstream:
+        config = write_config(
+            tmp_path,
+            _config(
+                upstream.url,
+                "retries: { attempts: 1, retry_on: [503] }\n"
+                "            circuit_breaker: { failures: 1, failure_on: [502], open_for: 10s }",
+            ),
+        )
+        process = SidecarProcess(config)
+        await process.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                for expected in (200, 502, 503):  # retried; opened the circuit; refused
+                    async with session.get(f"{process.url}/app/x") as response:
+                        await response.read()
+                        assert response.status == expected
+            await process.wait_for_event("access", count=3)
+        finally:
+            await process.stop()
+    lines = process.events("access")
+    assert [line["attempts"] for line in lines] == [2, 1, 0]
+    assert [line["error"] for line in lines] == [None, None, "circuit_open"]
