@@ -137,6 +137,8 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
         },
         "http_versions": stats.http_versions,
         "rate_limit": None if (limiter := rate_limit_of(pool.stages)) is None else limiter.snapshot(),
+        "circuit": pool.circuit.snapshot(),
+        "retries": pool.retries.snapshot(),
         "totals": {"requests": sum(pool.outcomes.values()), "by_outcome": dict(sorted(pool.outcomes.items()))},
     }
 

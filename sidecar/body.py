@@ -96,3 +96,47 @@ class _IdleWatchdog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class ReplayableBody:
+    """The caller's body, kept (up to ``max_body`` bytes) while it streams, so
+    that a retry can send it again.
+
+    Nothing is read ahead: each attempt's stream first replays what was kept,
+    then goes on reading the caller's body where the last attempt stopped,
+    keeping each chunk before it is sent.  Once the body grows past
+    ``max_body`` keeping stops (what was kept is dropped) and the request can
+    no longer be repeated: the attempt under way simply streams on.
+    """
+
+    __slots__ = ("_source", "_max_body", "_kept", "_kept_size", "overflowed", "complete")
+
+    def __init__(self, source: AsyncIterator[bytes], max_body: int) -> None:
+        self._source = source
+        self._max_body = max_body
+        self._kept: list[bytes] = []
+        self._kept_size = 0
+        self.overflowed = False
+        self.complete = False
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """One attempt's body."""
+        for chunk in tuple(self._kept):
+            yield chunk
+        while not self.complete:
+            try:
+                chunk = await anext(self._source)
+            except StopAsyncIteration:
+                self.complete = True
+                return
+            if not self.overflowed:
+                if self._kept_size + len(chunk) > self._max_body:
+                    self.overflowed = True
+                    self._kept.clear()
+                else:
+                    self._kept.append(chunk)
+                    self._kept_size += len(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._source.aclose()  # type: ignore[attr-defined]

@@ -17,7 +17,8 @@ The error tree::
     │   ├── QueueFull                  503    queue_full
     │   ├── PoolTimeout                503    pool_timeout
     │   ├── Draining                   503    draining
-    │   └── RateLimited                429    rate_limited
+    │   ├── RateLimited                429    rate_limited
+    │   └── CircuitOpen                503    circuit_open
     ├── DeadlineExceeded               504    deadline_exceeded
     ├── UpstreamError
     │   ├── UpstreamConnectError       502    upstream_connect_error
@@ -43,6 +44,9 @@ import re
 import ssl
 from typing import ClassVar, Literal
 
+import h2.errors
+import h2.events
+import httpcore
 import httpx
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, HttpProcessingError, LineTooLong
@@ -157,6 +161,13 @@ class DeadlineExceeded(SidecarError):
     counted_as = "rejected"
 
 
+class CircuitOpen(Rejected):
+    """The upstream's circuit is open (or half-open with its probe out);
+    Retry-After is the time until it half-opens."""
+
+    code = "circuit_open"
+
+
 class UpstreamError(SidecarError):
     counted_as = "upstream"
     """The upstream failed before its response headers arrived."""
@@ -245,6 +256,42 @@ def from_upstream_exception(exc: Exception, upstream: str, *, retry_after: int =
     return UpstreamProtocolError(
         f"upstream closed or broke protocol before response headers: {_reason(exc)}", upstream=upstream
     )
+
+
+def attempt_failure(exc: BaseException) -> str | None:
+    """How an attempt failed before response headers, in ``retry_on`` terms.
+
+    ``connect_error``: the request never reached the upstream (refused, DNS,
+    TLS, connect timeout, an HTTP/2 stream refused with REFUSED_STREAM or cut
+    by a GOAWAY above it), so it is safe to send again whatever the method.
+    ``timeout``: no response head within the read (or write) timeout.
+    ``reset``: the connection broke after the request went out.  None: not
+    the upstream's failure (the connection pool had no room).
+    """
+    if isinstance(exc, httpx.PoolTimeout):
+        return None
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) or _not_processed(exc):
+        return "connect_error"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.TransportError):
+        return "reset"
+    return None
+
+
+def _not_processed(exc: BaseException) -> bool:
+    """An HTTP/2 refusal that guarantees the upstream did not process the request."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # a short chain: httpx error ← httpcore error ← the event
+        if cause is None:
+            return False
+        if isinstance(cause, httpcore.ConnectionNotAvailable):
+            return True  # GOAWAY below our stream id, or closed before the stream opened
+        for arg in cause.args:
+            if isinstance(arg, h2.events.StreamReset) and arg.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _reason(exc: BaseException) -> str:

@@ -39,6 +39,10 @@ class Attempt:
     status: int | None = None  # the response status, None when no response head arrived
     headers_after: float | None = None  # seconds from the start to the response head
     error: str | None = None  # the outcome code when the attempt failed
+    # Why it failed without a response head: "connect_error" (never sent),
+    # "reset" (broke after sending) or "timeout" (no head in time); None otherwise.
+    failure: str | None = None
+    retry_after: float | None = None  # the response's Retry-After, in seconds, if it had one
 
 
 @dataclass(slots=True)
@@ -63,6 +67,12 @@ class Exchange:
     admitted_at: float | None = None
     # Attempts at the upstream, in order.
     attempts: list[Attempt] = field(default_factory=list)
+    # Retries: may the request be sent again (no body, or a body kept whole for
+    # replay), and may it be repeated after it reached the upstream (an
+    # idempotent method, or an Idempotency-Key)?
+    replayable: bool = True
+    idempotent: bool = False
+    circuit_probe: bool = False  # the current attempt is the circuit's one half-open probe
     # What the caller got.
     status: int = 0
     upstream_time: float | None = None

@@ -23,19 +23,21 @@ from collections.abc import Callable
 import httpx
 from aiohttp import hdrs, web
 
-from .body import request_body
+from .body import ReplayableBody, request_body
 from .compat.aiohttp import RelayedResponse
 from .errors import (
     ClientDisconnected,
     InternalError,
     SidecarError,
     UpstreamBodyError,
+    attempt_failure,
     error_response,
     from_upstream_exception,
 )
 from .exchange import Attempt, Exchange, Generation
 from .headers import caller_request_id, downstream_headers, new_request_id, upstream_headers
 from .policy.deadline import HEADER_BYTES, budget_gone, caller_deadline, exceeded, forwarded_budget
+from .policy.retry import idempotent, parse_retry_after
 from .policy.stack import sidecar_stages
 from .pools import UpstreamPool
 from .wellformed import (
@@ -49,6 +51,7 @@ from .wellformed import (
 )
 
 _BODYLESS_STATUS = (204, 304)
+_RETRY_AFTER_STATUSES = (429, 503)
 
 
 class Forwarder:
@@ -83,7 +86,10 @@ class Forwarder:
             if isinstance(error, UNREAD):
                 refuse_to_read_on(request)
             as_http11 = request.version not in SPOKEN_VERSIONS
-            return error_response(error, exchange.request_id, close=close, as_http11=as_http11)
+            response = error_response(error, exchange.request_id, close=close, as_http11=as_http11)
+            if len(exchange.attempts) > 1:
+                response.headers["X-Sidecar-Attempts"] = str(len(exchange.attempts))
+            return response
         except (asyncio.CancelledError, ConnectionResetError):
             exchange.error = exchange.error or ClientDisconnected.code
             exchange.aborted = True
@@ -129,42 +135,88 @@ class Forwarder:
     async def _attempts(self, request: web.BaseRequest, exchange: Exchange, pool: UpstreamPool) -> web.StreamResponse:
         """Attempts at the upstream until one is relayed or the stages want no other.
 
-        A request whose body is streaming cannot be sent twice (its bytes are
-        gone once sent), so it gets exactly one attempt.
+        Only the last attempt reaches the caller.  The last answer (a response
+        read up to its headers, or an error) is kept until the next attempt is
+        cleared by the stages' per-attempt gates: if one refuses (an open
+        circuit, a pause, no token) the caller gets that last answer, not the
+        refusal.  Nothing is retried once the response is being relayed.
         """
         stages = pool.stages
-        repeatable = not request.body_exists
-        attempt = exchange.begin_attempt(time.monotonic())
-        while True:
-            try:
-                response = await self._send(request, exchange, pool)
-            except SidecarError as error:
-                attempt.error = error.code
-                stages.observe(exchange, attempt)
-                delay = stages.next_attempt(exchange, attempt) if repeatable else None
-                if delay is None:
-                    raise
+        retries = pool.retries
+        exchange.idempotent = idempotent(request.method, "Idempotency-Key" in request.headers)
+        body: ReplayableBody | None = None
+        generation = exchange.generation
+        assert generation is not None
+        if request.body_exists:
+            source = request_body(request, exchange, generation.inbound)
+            declared = request.content_length
+            max_body = retries.settings.max_body
+            if retries.enabled and (declared is None or declared <= max_body):
+                body = ReplayableBody(source, max_body)
             else:
+                # Too large to keep (or never retried): streamed once, never repeated.
+                exchange.replayable = False
+                body = ReplayableBody(source, -1)
+        attempt = exchange.begin_attempt(time.monotonic())
+        # What the stages waited before the first attempt: later attempts may
+        # only wait what is left of timeouts.pool (backoff and attempts are not waits).
+        waited = attempt.started - (exchange.waiting_since or attempt.started)
+        try:
+            while True:
+                response: httpx.Response | None = None
+                failed: SidecarError | None = None
+                if body is not None and body.overflowed:
+                    exchange.replayable = False
                 try:
-                    self._answered(exchange, attempt, response)
+                    response = await self._send(request, exchange, pool, attempt, body)
+                except SidecarError as error:
+                    attempt.error = error.code
+                    failed = error
+                try:
+                    if response is not None:
+                        self._answered(exchange, attempt, response)
+                    if body is not None and body.overflowed:
+                        exchange.replayable = False
                     stages.observe(exchange, attempt)
-                    delay = stages.next_attempt(exchange, attempt) if repeatable else None
+                    # A body that could not be kept whole is never sent twice,
+                    # whichever stage asks for another attempt.
+                    delay = stages.next_attempt(exchange, attempt) if exchange.replayable else None
+                    if delay is not None:
+                        await asyncio.sleep(delay)
+                        upcoming = exchange.begin_attempt(time.monotonic())
+                        exchange.waiting_since = upcoming.started - waited
+                        try:
+                            # Every attempt after the first passes the stages'
+                            # per-attempt gates while the request keeps its slot.
+                            await stages.before_retry(exchange, upcoming)
+                        except SidecarError:
+                            exchange.attempts.pop()  # never made: the last answer stands
+                            delay = None
                     if delay is None:
+                        if response is None:
+                            assert failed is not None
+                            raise failed
                         return await self._relay(request, response, exchange)
                 finally:
-                    await response.aclose()
-            await asyncio.sleep(delay)
-            attempt = exchange.begin_attempt(time.monotonic())
-            # Every attempt after the first passes the stages' per-attempt gates
-            # (circuit, pause, token) while the request keeps its slot.
-            await stages.before_retry(exchange, attempt)
-            attempt.started = time.monotonic()
+                    if response is not None:
+                        await response.aclose()
+                attempt = upcoming
+                attempt.started = time.monotonic()
+        finally:
+            if body is not None:
+                await body.aclose()
 
-    async def _send(self, request: web.BaseRequest, exchange: Exchange, pool: UpstreamPool) -> httpx.Response:
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        pool: UpstreamPool,
+        attempt: Attempt,
+        body: ReplayableBody | None,
+    ) -> httpx.Response:
         """One attempt: send the request, wait for the response head."""
         match = exchange.match
-        generation = exchange.generation
-        assert match is not None and generation is not None
+        assert match is not None
         now = time.monotonic()
         headers = upstream_headers(
             request.raw_headers, request.headers.getall(hdrs.CONNECTION, ()), pool, exchange.request_id
@@ -173,12 +225,11 @@ class Forwarder:
         if budget is not None:
             # What is left of the caller's budget, so the next hop shares the deadline.
             headers.append((HEADER_BYTES, budget))
-        content = request_body(request, exchange, generation.inbound) if request.body_exists else None
         upstream_request = httpx.Request(
             request.method,
             pool.base_url,
             headers=headers,
-            content=content,
+            content=None if body is None else body.stream(),
             extensions={
                 # The connection pool may only wait for what is left of
                 # timeouts.pool after the stages, so no request waits longer in total.
@@ -199,6 +250,7 @@ class Forwarder:
                 raise
             raise exceeded(exchange, "waiting for the upstream's response headers") from None
         except httpx.TransportError as exc:
+            attempt.failure = attempt_failure(exc)
             if isinstance(exc, httpx.TimeoutException) and budget_gone(exchange, time.monotonic()):
                 # A configured timeout that fired with the caller's budget: the budget is what ran out.
                 raise exceeded(exchange, "waiting for the upstream") from None
@@ -208,6 +260,8 @@ class Forwarder:
     def _answered(exchange: Exchange, attempt: Attempt, response: httpx.Response) -> None:
         now = time.monotonic()
         attempt.status = response.status_code
+        if attempt.status in _RETRY_AFTER_STATUSES:
+            attempt.retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
         attempt.headers_after = now - attempt.started
         exchange.upstream_time = attempt.headers_after
         exchange.http_version = response.http_version
@@ -226,6 +280,8 @@ class Forwarder:
         for name, value in relayed:
             downstream.headers.add(name, value)
         downstream.headers["X-Request-Id"] = exchange.request_id
+        if len(exchange.attempts) > 1:
+            downstream.headers["X-Sidecar-Attempts"] = str(len(exchange.attempts))
         if asks_upgrade(request):
             # Never tunnelled: the Upgrade header was not forwarded and the
             # answer is an ordinary response. aiohttp's C parser stops parsing

@@ -44,6 +44,7 @@ REJECTION_REASONS = codes_counted_as("rejected")
 UPSTREAM_ERRORS = codes_counted_as("upstream")
 # The kind label of sidecar_upstream_errors_total: the code without this.
 _UPSTREAM_ERROR_PREFIX = "upstream_"
+RETRY_RESULTS = ("sent", "budget_exhausted", "no_time")
 
 # *_created series double the output and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -138,8 +139,14 @@ class _PoolCollector(Collector):
         closed = CounterMetricFamily(
             "sidecar_upstream_connections_closed", "Upstream connections closed", labels=["upstream"]
         )
+        retries = CounterMetricFamily(
+            "sidecar_retries", "Retries by result: sent, budget_exhausted, no_time", labels=["upstream", "result"]
+        )
+        circuit = gauge("sidecar_circuit_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open")
         live: dict[str, _Live] = {}
+        resilience: dict[str, UpstreamPool] = {}  # the current pool: its circuit is the one requests meet
         for pool in self._pools():
+            resilience.setdefault(pool.name, pool)
             row = live.get(pool.name)
             if row is None:  # the current pool comes first: its limits are the ones shown
                 row = live[pool.name] = _Live(pool)
@@ -155,6 +162,10 @@ class _PoolCollector(Collector):
             max_connections.add_metric([name], row.max_connections)
             opened.add_metric([name], row.opened)
             closed.add_metric([name], row.closed)
+        for name, pool in resilience.items():
+            for result in RETRY_RESULTS:
+                retries.add_metric([name, result], pool.retries.results[result])
+            circuit.add_metric([name], int(pool.circuit.state()))
         info = gauge("sidecar_build_info", "Always 1; the version as a label", ("version",))
         info.add_metric([__version__], 1)
         yield from (
@@ -167,6 +178,8 @@ class _PoolCollector(Collector):
             max_connections,
             opened,
             closed,
+            retries,
+            circuit,
             info,
         )
 

@@ -64,4 +64,5 @@ def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
         bytes_out=exchange.bytes_out,
         error=exchange.error,
         deadline_ms=None if exchange.deadline is None else round((exchange.deadline - exchange.started) * 1000, 3),
+        attempts=len(exchange.attempts),
     )

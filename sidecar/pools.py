@@ -11,6 +11,8 @@ import httpx
 
 from .config import HTTP2Mode, Upstream
 from .policy.admission import Admission
+from .policy.breaker import CircuitBreaker
+from .policy.retry import RetryPolicy
 from .policy.stack import upstream_stages
 from .upstream.pool import PoolTransport
 from .upstream.poolstate import PoolStats
@@ -110,6 +112,9 @@ class UpstreamPool:
         self.host_header = (b"Host", upstream.host_header.encode("utf-8"))
         self.headers_set = tuple((name.encode("latin-1"), value.encode("utf-8")) for name, value in rules.set)
         self.headers_not_forwarded = frozenset(name.lower() for name in (*rules.remove, *(n for n, _ in rules.set)))
+        # Per-upstream resilience state, shared by every request (docs/resilience.md).
+        self.circuit = CircuitBreaker(upstream.name, upstream.circuit_breaker)
+        self.retries = RetryPolicy(upstream.name, upstream.retries)
         # The policies every request to this upstream passes (sidecar/policy/stack.py).
         self.stages = upstream_stages(self)
         self.outcomes: Counter[str] = Counter()

@@ -82,6 +82,13 @@ def _split(upstream: Upstream, workers: int, index: int) -> Upstream:
             max_pending=share(limits.max_pending, workers, index),
         ),
         rate_limit=_split_rate(upstream.rate_limit, workers, index),
+        # The retry budget's floor is per process: each worker gets its part.
+        retries=dataclasses.replace(
+            upstream.retries,
+            budget=dataclasses.replace(
+                upstream.retries.budget, min_per_second=upstream.retries.budget.min_per_second / workers
+            ),
+        ),
     )
 
 

@@ -32,6 +32,8 @@ from ..redact import redact
 from .model import (
     H2_STREAMS_PER_CONNECTION,
     AdminSettings,
+    Backoff,
+    CircuitBreaker,
     Config,
     ConfigError,
     HeaderRules,
@@ -39,6 +41,8 @@ from .model import (
     Inbound,
     Limits,
     RateLimit,
+    Retries,
+    RetryBudget,
     Route,
     Timeouts,
     TLSSettings,
@@ -350,6 +354,58 @@ class _Builder:
             tls=self.tls(name, pick),
             headers=HeaderRules(set=tuple(headers.set.items()), remove=headers.remove),
             rate_limit=self.rate_limit(name, pick),
+            retries=self.retries(name, own, defaults),
+            circuit_breaker=self.circuit_breaker(name, own, defaults),
+        )
+
+    @staticmethod
+    def _nested_pick(name: str, own: UpstreamSection, defaults: DefaultsLayer) -> Callable[..., tuple[str, Any]]:
+        """Field-by-field inheritance through nested sections (``retries.backoff.max``)."""
+
+        def pick(*keys: str) -> tuple[str, Any]:
+            for root, layer in ((f"upstreams.{name}", own), ("defaults", defaults)):
+                node: Any = layer
+                for key in keys:
+                    if not isinstance(node, BaseModel) or key not in node.model_fields_set:
+                        break
+                    node = getattr(node, key)
+                else:
+                    return f"{root}.{'.'.join(keys)}", node
+            node = defaults
+            for key in keys:
+                node = getattr(node, key)  # unset everywhere: the built-in default
+            return f"defaults.{'.'.join(keys)}", node
+
+        return pick
+
+    def retries(self, name: str, own: UpstreamSection, defaults: DefaultsLayer) -> Retries:
+        pick = self._nested_pick(name, own, defaults)
+        base = pick("retries", "backoff", "base")[1]
+        max_path, most = pick("retries", "backoff", "max")
+        if most < base:
+            raise self.error(max_path, f"must not be less than backoff.base ({base:g}s), got {most:g}s")
+        return Retries(
+            attempts=pick("retries", "attempts")[1],
+            retry_on=pick("retries", "retry_on")[1],
+            backoff=Backoff(base=base, max=most),
+            budget=RetryBudget(
+                ratio=pick("retries", "budget", "ratio")[1],
+                min_per_second=pick("retries", "budget", "min_per_second")[1],
+            ),
+            max_body=pick("retries", "max_body")[1],
+        )
+
+    def circuit_breaker(self, name: str, own: UpstreamSection, defaults: DefaultsLayer) -> CircuitBreaker:
+        pick = self._nested_pick(name, own, defaults)
+        open_for = pick("circuit_breaker", "open_for")[1]  # a Duration: always > 0
+        max_path, max_open = pick("circuit_breaker", "max_open")
+        if max_open < open_for:
+            raise self.error(max_path, f"must not be less than open_for ({open_for:g}s), got {max_open:g}s")
+        return CircuitBreaker(
+            failures=pick("circuit_breaker", "failures")[1],
+            failure_on=pick("circuit_breaker", "failure_on")[1],
+            open_for=open_for,
+            max_open=max_open,
         )
 
     def rate_limit(self, name: str, pick: Callable[[str, str], tuple[str, Any]]) -> RateLimit | None:

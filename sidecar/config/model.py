@@ -79,6 +79,47 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class Backoff:
+    base: float
+    max: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    ratio: float  # retries per original request over the window
+    min_per_second: float  # retries always allowed, per second of the window
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int  # extra attempts after the first; 0 = never retry
+    retry_on: tuple[str | int, ...]  # "connect_error", "reset", "timeout" and statuses
+    backoff: Backoff
+    budget: RetryBudget
+    max_body: int  # request bodies larger than this are never retried
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    failures: int  # consecutive failed attempts that open it; 0 = off
+    failure_on: tuple[str | int, ...]
+    open_for: float
+    max_open: float
+
+
+DEFAULT_RETRIES = Retries(
+    attempts=1,
+    retry_on=("connect_error",),
+    backoff=Backoff(base=0.025, max=0.25),
+    budget=RetryBudget(ratio=0.2, min_per_second=10.0),
+    max_body=64 * 1024,
+)
+DEFAULT_CIRCUIT_BREAKER = CircuitBreaker(
+    failures=0, failure_on=("connect_error", "timeout", 502, 503, 504), open_for=5.0, max_open=120.0
+)
+
+
+@dataclass(frozen=True, slots=True)
 class TLSSettings:
     verify: bool
     ca_file: str | None
@@ -125,6 +166,8 @@ class Upstream:
     tls: TLSSettings
     headers: HeaderRules
     rate_limit: RateLimit | None = None  # None: no local rate limit
+    retries: Retries = DEFAULT_RETRIES
+    circuit_breaker: CircuitBreaker = DEFAULT_CIRCUIT_BREAKER
 
     @property
     def host_header(self) -> str:

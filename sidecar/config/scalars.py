@@ -137,6 +137,53 @@ def non_negative_int(value: object) -> int:
     return number
 
 
+def non_negative_number(value: object) -> float:
+    """A finite number ≥ 0 (an int, a float, or their digits from a ${VAR})."""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or number < 0:
+        raise ValueError(f"must be a number ≥ 0, got {shown(value)}")
+    return number
+
+
+# What an attempt's outcome may be matched on: the failures without a response
+# head, and response statuses (429 and 5xx).
+ATTEMPT_FAILURES = ("connect_error", "reset", "timeout")
+
+
+def attempt_conditions(*, allow_429: bool) -> Callable[[Any], tuple[str | int, ...]]:
+    """A list of ``connect_error``, ``reset``, ``timeout`` and statuses (5xx, and 429 if allowed)."""
+    statuses = "429 or 500-599" if allow_429 else "500-599"
+
+    def parse(value: Any) -> tuple[str | int, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list of {', '.join(ATTEMPT_FAILURES)} or statuses ({statuses})")
+        seen: list[str | int] = []
+        for item in value:
+            code = _integer(item) if not isinstance(item, str) or item.strip().isdigit() else None
+            if isinstance(item, str) and item in ATTEMPT_FAILURES:
+                condition: str | int = item
+            elif code is not None and (500 <= code <= 599 or (allow_429 and code == 429)):
+                condition = code
+            elif code == 429:
+                raise ValueError("429 never counts as a failure (it is the upstream pacing callers)")
+            else:
+                raise ValueError(f"{shown(item)} is not one of {', '.join(ATTEMPT_FAILURES)} or a status ({statuses})")
+            if condition not in seen:
+                seen.append(condition)
+        return tuple(seen)
+
+    return parse
+
+
 # ${VAR} always expands to a string; these are the spellings a boolean may take then.
 _BOOLEAN_WORDS = {"true": True, "false": False}
 
@@ -358,6 +405,9 @@ PositiveInt = Annotated[int, PlainValidator(expanded(positive_int))]
 OptionalPositiveInt = Annotated[int | None, PlainValidator(expanded(optional(positive_int)))]
 NonNegativeInt = Annotated[int, PlainValidator(expanded(non_negative_int))]
 OptionalNonNegativeInt = Annotated[int | None, PlainValidator(expanded(optional(non_negative_int)))]
+NonNegativeNumber = Annotated[float, PlainValidator(expanded(non_negative_number))]
+RetryOn = Annotated[tuple[str | int, ...], PlainValidator(attempt_conditions(allow_429=True))]
+FailureOn = Annotated[tuple[str | int, ...], PlainValidator(attempt_conditions(allow_429=False))]
 Boolean = Annotated[bool, PlainValidator(expanded(boolean))]
 OptionalString = Annotated[str | None, PlainValidator(expanded(optional(non_empty_string)))]
 HostPortValue = Annotated[HostPort, PlainValidator(expanded(parse_host_port))]

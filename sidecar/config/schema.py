@@ -32,11 +32,13 @@ from .model import HostPort, HTTP2Mode
 from .scalars import (
     Boolean,
     Duration,
+    FailureOn,
     HeaderNames,
     HeaderValues,
     HostPortValue,
     HTTP2Value,
     NonNegativeInt,
+    NonNegativeNumber,
     OptionalNonNegativeInt,
     OptionalPositiveInt,
     OptionalRate,
@@ -44,6 +46,7 @@ from .scalars import (
     OptionalString,
     PathPrefix,
     PositiveInt,
+    RetryOn,
     RouteHosts,
     Size,
     UpstreamName,
@@ -91,6 +94,31 @@ def _rate_limit_off(value: Any) -> Any:
     return {"rate": None} if value is None or value is False or value == "off" else value
 
 
+class BackoffLayer(Section):
+    base: Duration = 0.025
+    max: Duration = 0.25
+
+
+class BudgetLayer(Section):
+    ratio: NonNegativeNumber = 0.2
+    min_per_second: NonNegativeNumber = 10.0
+
+
+class RetriesLayer(Section):
+    attempts: NonNegativeInt = 1
+    retry_on: RetryOn = ("connect_error",)
+    backoff: BackoffLayer = BackoffLayer()
+    budget: BudgetLayer = BudgetLayer()
+    max_body: Size = 64 * 1024
+
+
+class CircuitBreakerLayer(Section):
+    failures: NonNegativeInt = 0
+    failure_on: FailureOn = ("connect_error", "timeout", 502, 503, 504)
+    open_for: Duration = 5.0
+    max_open: Duration = 120.0
+
+
 def _existing_file(value: object) -> str:
     path = non_empty_string(value)
     if not Path(path).is_file():
@@ -129,6 +157,8 @@ class DefaultsLayer(Section):
     timeouts: TimeoutsLayer = TimeoutsLayer()
     tls: TLSLayer = TLSLayer()
     rate_limit: RateLimitLayer = RateLimitLayer()
+    retries: RetriesLayer = RetriesLayer()
+    circuit_breaker: CircuitBreakerLayer = CircuitBreakerLayer()
 
 
 class RouteSection(Section):
@@ -151,6 +181,8 @@ class UpstreamSection(Section):
     timeouts: TimeoutsLayer = TimeoutsLayer()
     tls: TLSLayer = TLSLayer()
     rate_limit: Annotated[RateLimitLayer, BeforeValidator(_rate_limit_off)] = RateLimitLayer()
+    retries: RetriesLayer = RetriesLayer()
+    circuit_breaker: CircuitBreakerLayer = CircuitBreakerLayer()
 
 
 def _listen_or_off(value: object, info: ValidationInfo) -> HostPort | None:

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING
 from . import Stages
 from .admission import AdmissionStage
 from .body_limit import DeclaredBodyLimit
+from .breaker import CircuitBreakerStage
 from .deadline import DeadlineStage
 from .draining import DrainingGate
 from .rate_limit import rate_limit_stages
+from .retry import RetryStage
 
 if TYPE_CHECKING:
     from ..pools import UpstreamPool
@@ -33,7 +35,9 @@ def upstream_stages(pool: UpstreamPool) -> Stages:
         [
             DeclaredBodyLimit(),
             DeadlineStage(),
+            CircuitBreakerStage(pool.circuit),
             *rate_limit_stages(pool.upstream),
             AdmissionStage(pool.admission),
+            RetryStage(pool.retries),
         ]
     )

@@ -105,7 +105,7 @@ async def test_a_stage_added_to_the_stack_shapes_the_attempts(tmp_path: Path) ->
         return web.Response(status=next(answers), text="attempt")
 
     async with Upstream(handler) as upstream:
-        async with running_sidecar(tmp_path, _config(upstream.url, max_request_body="1KiB")) as sidecar:
+        async with running_sidecar(tmp_path, _config(upstream.url, max_request_body="1MiB")) as sidecar:
             pool = sidecar.generation().pools["app"]
             retry = _RetryOnce503()
             pool.stages = Stages([*pool.stages.stages, retry])
@@ -115,11 +115,18 @@ async def test_a_stage_added_to_the_stack_shapes_the_attempts(tmp_path: Path) ->
             assert retry.observed == [503, 200]
             assert retry.released == 1
             assert len(upstream.requests) == 2
-            # A request with a body is never repeated: its bytes are gone once sent.
+            # A request body is kept (up to retries.max_body) and sent again whole.
             answers = iter([503, 200])
             async with aiohttp.ClientSession() as session:
                 async with session.post(f"{proxy_url(sidecar)}/app/x", data=b"body") as response:
+                    assert response.status == 200
+            assert retry.observed[-2:] == [503, 200] and retry.released == 2
+            assert [request.body for request in upstream.requests[-2:]] == [b"body", b"body"]
+            # One over max_body is never repeated, whichever stage asks: its bytes are gone once sent.
+            answers = iter([503, 200])
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{proxy_url(sidecar)}/app/x", data=b"x" * 70000) as response:
                     assert response.status == 503
-            assert retry.observed[-1] == 503 and retry.released == 2
-            assert len(upstream.requests) == 3
+            assert retry.observed[-1] == 503 and retry.released == 3
+            assert len(upstream.requests) == 5
             await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)

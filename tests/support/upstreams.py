@@ -348,6 +348,9 @@ class _H2Protocol(asyncio.Protocol):
             self.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=1)
             self.flush()
             self.close()
+        elif path == "/refuse-first" and self.server.paths.count(path) == 1:
+            self.open_streams.discard(stream_id)
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         elif path == "/hold":
             loop.call_later(self.server.hold_seconds, self.respond, stream_id, b"held")
         else:
@@ -395,6 +398,8 @@ class RawH2Server:
     * ``/kill``    the TCP connection is aborted at once (a read error for every stream on it)
     * ``/goaway1`` GOAWAY(last_stream_id=1) and close at once: streams above 1
                    were not processed
+    * ``/refuse-first`` the first such request gets RST_STREAM(REFUSED_STREAM)
+                   (not processed), later ones 200 ``ok``
 
     ``connections`` counts accepted TCP connections; ``paths`` every request.
     """

@@ -948,3 +948,65 @@ def test_rate_limit_burst_defaults_to_one_second_of_rate_at_least_one() -> None:
     assert limits["b"] == RateLimit(rate=1.5, burst=1)
     assert limits["c"] is not None and limits["c"].burst == 1
     assert limits["d"] is None
+
+
+# ---------------------------------------------------------------- retries and circuit breaker
+
+
+def test_retries_and_circuit_breaker_defaults() -> None:
+    upstream = parse(MINIMAL).upstreams[0]
+    retries, breaker = upstream.retries, upstream.circuit_breaker
+    assert (retries.attempts, retries.retry_on, retries.max_body) == (1, ("connect_error",), 65536)
+    assert (retries.backoff.base, retries.backoff.max) == (0.025, 0.25)
+    assert (retries.budget.ratio, retries.budget.min_per_second) == (0.2, 10.0)
+    assert breaker.failures == 0
+    assert breaker.failure_on == ("connect_error", "timeout", 502, 503, 504)
+    assert (breaker.open_for, breaker.max_open) == (5.0, 120.0)
+
+
+def test_retries_and_circuit_breaker_inherit_field_by_field_nested_ones_too() -> None:
+    config = parse(
+        """
+        defaults:
+          retries: { attempts: 2, retry_on: [connect_error, 503], backoff: { max: 2s }, budget: { ratio: 0.5 } }
+          circuit_breaker: { failures: 3, open_for: 1s }
+        upstreams:
+          a: { url: "http://a", retries: { backoff: { base: 10ms } }, circuit_breaker: { failure_on: [reset] } }
+          b: { url: "http://b", retries: { attempts: 0, max_body: 1KiB } }
+        """
+    )
+    a, b = config.upstreams
+    assert a.retries.attempts == 2 and a.retries.retry_on == ("connect_error", 503)
+    assert (a.retries.backoff.base, a.retries.backoff.max) == (0.01, 2.0)
+    assert (a.retries.budget.ratio, a.retries.budget.min_per_second) == (0.5, 10.0)
+    assert a.circuit_breaker.failures == 3 and a.circuit_breaker.failure_on == ("reset",)
+    assert a.circuit_breaker.open_for == 1.0
+    assert b.retries.attempts == 0 and b.retries.max_body == 1024
+    assert b.retries.backoff.base == 0.025
+
+
+@pytest.mark.parametrize(
+    ("section", "path", "words"),
+    [
+        ("retries: { attempts: -1 }", "retries.attempts", "non-negative"),
+        ("retries: { retry_on: connect_error }", "retries.retry_on", "list"),
+        ("retries: { retry_on: [404] }", "retries.retry_on", "404"),
+        ("retries: { retry_on: [on] }", "retries.retry_on", "True"),
+        ("retries: { backoff: { base: soon } }", "retries.backoff.base", "duration"),
+        ("retries: { backoff: { base: 1s, max: 10ms } }", "retries.backoff.max", "backoff.base"),
+        ("retries: { budget: { ratio: -0.1 } }", "retries.budget.ratio", "≥ 0"),
+        ("retries: { budget: { min_per_second: lots } }", "retries.budget.min_per_second", "≥ 0"),
+        ("retries: { max_body: big }", "retries.max_body", "size"),
+        ("retries: { on: [503] }", "retries", "keys must be strings"),  # YAML 1.1 reads a bare `on` as true
+        ("circuit_breaker: { failures: x }", "circuit_breaker.failures", "non-negative"),
+        ("circuit_breaker: { failure_on: [429] }", "circuit_breaker.failure_on", "429 never"),
+        ("circuit_breaker: { open_for: 0s }", "circuit_breaker.open_for", "positive"),
+        ("circuit_breaker: { open_for: 10s, max_open: 5s }", "circuit_breaker.max_open", "open_for"),
+    ],
+)
+def test_retries_and_circuit_breaker_rejections_name_the_path(section: str, path: str, words: str) -> None:
+    error = rejected(f"upstreams:\n  a: {{ url: 'http://a', {section} }}\n")
+    assert error.path == f"upstreams.a.{path}"
+    assert words in error.problem
+    in_defaults = rejected(f"defaults: {{ {section} }}\n" + MINIMAL)
+    assert in_defaults.path == f"defaults.{path}"

@@ -48,6 +48,7 @@ def test_the_metrics_label_sets_come_from_the_tree() -> None:
         "request_too_large",
         "deadline_exceeded",
         "rate_limited",
+        "circuit_open",
     } == metrics.REJECTION_REASONS
     assert {
         "upstream_connect_error",
