@@ -13,6 +13,7 @@ from aiohttp import web
 from .config import REDACTED, ConfigError, public_view
 from .logs import scrubber
 from .metrics import CONTENT_TYPE
+from .policy.pacing import pacing_stage
 from .reload import ReloadRefused
 
 if TYPE_CHECKING:
@@ -101,8 +102,14 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
             "closed_total": stats.closed_total,
         },
         "http_versions": stats.http_versions,
+        "pacing": _pacing_snapshot(pool),
         "totals": {"requests": sum(pool.outcomes.values()), "by_outcome": dict(sorted(pool.outcomes.items()))},
     }
+
+
+def _pacing_snapshot(pool: UpstreamPool) -> dict[str, object] | None:
+    stage = pacing_stage(pool.stages.stages)
+    return None if stage is None else stage.snapshot()
 
 
 async def pools(request: web.Request) -> web.Response:

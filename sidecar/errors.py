@@ -16,7 +16,9 @@ The error tree::
     ├── Rejected (503, Retry-After)
     │   ├── QueueFull                  503    queue_full
     │   ├── PoolTimeout                503    pool_timeout
-    │   └── Draining                   503    draining
+    │   ├── Draining                   503    draining
+    │   ├── UpstreamRateLimited        429    upstream_rate_limited
+    │   └── UpstreamPaused             503    upstream_paused
     └── UpstreamError
         ├── UpstreamConnectError       502    upstream_connect_error
         ├── UpstreamProtocolError      502    upstream_protocol_error
@@ -114,6 +116,18 @@ class PoolTimeout(Rejected):
 
 class Draining(Rejected):
     code = "draining"
+
+
+class UpstreamRateLimited(Rejected):
+    """The upstream announced a limit (a 429 Retry-After, or a quota) still in force."""
+
+    status, code = 429, "upstream_rate_limited"
+
+
+class UpstreamPaused(Rejected):
+    """The upstream asked for a pause with 503 + Retry-After, still in force."""
+
+    code = "upstream_paused"
 
 
 class UpstreamError(SidecarError):

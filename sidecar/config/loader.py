@@ -38,6 +38,7 @@ from .model import (
     HTTP2Mode,
     Inbound,
     Limits,
+    Pacing,
     Route,
     Timeouts,
     TLSSettings,
@@ -357,6 +358,7 @@ class _Builder:
             timeouts=timeouts,
             tls=self.tls(name, pick),
             headers=HeaderRules(set=tuple(headers.set.items()), remove=headers.remove),
+            pacing=Pacing(**{key: pick("pacing", key)[1] for key in ("learn", "max_pause", "partition_by", "spread")}),
         )
 
     def tls(self, name: str, pick: Callable[[str, str], tuple[str, Any]]) -> TLSSettings:

@@ -74,6 +74,16 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Pacing:
+    """Upstream pacing: honour the limits the upstream announces (docs/pacing.md)."""
+
+    learn: bool = True
+    max_pause: float = 60.0
+    partition_by: str | None = None  # a caller header: one learned state per value
+    spread: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class TLSSettings:
     verify: bool
     ca_file: str | None
@@ -119,6 +129,7 @@ class Upstream:
     timeouts: Timeouts
     tls: TLSSettings
     headers: HeaderRules
+    pacing: Pacing = Pacing()
 
     @property
     def host_header(self) -> str:

@@ -15,6 +15,7 @@ from . import Stages
 from .admission import AdmissionStage
 from .body_limit import DeclaredBodyLimit
 from .draining import DrainingGate
+from .pacing import PacingStage
 
 if TYPE_CHECKING:
     from ..pools import UpstreamPool
@@ -30,6 +31,7 @@ def upstream_stages(pool: UpstreamPool) -> Stages:
     return Stages(
         [
             DeclaredBodyLimit(),
+            PacingStage(pool.name, pool.upstream.pacing),
             AdmissionStage(pool.admission),
         ]
     )
