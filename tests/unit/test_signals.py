@@ -97,7 +97,8 @@ def test_ratelimit_field_with_partition_key_parameter() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ['"default";r=abc;t=30', '"default";r=5', '"default";t=5', '"open;r=1;t=1', "", ",", '"a";r=-1;t=1', "1;r=1;t=1"]
+    "value",
+    ['"default";r=abc;t=30', '"default";r=5', '"default";t=5', '"open;r=1;t=1', "", ",", '"a";r=-1;t=1', "1;r=1;t=1"],
 )
 def test_ratelimit_field_malformed(value: str) -> None:
     assert parse_ratelimit_field(value) is None
