@@ -18,6 +18,7 @@ responses without one cost nothing here.  See docs/pacing.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import time
@@ -38,6 +39,11 @@ MAX_PARTITIONS: Final = 10_000
 SOURCE_429: Final = "429"
 SOURCE_503: Final = "503"
 SOURCE_QUOTA: Final = "quota"
+SOURCE_PROBE: Final = "probe"  # not a refusal: waiting for the first answer after a pause
+# After a pause (or an exhausted budget) ends, the budget is unknown: one
+# request goes first and the others wait for its answer, at most this long,
+# instead of all of them hitting an upstream that may still be at its limit.
+PROBE_WINDOW: Final = 0.5
 
 # Verdicts of PacingCore.take.
 GO: Final = 0  # go (after ``seconds``: a reserved spread slot); the budget is taken
@@ -48,7 +54,17 @@ REFUSE: Final = 2  # the wait is longer than allowed: refuse with Retry-After ``
 class Partition:
     """What was learned for one upstream (or one value of ``partition_by``)."""
 
-    __slots__ = ("paused_until", "source", "remaining", "reset_at", "next_slot", "interval", "admitted")
+    __slots__ = (
+        "paused_until",
+        "source",
+        "remaining",
+        "reset_at",
+        "next_slot",
+        "interval",
+        "admitted",
+        "after_block",
+        "probe_until",
+    )
 
     def __init__(self) -> None:
         self.paused_until = 0.0  # monotonic; in the past: no pause
@@ -58,6 +74,8 @@ class Partition:
         self.next_slot = 0.0  # spread: the earliest time the next request may go
         self.interval = 0.0  # spread: seconds between two requests until the reset
         self.admitted = 0  # requests let through, ever: tickets for observe
+        self.after_block = False  # a pause or an empty budget held requests back; nothing learned since
+        self.probe_until = 0.0  # while in the future, one request went first: the others wait for it
 
     def blocked_until(self, now: float) -> tuple[float, str] | None:
         """When and why requests must not go now; None when they may."""
@@ -71,7 +89,7 @@ class Partition:
 class PacingCore:
     """Learned limits of one upstream; decides, never waits."""
 
-    __slots__ = ("max_pause", "spread", "max_partitions", "_partitions", "ignored", "signals")
+    __slots__ = ("max_pause", "spread", "max_partitions", "_partitions", "ignored", "signals", "probing")
 
     def __init__(self, *, max_pause: float, spread: bool, max_partitions: int = MAX_PARTITIONS) -> None:
         self.max_pause = max_pause
@@ -80,6 +98,7 @@ class PacingCore:
         self._partitions: OrderedDict[bytes | None, Partition] = OrderedDict()
         self.ignored: Counter[str] = Counter()  # malformed fields, by lower-cased name
         self.signals = 0  # responses that taught something
+        self.probing = 0  # partitions waiting for the answer to their first request after a pause
 
     def __len__(self) -> int:
         return len(self._partitions)
@@ -108,11 +127,21 @@ class PacingCore:
         partition = self._partition(key)
         blocked = partition.blocked_until(now)
         if blocked is not None:
+            partition.after_block = True
             until, source = blocked
             left = until - now
             if left <= allowance:
                 return WAIT, left, source
             return REFUSE, float(max(1, math.ceil(left))), source
+        if partition.after_block:
+            if partition.probe_until > now and allowance > 0:
+                return WAIT, min(partition.probe_until - now, allowance), SOURCE_PROBE
+            if partition.probe_until == 0.0:
+                # The first request after the pause: it goes, the others wait for its answer.
+                partition.probe_until = now + PROBE_WINDOW
+                self.probing += 1
+            elif partition.probe_until <= now:
+                self._settle(partition)  # no answer in time: back to not knowing
         delay = 0.0
         if partition.remaining is not None:
             if partition.reset_at <= now:
@@ -128,6 +157,21 @@ class PacingCore:
         partition.admitted += 1
         return GO, delay, ""
 
+    def _settle(self, partition: Partition) -> None:
+        if partition.probe_until:
+            self.probing -= 1
+        partition.after_block = False
+        partition.probe_until = 0.0
+
+    def settle(self, key: bytes | None) -> bool:
+        """An answer without any signal came: a probe, if any, is over (nothing
+        learned, so the budget stays unknown).  True if a probe ended."""
+        partition = self._partitions.get(key)
+        if partition is None or not partition.probe_until:
+            return False
+        self._settle(partition)
+        return True
+
     def ticket(self, key: bytes | None) -> int:
         """The count of requests let through so far (read right after a GO)."""
         return self._partition(key).admitted
@@ -142,6 +186,10 @@ class PacingCore:
             return
         self.signals += 1
         partition = self._partition(key)
+        if partition.probe_until:
+            # The probe's answer (or another's): what it says decides from now on.
+            self.probing -= 1
+            partition.probe_until = 0.0
         if reading.pause is not None:
             pause = min(reading.pause, self.max_pause)
             if pause > 0 and now + pause > partition.paused_until:
@@ -156,6 +204,7 @@ class PacingCore:
         if reset <= 0:
             partition.remaining = None  # the window resets now: nothing to keep
             return
+        partition.after_block = False
         later = max(0, partition.admitted - ticket)
         remaining = max(0, quota.remaining - later)
         partition.remaining = remaining
@@ -175,7 +224,7 @@ def partition_key(value: str | None) -> bytes | None:
 class PacingStage(Stage):
     """The pacing stage of one upstream (see the module docstring)."""
 
-    __slots__ = ("upstream", "settings", "core", "waiting", "_clock", "_wall")
+    __slots__ = ("upstream", "settings", "core", "waiting", "_clock", "_wall", "_answered")
     name = "pacing"
 
     def __init__(
@@ -191,6 +240,8 @@ class PacingStage(Stage):
         self.waiting = 0  # requests sleeping in this stage now
         self._clock = clock
         self._wall = wall
+        # Set (and replaced) when a probe's answer arrives: its waiters go on at once.
+        self._answered: asyncio.Event | None = None
 
     def _key(self, exchange: Exchange) -> bytes | None:
         header = self.settings.partition_by
@@ -222,14 +273,25 @@ class PacingStage(Stage):
                 return
             if verdict == REFUSE:
                 raise self._refusal(source, int(seconds))
-            await self._sleep(seconds)
+            await self._sleep(seconds, probe=source == SOURCE_PROBE)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, *, probe: bool = False) -> None:
         self.waiting += 1
         try:
-            await asyncio.sleep(seconds)
+            if probe:
+                if self._answered is None:
+                    self._answered = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._answered.wait(), seconds)
+            else:
+                await asyncio.sleep(seconds)
         finally:
             self.waiting -= 1
+
+    def _wake_probe_waiters(self) -> None:
+        answered, self._answered = self._answered, None
+        if answered is not None:
+            answered.set()
 
     def _refusal(self, source: str, retry_after: int) -> Rejected:
         if source == SOURCE_503:
@@ -246,11 +308,19 @@ class PacingStage(Stage):
 
     def observe(self, exchange: Exchange, attempt: Attempt) -> None:
         raw = attempt.signal_headers
+        core = self.core
         if raw is None or attempt.status is None or not self.settings.learn:
+            if core.probing and core.settle(exchange.pacing_key):
+                self._wake_probe_waiters()
             return
+        probing = core.probing
         reading = read_signals(attempt.status, raw, self._wall())
         if not reading.empty:
-            self.core.learn(exchange.pacing_key, attempt.status, reading, self._clock(), exchange.pacing_ticket)
+            core.learn(exchange.pacing_key, attempt.status, reading, self._clock(), exchange.pacing_ticket)
+        elif probing:
+            core.settle(exchange.pacing_key)
+        if probing and core.probing < probing:
+            self._wake_probe_waiters()
 
     def snapshot(self) -> dict[str, object]:
         """The /pools entry: the shared partition's state, and how many are kept."""

@@ -7,6 +7,7 @@ from sidecar.policy.pacing import (
     REFUSE,
     SOURCE_429,
     SOURCE_503,
+    SOURCE_PROBE,
     SOURCE_QUOTA,
     WAIT,
     PacingCore,
@@ -82,9 +83,46 @@ def test_budget_allows_exactly_remaining_then_waits_for_the_reset() -> None:
         assert c.take(None, t, 1.0)[0] == GO
     assert c.take(None, 4.0, 1.0) == (REFUSE, 6.0, SOURCE_QUOTA)
     assert c.take(None, 9.5, 1.0)[0] == WAIT
-    # At the reset the budget is unknown again: everything goes.
+    # At the reset the budget is unknown again: one goes first, the others
+    # wait for its answer; an answer without a signal lets everything go.
+    assert c.take(None, 10.0, 1.0)[0] == GO
+    assert c.take(None, 10.0, 1.0) == (WAIT, 0.5, SOURCE_PROBE)
+    assert c.settle(None) and c.probing == 0
     for _ in range(10):
-        assert c.take(None, 10.0, 1.0)[0] == GO
+        assert c.take(None, 10.1, 1.0)[0] == GO
+
+
+def test_after_a_pause_the_probe_answer_decides() -> None:
+    c = core()
+    c.learn(None, 429, Reading(pause=1.0), 0.0, go(c, 0.0))
+    assert c.take(None, 0.5, 1.0)[0] == WAIT  # held back: remembered as after a block
+    probe = go(c, 1.0)
+    assert c.take(None, 1.25, 1.0) == (WAIT, 0.25, SOURCE_PROBE)
+    c.learn(None, 200, Reading(quota=Quota(2, 10.0)), 1.2, probe)
+    assert c.probing == 0
+    assert [c.take(None, 1.2, 0.0)[0] for _ in range(3)] == [GO, GO, REFUSE]
+
+
+def test_a_probe_without_an_answer_in_time_lets_the_others_go() -> None:
+    c = core()
+    c.learn(None, 503, Reading(pause=1.0), 0.0, 0)
+    c.take(None, 0.0, 0.0)
+    assert c.take(None, 1.0, 1.0)[0] == GO
+    assert c.take(None, 1.2, 1.0)[0] == WAIT
+    assert c.take(None, 1.2, 0.0)[0] == GO  # no allowance left to wait for the probe: it goes
+    assert c.take(None, 1.6, 1.0)[0] == GO  # the window is over
+    assert c.probing == 0
+    assert c.take(None, 1.6, 1.0)[0] == GO
+
+
+def test_a_probe_answered_with_another_pause_pauses_again() -> None:
+    c = core()
+    c.learn(None, 429, Reading(pause=1.0), 0.0, 0)
+    c.take(None, 0.0, 0.0)
+    probe = go(c, 1.0)
+    c.learn(None, 429, Reading(pause=2.0), 1.1, probe)
+    assert c.take(None, 1.2, 1.0) == (REFUSE, 2.0, SOURCE_429)
+    assert c.probing == 0
 
 
 def test_requests_sent_after_the_reporting_one_are_taken_from_the_budget() -> None:
