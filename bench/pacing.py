@@ -79,7 +79,10 @@ async def _serve_upstream() -> None:
 
     def limit_headers(tokens: float) -> dict[str, str]:
         to_full = math.ceil((BURST - tokens) / RATE)
-        return {"RateLimit-Policy": f'"default";q={BURST:.0f};w=1', "RateLimit": f'"default";r={int(tokens)};t={to_full}'}
+        return {
+            "RateLimit-Policy": f'"default";q={BURST:.0f};w=1',
+            "RateLimit": f'"default";r={int(tokens)};t={to_full}',
+        }
 
     async def handle(request: web.Request) -> web.Response:
         if request.path == "/__stats":
@@ -87,7 +90,9 @@ async def _serve_upstream() -> None:
         ok, tokens = bucket.take()
         if not ok:
             retry_after = max(1, math.ceil((1 - tokens) / RATE))
-            return web.Response(status=429, text="over the limit", headers={"Retry-After": str(retry_after), **limit_headers(tokens)})
+            return web.Response(
+                status=429, text="over the limit", headers={"Retry-After": str(retry_after), **limit_headers(tokens)}
+            )
         await asyncio.sleep(SERVICE_TIME)
         return web.Response(text="ok", headers=limit_headers(tokens))
 
