@@ -120,6 +120,23 @@ class PacingCore:
             partitions.move_to_end(key)
         return partition
 
+    def free_ticket(self, key: bytes | None, now: float) -> int:
+        """The fast path: when nothing holds this partition back and no budget is
+        known, let one request through and return its ticket; else 0 (ask
+        :meth:`take`)."""
+        partition = self._partitions.get(key)
+        if (
+            partition is None
+            or partition.remaining is not None
+            or partition.after_block
+            or partition.paused_until > now
+        ):
+            return 0
+        if key is not None:
+            self._partitions.move_to_end(key)
+        partition.admitted += 1
+        return partition.admitted
+
     def take(self, key: bytes | None, now: float, allowance: float) -> tuple[int, float, str]:
         """May one request go now?  ``(GO, delay, "")`` takes one from the budget
         (send after ``delay``); ``(WAIT, seconds, source)`` asks again later;
@@ -224,7 +241,7 @@ def partition_key(value: str | None) -> bytes | None:
 class PacingStage(Stage):
     """The pacing stage of one upstream (see the module docstring)."""
 
-    __slots__ = ("upstream", "settings", "core", "waiting", "_clock", "_wall", "_answered")
+    __slots__ = ("upstream", "settings", "core", "waiting", "_learn", "_partition_by", "_clock", "_wall", "_answered")
     name = "pacing"
 
     def __init__(
@@ -238,30 +255,37 @@ class PacingStage(Stage):
         self.settings = settings
         self.core = PacingCore(max_pause=settings.max_pause, spread=settings.spread)
         self.waiting = 0  # requests sleeping in this stage now
+        # Read on every request: plain attributes, not a walk through the settings.
+        self._learn = settings.learn
+        self._partition_by = settings.partition_by
         self._clock = clock
         self._wall = wall
         # Set (and replaced) when a probe's answer arrives: its waiters go on at once.
         self._answered: asyncio.Event | None = None
 
     def _key(self, exchange: Exchange) -> bytes | None:
-        header = self.settings.partition_by
+        header = self._partition_by
         if header is None or exchange.request_headers is None:
             return None
         return partition_key(exchange.request_headers.get(header))
 
     async def admit(self, exchange: Exchange) -> None:
-        if not self.settings.learn:
+        if not self._learn:
             return
-        key = self._key(exchange)
+        key = None if self._partition_by is None else self._key(exchange)
         exchange.pacing_key = key
         await self._pass(exchange, key)
 
     async def before_retry(self, exchange: Exchange, attempt: Attempt) -> None:
-        if self.settings.learn:
+        if self._learn:
             await self._pass(exchange, exchange.pacing_key)
 
     async def _pass(self, exchange: Exchange, key: bytes | None) -> None:
         core = self.core
+        ticket = core.free_ticket(key, self._clock())
+        if ticket:
+            exchange.pacing_ticket = ticket
+            return
         while True:
             now = self._clock()
             allowance = exchange.wait_allowance(now) or 0.0
@@ -309,7 +333,7 @@ class PacingStage(Stage):
     def observe(self, exchange: Exchange, attempt: Attempt) -> None:
         raw = attempt.signal_headers
         core = self.core
-        if raw is None or attempt.status is None or not self.settings.learn:
+        if raw is None or attempt.status is None or not self._learn:
             if core.probing and core.settle(exchange.pacing_key):
                 self._wake_probe_waiters()
             return

@@ -333,3 +333,69 @@ async def test_waiters_cancelled_during_a_pause_leave_nothing_behind(tmp_path: P
             await asyncio.gather(*tasks, return_exceptions=True)
         await quiet(sidecar)
         assert len(upstream.requests) == 1
+
+
+async def test_spread_spaces_a_learned_budget_until_its_reset(tmp_path: Path) -> None:
+    def answer(n: int, _: web.Request) -> web.Response:
+        return web.Response(text="ok", headers={"RateLimit": '"default";r=4;t=2'} if n == 1 else {})
+
+    script = Scripted(answer)
+    async with (
+        Upstream(script) as upstream,
+        running_sidecar(tmp_path, config(upstream.url, pacing="spread: true", timeouts="pool: 5s")) as sidecar,
+    ):
+        async with aiohttp.ClientSession() as session:
+            assert (await get(session, sidecar)).status == 200
+            results = await asyncio.gather(*(get(session, sidecar) for _ in range(4)))
+        assert [r.status for r in results] == [200] * 4
+        gaps = [b - a for a, b in zip(script.times[1:], script.times[2:], strict=False)]
+        # One request every t / r = 0.5 s, not four at once.
+        assert len(gaps) == 3 and all(0.3 <= gap <= 1.5 for gap in gaps), gaps
+        await quiet(sidecar)
+
+
+async def test_after_a_pause_one_request_goes_first(tmp_path: Path) -> None:
+    answers = limited_first({"Retry-After": "1"})
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        script.times.append(time.monotonic())
+        if len(script.times) == 2:
+            await asyncio.sleep(0.2)  # the first request after the pause takes a while
+        return answers(len(script.times), request)
+
+    script = Scripted(answers)
+    async with (
+        Upstream(handler) as upstream,
+        running_sidecar(tmp_path, config(upstream.url, timeouts="pool: 5s")) as sidecar,
+    ):
+        async with aiohttp.ClientSession() as session:
+            assert (await get(session, sidecar)).status == 429
+            results = await asyncio.gather(*(get(session, sidecar) for _ in range(20)))
+        assert [r.status for r in results] == [200] * 20
+        probe, rest = script.times[1], script.times[2:]
+        assert len(rest) == 19
+        assert min(rest) - probe >= 0.15  # the others waited for the probe's answer
+        await quiet(sidecar)
+
+
+async def test_paused_and_quota_gauges(tmp_path: Path) -> None:
+    def answer(n: int, _: web.Request) -> web.Response:
+        if n == 1:
+            return web.Response(text="ok", headers={"X-RateLimit-Remaining": "7", "X-RateLimit-Reset": "60"})
+        return web.Response(status=503, headers={"Retry-After": "30"})
+
+    async with Upstream(Scripted(answer)) as upstream, running_sidecar(tmp_path, config(upstream.url)) as sidecar:
+        async with aiohttp.ClientSession() as session:
+            await get(session, sidecar)
+            async with session.get(f"{admin_url(sidecar)}/metrics") as response:
+                before = await response.text()
+            await get(session, sidecar)
+            async with session.get(f"{admin_url(sidecar)}/metrics") as response:
+                after = await response.text()
+            async with session.get(f"{admin_url(sidecar)}/pools") as response:
+                pacing = (await response.json())["upstreams"]["api"]["pacing"]
+        assert 'sidecar_upstream_quota_remaining{upstream="api"} 7.0' in before
+        assert 'sidecar_upstream_paused{upstream="api"} 0.0' in before
+        assert 'sidecar_upstream_paused{upstream="api"} 1.0' in after
+        assert "sidecar_upstream_quota_remaining{" not in after  # a pause forgets the budget: unknown
+        assert pacing["source"] == "503" and 25 < pacing["paused_s"] <= 30 and pacing["remaining"] is None

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from sidecar.config import Pacing
+from sidecar.errors import UpstreamPaused, UpstreamRateLimited
+from sidecar.exchange import Attempt, Exchange
 from sidecar.policy.pacing import (
     GO,
     REFUSE,
@@ -11,6 +16,7 @@ from sidecar.policy.pacing import (
     SOURCE_QUOTA,
     WAIT,
     PacingCore,
+    PacingStage,
     partition_key,
 )
 from sidecar.policy.signals import Quota, Reading
@@ -211,3 +217,36 @@ def test_a_pause_forgets_the_budget() -> None:
     c.learn(None, 429, Reading(pause=1.0), 0.0, 0)
     for _ in range(5):
         assert c.take(None, 1.0, 0.0)[0] == GO
+
+
+def test_the_fast_path_only_when_nothing_is_known() -> None:
+    c = core()
+    assert c.free_ticket(None, 0.0) == 0  # nothing kept yet: the full path makes the partition
+    assert c.take(None, 0.0, 0.0)[0] == GO
+    assert c.free_ticket(None, 0.0) == 2
+    c.learn(None, 200, Reading(quota=Quota(5, 10.0)), 0.0, 2)
+    assert c.free_ticket(None, 1.0) == 0  # a budget is known: take() counts it
+    c.learn(None, 429, Reading(pause=1.0), 1.0, 2)
+    assert c.free_ticket(None, 1.5) == 0
+
+
+# ------------------------------------------------------------ the shell, without sockets
+
+
+async def test_before_retry_refuses_at_once_while_paused() -> None:
+    now = [100.0]
+    stage = PacingStage("api", Pacing(), clock=lambda: now[0], wall=lambda: 1_700_000_000.0)
+    exchange = Exchange(request_id="r", method="GET", path="/", started=0.0)
+    await stage.admit(exchange)
+    attempt = Attempt(number=1, started=100.0, status=503, signal_headers=[(b"Retry-After", b"7")])
+    stage.observe(exchange, attempt)
+    with pytest.raises(UpstreamPaused) as info:
+        await stage.before_retry(exchange, Attempt(number=2, started=100.0))
+    assert info.value.retry_after == 7 and info.value.status == 503
+    now[0] = 107.0
+    await stage.before_retry(exchange, Attempt(number=2, started=107.0))  # the pause is over: it goes
+    stage.observe(exchange, Attempt(number=2, started=107.0, status=429, signal_headers=[(b"Retry-After", b"3")]))
+    with pytest.raises(UpstreamRateLimited) as limited:
+        await stage.admit(Exchange(request_id="s", method="GET", path="/", started=107.0))
+    assert limited.value.retry_after == 3 and limited.value.status == 429
+    assert stage.waiting == 0
