@@ -2,10 +2,12 @@
 
     .venv/bin/python -m bench.stage_costs
 
-Times, with ``time.perf_counter`` over many rounds (best of five):
+Times CPU (``time.process_time``, so that other jobs on the machine count
+less) over many rounds, best of five batches:
 
 * the pre-check every upstream response passes (header names only), on a
   typical response without any rate-limit field;
+* a stage that does nothing, for scale (what the seam itself costs);
 * the stage's ``admit`` + ``observe`` when nothing was learned and the
   response carries no signal (the common case);
 * the same when every response carries a ``RateLimit`` quota (a configured
@@ -21,6 +23,7 @@ import httpx
 
 from sidecar.config import Pacing
 from sidecar.exchange import Attempt, Exchange
+from sidecar.policy import Stage
 from sidecar.policy.pacing import PacingStage
 from sidecar.policy.signals import may_carry_signal
 
@@ -44,14 +47,14 @@ def best(run: Callable[[], None], rounds: int = ROUNDS) -> float:
     """Seconds per call, best of five batches."""
     results = []
     for _ in range(5):
-        started = time.perf_counter()
+        started = time.process_time()
         for _ in range(rounds):
             run()
-        results.append((time.perf_counter() - started) / rounds)
+        results.append((time.process_time() - started) / rounds)
     return min(results)
 
 
-def stage_round(stage: PacingStage, headers: httpx.Headers) -> Callable[[], None]:
+def stage_round(stage: Stage, headers: httpx.Headers) -> Callable[[], None]:
     def one() -> None:
         exchange = Exchange(request_id="r", method="GET", path="/", started=0.0)
         coroutine = stage.admit(exchange)
@@ -72,12 +75,15 @@ def main() -> None:
     baseline = best(lambda: Exchange(request_id="r", method="GET", path="/", started=0.0) and None)
     attempt_only = best(lambda: Attempt(number=1, started=0.0, status=200) and None)
     precheck = best(lambda: may_carry_signal(PLAIN.raw) and None)
+    # What any stage costs on the request path (its coroutine, the seam's calls), pacing or not.
+    empty_stage = best(stage_round(Stage(), PLAIN)) - baseline - attempt_only - precheck
     plain = best(stage_round(PacingStage("api", Pacing()), PLAIN)) - baseline - attempt_only
     # A huge quota and reset: the budget never runs out during the measurement.
     signalled = best(stage_round(PacingStage("api", Pacing(max_pause=1e9)), SIGNALLED)) - baseline - attempt_only
     print("| per request | µs |")
     print("| --- | ---: |")
     print(f"| pre-check of a response without a signal (6 headers) | {precheck * 1e6:.2f} |")
+    print(f"| a stage that does nothing (admit coroutine + observe call), for scale | {empty_stage * 1e6:.2f} |")
     print(f"| pacing stage, nothing learned, no signal (admit + pre-check + observe) | {plain * 1e6:.2f} |")
     print(f"| pacing stage, every response carries a RateLimit quota | {signalled * 1e6:.2f} |")
 

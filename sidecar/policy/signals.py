@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import operator
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ _DIGITS = re.compile(r"[0-9]+\Z")
 _GO_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:h|ms|us|µs|μs|ns|m|s)")
 _GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
 _GO_PART = re.compile(r"([0-9]*\.?[0-9]*)(h|ms|us|µs|μs|ns|m|s)")
+_NAME = operator.itemgetter(0)
 # Every header of interest has one of these in its lower-cased name.
 _MARKERS = (b"ratelimit", b"retry-after")
 
@@ -67,7 +69,7 @@ def may_carry_signal(raw: Iterable[tuple[bytes, bytes]]) -> bool:
     This runs on every upstream response, so it looks at names only, in one
     pass over one joined, lower-cased string.
     """
-    names = b"\n".join([name for name, _ in raw]).lower()
+    names = b"\n".join(map(_NAME, raw)).lower()
     return _MARKERS[0] in names or _MARKERS[1] in names
 
 
