@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import math
 import time
 from collections import Counter, OrderedDict
@@ -238,10 +239,77 @@ def partition_key(value: str | None) -> bytes | None:
     return hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
+class _Sleepers:
+    """Requests waiting until a time, woken in order of (time, arrival).
+
+    Waiters for the same pause end all wake at that time; plain sleeps would
+    resume them in whatever order the loop's timer heap gives equal times.
+    Here times are rounded up to the millisecond, so they tie, and ties go
+    by arrival: a request keeps its place in the queue across a pause.
+    One loop timer serves them all.
+    """
+
+    __slots__ = ("_heap", "_arrivals", "_timer", "_timer_at", "_clock")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._arrivals = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._clock = clock
+
+    async def sleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        when = math.ceil((self._clock() + seconds) * 1000) / 1000
+        self._arrivals += 1
+        heapq.heappush(self._heap, (when, self._arrivals, future))
+        self._arm(loop)
+        # A cancelled waiter's future is cancelled with it and skipped when its time comes.
+        await future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        heap = self._heap
+        if not heap:
+            return
+        first = heap[0][0]
+        if self._timer is not None:
+            if self._timer_at <= first:
+                return
+            self._timer.cancel()
+        self._timer_at = first
+        self._timer = loop.call_later(max(0.0, first - self._clock()), self._fire, loop)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        heap = self._heap
+        # Half a millisecond early is on time: loop timers have about that resolution.
+        due = self._clock() + 0.0005
+        while heap and heap[0][0] <= due:
+            future = heapq.heappop(heap)[2]
+            if not future.done():
+                future.set_result(None)
+        self._arm(loop)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
 class PacingStage(Stage):
     """The pacing stage of one upstream (see the module docstring)."""
 
-    __slots__ = ("upstream", "settings", "core", "waiting", "_learn", "_partition_by", "_clock", "_wall", "_answered")
+    __slots__ = (
+        "upstream",
+        "settings",
+        "core",
+        "waiting",
+        "_learn",
+        "_partition_by",
+        "_clock",
+        "_wall",
+        "_answered",
+        "_sleepers",
+    )
     name = "pacing"
 
     def __init__(
@@ -262,6 +330,7 @@ class PacingStage(Stage):
         self._wall = wall
         # Set (and replaced) when a probe's answer arrives: its waiters go on at once.
         self._answered: asyncio.Event | None = None
+        self._sleepers = _Sleepers(clock)
 
     def _key(self, exchange: Exchange) -> bytes | None:
         header = self._partition_by
@@ -308,7 +377,7 @@ class PacingStage(Stage):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._answered.wait(), seconds)
             else:
-                await asyncio.sleep(seconds)
+                await self._sleepers.sleep(seconds)
         finally:
             self.waiting -= 1
 

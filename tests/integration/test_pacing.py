@@ -399,3 +399,27 @@ async def test_paused_and_quota_gauges(tmp_path: Path) -> None:
         assert 'sidecar_upstream_paused{upstream="api"} 1.0' in after
         assert "sidecar_upstream_quota_remaining{" not in after  # a pause forgets the budget: unknown
         assert pacing["source"] == "503" and 25 < pacing["paused_s"] <= 30 and pacing["remaining"] is None
+
+
+async def test_waiters_keep_their_place_in_the_queue_across_a_pause(tmp_path: Path) -> None:
+    def answer(n: int, _: web.Request) -> web.Response:
+        if n == 1:
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        return web.Response(text="ok", headers={"RateLimit": '"default";r=3;t=30'} if n == 2 else {})
+
+    async with (
+        Upstream(Scripted(answer)) as upstream,
+        running_sidecar(tmp_path, config(upstream.url, timeouts="pool: 5s")) as sidecar,
+    ):
+        async with aiohttp.ClientSession() as session:
+            assert (await get(session, sidecar)).status == 429
+            tasks = []
+            for number in range(12):
+                tasks.append(asyncio.create_task(get(session, sidecar, {"X-N": str(number)})))
+                await asyncio.sleep(0.02)  # a known order of arrival
+            results = await asyncio.gather(*tasks)
+        # The probe and the budget of 3 it learned go to the first four in line.
+        assert [r.status for r in results] == [200] * 4 + [429] * 8
+        arrived = [dict(recorded.headers).get("X-N") for recorded in upstream.requests[1:]]
+        assert arrived == ["0", "1", "2", "3"]
+        await quiet(sidecar)
