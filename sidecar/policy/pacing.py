@@ -381,6 +381,11 @@ class PacingStage(Stage):
         finally:
             self.waiting -= 1
 
+    @property
+    def scheduled(self) -> int:
+        """Wake-ups still scheduled (a cancelled waiter's goes at its time)."""
+        return len(self._sleepers)
+
     def _wake_probe_waiters(self) -> None:
         answered, self._answered = self._answered, None
         if answered is not None:

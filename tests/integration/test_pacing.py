@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,16 +61,13 @@ async def quiet(sidecar: Sidecar) -> None:
     pool, stage = only_pool(sidecar), stage_of(sidecar)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if (pool.admission.in_flight, pool.admission.pending, pool.active, pool.stats().active, stage.waiting) == (
-            0,
-            0,
-            0,
-            0,
-            0,
-        ):
+        held = (pool.admission.in_flight, pool.admission.pending, pool.active, pool.stats().active)
+        if held == (0, 0, 0, 0) and stage.waiting == 0 and stage.scheduled == 0:
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"not at rest: {pool.admission.in_flight=} {pool.admission.pending=} {stage.waiting=}")
+    raise AssertionError(
+        f"not at rest: {pool.admission.in_flight=} {pool.admission.pending=} {stage.waiting=} {stage.scheduled=}"
+    )
 
 
 async def get(
@@ -423,3 +421,34 @@ async def test_waiters_keep_their_place_in_the_queue_across_a_pause(tmp_path: Pa
         arrived = [dict(recorded.headers).get("X-N") for recorded in upstream.requests[1:]]
         assert arrived == ["0", "1", "2", "3"]
         await quiet(sidecar)
+
+
+async def test_a_storm_with_cancellations_across_pause_and_probe_leaves_nothing_behind(tmp_path: Path) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        script.times.append(time.monotonic())
+        if len(script.times) == 1:
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        await asyncio.sleep(0.05)
+        return web.Response(text="ok")
+
+    script = Scripted(ok)
+    rng = random.Random(7)
+    async with (
+        Upstream(handler) as upstream,
+        running_sidecar(tmp_path, config(upstream.url, timeouts="pool: 5s")) as sidecar,
+    ):
+        async with aiohttp.ClientSession() as session:
+            assert (await get(session, sidecar)).status == 429
+            tasks = [asyncio.create_task(get(session, sidecar)) for _ in range(100)]
+            doomed = rng.sample(tasks, 50)
+
+            async def cancel_later(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
+                await asyncio.sleep(rng.uniform(0.0, 1.3))  # during the pause and around its end
+                task.cancel()
+
+            await asyncio.gather(*(cancel_later(task) for task in doomed))
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        survivors = [r for task, r in zip(tasks, results, strict=True) if task not in doomed]
+        assert all(isinstance(r, aiohttp.ClientResponse) and r.status == 200 for r in survivors)
+        await quiet(sidecar)
+        assert upstream.requests
