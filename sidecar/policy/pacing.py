@@ -116,7 +116,9 @@ class PacingCore:
         if partition is None:
             partition = partitions[key] = Partition()
             if len(partitions) > self.max_partitions:
-                partitions.popitem(last=False)
+                _, evicted = partitions.popitem(last=False)
+                if evicted.probe_until:
+                    self.probing -= 1
         elif len(partitions) > 1:
             partitions.move_to_end(key)
         return partition
@@ -201,6 +203,7 @@ class PacingCore:
         for name in reading.ignored:
             self.ignored[name] += 1
         if reading.pause is None and reading.quota is None:
+            self.settle(key)  # only malformed fields: as good as no signal
             return
         self.signals += 1
         partition = self._partition(key)
@@ -219,10 +222,10 @@ class PacingCore:
         quota = reading.quota
         assert quota is not None
         reset = min(quota.reset, self.max_pause)
+        partition.after_block = False  # a quota says what holds from now on
         if reset <= 0:
             partition.remaining = None  # the window resets now: nothing to keep
             return
-        partition.after_block = False
         later = max(0, partition.admitted - ticket)
         remaining = max(0, quota.remaining - later)
         partition.remaining = remaining

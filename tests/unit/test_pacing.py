@@ -250,3 +250,34 @@ async def test_before_retry_refuses_at_once_while_paused() -> None:
         await stage.admit(Exchange(request_id="s", method="GET", path="/", started=107.0))
     assert limited.value.retry_after == 3 and limited.value.status == 429
     assert stage.waiting == 0
+
+
+def test_a_probe_answered_with_a_reset_of_now_lets_everything_go() -> None:
+    c = core()
+    c.learn(None, 429, Reading(pause=1.0), 0.0, 0)
+    c.take(None, 0.0, 0.0)
+    probe = go(c, 1.0)
+    c.learn(None, 200, Reading(quota=Quota(10, 0.0)), 1.1, probe)
+    assert [c.take(None, 1.1, 1.0)[0] for _ in range(5)] == [GO] * 5
+    assert c.probing == 0
+
+
+def test_a_probe_answered_with_only_malformed_fields_ends_the_probe() -> None:
+    c = core()
+    c.learn(None, 429, Reading(pause=1.0), 0.0, 0)
+    c.take(None, 0.0, 0.0)
+    probe = go(c, 1.0)
+    c.learn(None, 200, Reading(ignored=("ratelimit",)), 1.1, probe)
+    assert c.probing == 0
+    assert [c.take(None, 1.1, 1.0)[0] for _ in range(3)] == [GO] * 3
+
+
+def test_evicting_a_probing_partition_keeps_the_count_right() -> None:
+    c = core(max_partitions=1)
+    a, b = partition_key("a"), partition_key("b")
+    c.learn(a, 429, Reading(pause=1.0), 0.0, 0)
+    c.take(a, 0.0, 0.0)
+    c.take(a, 1.0, 0.0)  # a's probe
+    assert c.probing == 1
+    c.take(b, 1.0, 0.0)  # evicts a
+    assert c.probing == 0 and len(c) == 1
