@@ -78,7 +78,8 @@ async def _serve_upstream() -> None:
     bucket = Bucket()
 
     def limit_headers(tokens: float) -> dict[str, str]:
-        to_full = math.ceil((BURST - tokens) / RATE)
+        # Seconds until the bucket is full again, at least 1: "r more within t" with t = 0 says nothing.
+        to_full = max(1, math.ceil((BURST - tokens) / RATE))
         return {
             "RateLimit-Policy": f'"default";q={BURST:.0f};w=1',
             "RateLimit": f'"default";r={int(tokens)};t={to_full}',

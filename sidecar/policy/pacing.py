@@ -154,8 +154,12 @@ class PacingCore:
                 return WAIT, left, source
             return REFUSE, float(max(1, math.ceil(left))), source
         if partition.after_block:
-            if partition.probe_until > now and allowance > 0:
-                return WAIT, min(partition.probe_until - now, allowance), SOURCE_PROBE
+            if partition.probe_until > now:
+                if allowance > 0:
+                    return WAIT, min(partition.probe_until - now, allowance), SOURCE_PROBE
+                # No time left to wait for that answer: refused rather than sent
+                # into a limit that may well still hold.
+                return REFUSE, 1.0, partition.source
             if partition.probe_until == 0.0:
                 # The first request after the pause: it goes, the others wait for its answer.
                 partition.probe_until = now + PROBE_WINDOW

@@ -115,7 +115,9 @@ def test_a_probe_without_an_answer_in_time_lets_the_others_go() -> None:
     c.take(None, 0.0, 0.0)
     assert c.take(None, 1.0, 1.0)[0] == GO
     assert c.take(None, 1.2, 1.0)[0] == WAIT
-    assert c.take(None, 1.2, 0.0)[0] == GO  # no allowance left to wait for the probe: it goes
+    # No allowance left to wait for the probe's answer: refused, not sent into a
+    # limit that may still hold.
+    assert c.take(None, 1.2, 0.0) == (REFUSE, 1.0, SOURCE_503)
     assert c.take(None, 1.6, 1.0)[0] == GO  # the window is over
     assert c.probing == 0
     assert c.take(None, 1.6, 1.0)[0] == GO
