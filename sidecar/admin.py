@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .config import ConfigError, public_view
 from .metrics import CONTENT_TYPE
+from .policy.pacing import pacing_stage
 from .policy.rate_limit import rate_limit_of
 from .redact import REDACTED, contains_secret, scrubber
 from .reload import ReloadRefused, ReloadResult
@@ -139,8 +140,14 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
         "rate_limit": None if (limiter := rate_limit_of(pool.stages)) is None else limiter.snapshot(),
         "circuit": pool.circuit.snapshot(),
         "retries": pool.retries.snapshot(),
+        "pacing": _pacing_snapshot(pool),
         "totals": {"requests": sum(pool.outcomes.values()), "by_outcome": dict(sorted(pool.outcomes.items()))},
     }
+
+
+def _pacing_snapshot(pool: UpstreamPool) -> dict[str, object] | None:
+    stage = pacing_stage(pool.stages.stages)
+    return None if stage is None else stage.snapshot()
 
 
 async def pools(request: web.Request) -> web.Response:

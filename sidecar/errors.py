@@ -18,6 +18,8 @@ The error tree::
     │   ├── PoolTimeout                503    pool_timeout
     │   ├── Draining                   503    draining
     │   ├── RateLimited                429    rate_limited
+    │   ├── UpstreamRateLimited        429    upstream_rate_limited
+    │   ├── UpstreamPaused             503    upstream_paused
     │   └── CircuitOpen                503    circuit_open
     ├── DeadlineExceeded               504    deadline_exceeded
     ├── UpstreamError
@@ -166,6 +168,18 @@ class CircuitOpen(Rejected):
     Retry-After is the time until it half-opens."""
 
     code = "circuit_open"
+
+
+class UpstreamRateLimited(Rejected):
+    """The upstream announced a limit (a 429 Retry-After, or a quota) still in force."""
+
+    status, code = 429, "upstream_rate_limited"
+
+
+class UpstreamPaused(Rejected):
+    """The upstream asked for a pause with 503 + Retry-After, still in force."""
+
+    code = "upstream_paused"
 
 
 class UpstreamError(SidecarError):

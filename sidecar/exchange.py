@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from multidict import CIMultiDictProxy
+
     from .config import Inbound
     from .pools import UpstreamPool
     from .routing import RouteMatch, Router
@@ -43,6 +45,9 @@ class Attempt:
     # "reset" (broke after sending) or "timeout" (no head in time); None otherwise.
     failure: str | None = None
     retry_after: float | None = None  # the response's Retry-After, in seconds, if it had one
+    # The response's raw headers, kept only when their names may carry a
+    # rate-limit signal (see sidecar/policy/signals.py): None for most responses.
+    signal_headers: list[tuple[bytes, bytes]] | None = None
 
 
 @dataclass(slots=True)
@@ -54,6 +59,7 @@ class Exchange:
     path: str  # encoded, without the query (no secrets, no control characters)
     started: float
     declared_length: int | None = None  # the caller's Content-Length, if any
+    request_headers: CIMultiDictProxy[str] | None = None  # the caller's headers, for stages that key on one
     generation: Generation | None = None  # taken once, when routed
     match: RouteMatch | None = None
     upstream: str | None = None
@@ -65,6 +71,9 @@ class Exchange:
     queued: bool = False  # reached admission (pool_wait is meaningful)
     pool_wait: float = 0.0
     admitted_at: float | None = None
+    # Pacing: the learned-limits partition and the request's place in it.
+    pacing_key: bytes | None = None
+    pacing_ticket: int = 0
     # Attempts at the upstream, in order.
     attempts: list[Attempt] = field(default_factory=list)
     # Retries: may the request be sent again (no body, or a body kept whole for

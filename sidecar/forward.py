@@ -38,6 +38,7 @@ from .exchange import Attempt, Exchange, Generation
 from .headers import caller_request_id, downstream_headers, new_request_id, upstream_headers
 from .policy.deadline import HEADER_BYTES, budget_gone, caller_deadline, exceeded, forwarded_budget
 from .policy.retry import idempotent, parse_retry_after
+from .policy.signals import may_carry_signal
 from .policy.stack import sidecar_stages
 from .pools import UpstreamPool
 from .wellformed import (
@@ -76,6 +77,7 @@ class Forwarder:
             path=request.rel_url.raw_path,
             started=time.monotonic(),
             declared_length=request.content_length,
+            request_headers=request.headers,
         )
         try:
             return await self._handle(request, exchange)
@@ -265,6 +267,9 @@ class Forwarder:
         attempt.headers_after = now - attempt.started
         exchange.upstream_time = attempt.headers_after
         exchange.http_version = response.http_version
+        raw = response.headers.raw
+        if may_carry_signal(raw):
+            attempt.signal_headers = raw
 
     async def _relay(
         self, request: web.BaseRequest, response: httpx.Response, exchange: Exchange

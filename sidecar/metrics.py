@@ -12,7 +12,7 @@ a bounded set of values (methods outside the standard set count as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .errors import ClientDisconnected, client_error_codes, codes_counted_as
+from .policy.pacing import pacing_stage
 from .pools import UpstreamPool
 
 if TYPE_CHECKING:
@@ -166,6 +167,25 @@ class _PoolCollector(Collector):
             for result in RETRY_RESULTS:
                 retries.add_metric([name, result], pool.retries.results[result])
             circuit.add_metric([name], int(pool.circuit.state()))
+        paused = gauge("sidecar_upstream_paused", "1 while a learned pause or an exhausted quota holds requests back")
+        quota = gauge("sidecar_upstream_quota_remaining", "Requests the upstream's announced quota still allows")
+        ignored = CounterMetricFamily(
+            "sidecar_pacing_signals_ignored",
+            "Malformed rate-limit header fields from the upstream, ignored",
+            labels=["upstream", "field"],
+        )
+        pacing_rows: dict[str, tuple[int, int | None, Mapping[str, int]]] = {}
+        for pool in self._pools():
+            stage = pacing_stage(pool.stages.stages)
+            if stage is None or pool.name in pacing_rows:  # the current pool comes first
+                continue
+            pacing_rows[pool.name] = (min(1, stage.paused_partitions()), stage.quota_remaining(), stage.core.ignored)
+        for name, (is_paused, remaining, ignored_fields) in pacing_rows.items():
+            paused.add_metric([name], is_paused)
+            if remaining is not None:
+                quota.add_metric([name], remaining)
+            for field_name, count in sorted(ignored_fields.items()):
+                ignored.add_metric([name, field_name], count)
         info = gauge("sidecar_build_info", "Always 1; the version as a label", ("version",))
         info.add_metric([__version__], 1)
         yield from (
@@ -180,6 +200,9 @@ class _PoolCollector(Collector):
             closed,
             retries,
             circuit,
+            paused,
+            quota,
+            ignored,
             info,
         )
 

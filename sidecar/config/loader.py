@@ -40,6 +40,7 @@ from .model import (
     HTTP2Mode,
     Inbound,
     Limits,
+    Pacing,
     RateLimit,
     Retries,
     RetryBudget,
@@ -356,6 +357,7 @@ class _Builder:
             rate_limit=self.rate_limit(name, pick),
             retries=self.retries(name, own, defaults),
             circuit_breaker=self.circuit_breaker(name, own, defaults),
+            pacing=Pacing(**{key: pick("pacing", key)[1] for key in ("learn", "max_pause", "partition_by", "spread")}),
         )
 
     @staticmethod

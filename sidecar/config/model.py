@@ -120,6 +120,16 @@ DEFAULT_CIRCUIT_BREAKER = CircuitBreaker(
 
 
 @dataclass(frozen=True, slots=True)
+class Pacing:
+    """Upstream pacing: honour the limits the upstream announces (docs/pacing.md)."""
+
+    learn: bool = True
+    max_pause: float = 60.0
+    partition_by: str | None = None  # a caller header: one learned state per value
+    spread: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class TLSSettings:
     verify: bool
     ca_file: str | None
@@ -168,6 +178,7 @@ class Upstream:
     rate_limit: RateLimit | None = None  # None: no local rate limit
     retries: Retries = DEFAULT_RETRIES
     circuit_breaker: CircuitBreaker = DEFAULT_CIRCUIT_BREAKER
+    pacing: Pacing = Pacing()
 
     @property
     def host_header(self) -> str:

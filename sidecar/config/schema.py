@@ -52,6 +52,7 @@ from .scalars import (
     UpstreamName,
     UpstreamURLValue,
     expanded,
+    header_name,
     http2_mode,
     non_empty_string,
     optional,
@@ -150,6 +151,19 @@ class TLSLayer(Section):
     client_key: KeyFile = None
 
 
+def _positive_duration(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be a positive duration")
+    return value
+
+
+class PacingLayer(Section):
+    learn: Boolean = True
+    max_pause: Annotated[Duration, AfterValidator(_positive_duration)] = 60.0
+    partition_by: Annotated[str | None, PlainValidator(optional(header_name))] = None
+    spread: Boolean = False
+
+
 class DefaultsLayer(Section):
     # null under defaults has always meant "not set" (HTTP/1.1), unlike under an upstream.
     http2: Annotated[HTTP2Mode | None, PlainValidator(expanded(optional(http2_mode)))] = None
@@ -159,6 +173,7 @@ class DefaultsLayer(Section):
     rate_limit: RateLimitLayer = RateLimitLayer()
     retries: RetriesLayer = RetriesLayer()
     circuit_breaker: CircuitBreakerLayer = CircuitBreakerLayer()
+    pacing: PacingLayer = PacingLayer()
 
 
 class RouteSection(Section):
@@ -183,6 +198,7 @@ class UpstreamSection(Section):
     rate_limit: Annotated[RateLimitLayer, BeforeValidator(_rate_limit_off)] = RateLimitLayer()
     retries: RetriesLayer = RetriesLayer()
     circuit_breaker: CircuitBreakerLayer = CircuitBreakerLayer()
+    pacing: PacingLayer = PacingLayer()
 
 
 def _listen_or_off(value: object, info: ValidationInfo) -> HostPort | None:

@@ -17,6 +17,7 @@ from .body_limit import DeclaredBodyLimit
 from .breaker import CircuitBreakerStage
 from .deadline import DeadlineStage
 from .draining import DrainingGate
+from .pacing import PacingStage
 from .rate_limit import rate_limit_stages
 from .retry import RetryStage
 
@@ -36,6 +37,7 @@ def upstream_stages(pool: UpstreamPool) -> Stages:
             DeclaredBodyLimit(),
             DeadlineStage(),
             CircuitBreakerStage(pool.circuit),
+            PacingStage(pool.name, pool.upstream.pacing),
             *rate_limit_stages(pool.upstream),
             AdmissionStage(pool.admission),
             RetryStage(pool.retries),

@@ -1010,3 +1010,46 @@ def test_retries_and_circuit_breaker_rejections_name_the_path(section: str, path
     assert words in error.problem
     in_defaults = rejected(f"defaults: {{ {section} }}\n" + MINIMAL)
     assert in_defaults.path == f"defaults.{path}"
+
+
+# ---------------------------------------------------------------- pacing
+
+
+def test_pacing_defaults_and_inheritance_field_by_field() -> None:
+    (api,) = parse(MINIMAL).upstreams
+    assert (api.pacing.learn, api.pacing.max_pause, api.pacing.partition_by, api.pacing.spread) == (
+        True,
+        60.0,
+        None,
+        False,
+    )
+    a, b = parse(
+        """
+        defaults:
+          pacing: { max_pause: 10s, spread: true }
+        upstreams:
+          a: { url: "http://a.internal", pacing: { partition_by: Authorization } }
+          b: { url: "http://b.internal", pacing: { learn: false, spread: false } }
+        """
+    ).upstreams
+    assert (a.pacing.max_pause, a.pacing.spread, a.pacing.partition_by) == (10.0, True, "Authorization")
+    assert (b.pacing.learn, b.pacing.max_pause, b.pacing.spread) == (False, 10.0, False)
+
+
+@pytest.mark.parametrize(
+    ("section", "path", "problem"),
+    [
+        ("{ max_pause: 0 }", "max_pause", "must be a positive duration"),
+        ("{ max_pause: soon }", "max_pause", "duration"),
+        ("{ learn: maybe }", "learn", "true or false"),
+        ('{ partition_by: "not a header" }', "partition_by", "not a valid header name"),
+        ("{ spread: 3 }", "spread", "true or false"),
+        ("{ burst: 1 }", "burst", "unknown key"),
+    ],
+)
+def test_bad_pacing_values_name_their_path(section: str, path: str, problem: str) -> None:
+    error = rejected(f"upstreams:\n  api:\n    url: http://a.internal\n    pacing: {section}\n")
+    assert error.path == f"upstreams.api.pacing.{path}"
+    assert problem in error.problem
+    error = rejected(f"defaults:\n  pacing: {section}\nupstreams:\n  api: {{ url: http://a.internal }}\n")
+    assert error.path == f"defaults.pacing.{path}"

@@ -49,6 +49,8 @@ def test_the_metrics_label_sets_come_from_the_tree() -> None:
         "deadline_exceeded",
         "rate_limited",
         "circuit_open",
+        "upstream_rate_limited",
+        "upstream_paused",
     } == metrics.REJECTION_REASONS
     assert {
         "upstream_connect_error",
