@@ -115,6 +115,9 @@ class UpstreamPool:
         # Per-upstream resilience state, shared by every request (docs/resilience.md).
         self.circuit = CircuitBreaker(upstream.name, upstream.circuit_breaker)
         self.retries = RetryPolicy(upstream.name, upstream.retries)
+        # The pool's own repeat of a request whose kept-alive connection had
+        # gone stale is bounded by the same budget as every retry.
+        self.transport.spend_retry = self.retries.spend_for_connection
         # The policies every request to this upstream passes (sidecar/policy/stack.py).
         self.stages = upstream_stages(self)
         self.outcomes: Counter[str] = Counter()

@@ -180,8 +180,24 @@ class RetryPolicy:
         return self.settings.attempts > 0 and bool(self.settings.retry_on)
 
     def request(self) -> None:
-        if self.enabled:
-            self.budget.request(self._clock())
+        # Counted even with retries off: the connection pool's own repeat of a
+        # request on a fresh connection (spend_for_connection) spends from it too.
+        self.budget.request(self._clock())
+
+    def spend_for_connection(self) -> bool:
+        """May the connection pool repeat a request once on a fresh connection?
+
+        It does so when a kept-alive connection turns out closed, or an HTTP/2
+        GOAWAY says the request was never processed: an attempt more at the
+        upstream all the same, so it is counted and bounded by the same budget
+        as every retry (else a flaky upstream sees more load than the budget
+        allows).  Without budget the request fails as it is.
+        """
+        if self.budget.try_spend(self._clock()):
+            self.results["sent"] += 1
+            return True
+        self.results["budget_exhausted"] += 1
+        return False
 
     def next_attempt(self, exchange: Exchange, attempt: Attempt) -> float | None:
         if not self.enabled:

@@ -122,6 +122,13 @@ class PoolTransport(httpx.AsyncBaseTransport):
         # said so (HTTP/2 SETTINGS, or ALPN choosing HTTP/1.1), so that the
         # admission layer never admits more than the connections can carry.
         self.on_stream_limit: Callable[[int], None] | None = None
+        # Asked before the pool repeats a request on a fresh connection (a stale
+        # kept-alive connection, an HTTP/2 GOAWAY): that repeat is an attempt
+        # more at the upstream, so it spends from the upstream's retry budget.
+        self.spend_retry: Callable[[], bool] | None = None
+
+    def _may_repeat(self) -> bool:
+        return self.spend_retry is None or self.spend_retry()
 
     # ---------------------------------------------------------------- stats
 
@@ -165,13 +172,13 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 if isinstance(exc, httpcore.ConnectionNotAvailable):
                     # HTTP/2 GOAWAY below our stream id, or the connection closed
                     # under us: the upstream did not process this request.
-                    if may_retry:
+                    if may_retry and self._may_repeat():
                         may_retry = False
                         continue
                     raise httpx.RemoteProtocolError(
                         "upstream closed the HTTP/2 connection (GOAWAY) before processing the request"
                     ) from exc
-                if may_retry and reused and isinstance(exc, _STALE_CONNECTION_ERRORS):
+                if may_retry and reused and isinstance(exc, _STALE_CONNECTION_ERRORS) and self._may_repeat():
                     may_retry = False  # once: the kept-alive connection had gone stale
                     continue
                 raise

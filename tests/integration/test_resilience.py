@@ -574,3 +574,33 @@ async def test_the_access_log_counts_attempts_on_every_line(tmp_path: Path) -> N
     lines = process.events("access")
     assert [line["attempts"] for line in lines] == [2, 1, 0]
     assert [line["error"] for line in lines] == [None, None, "circuit_open"]
+
+
+async def test_the_pools_repeat_on_a_stale_connection_spends_from_the_retry_budget(tmp_path: Path) -> None:
+    """An upstream that closes every kept-alive connection on its second request:
+    the pool repeats a GET on a fresh connection, but only while the retry budget
+    has room (here one retry per window), so a flaky upstream never sees more
+    load than the budget allows."""
+
+    async def first_request_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request_head(reader)  # the next request on this connection: hang up unanswered
+        writer.transport.abort()
+
+    budget = "retries: { attempts: 0, budget: { ratio: 0, min_per_second: 0.1 } }"  # one retry per 10 s
+    async with ScriptedUpstream(first_request_only) as upstream:
+        async with running_sidecar(tmp_path, _config(upstream.url, budget)) as sidecar:
+            pool = sidecar.generation().pools["app"]
+            statuses = []
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    async with session.get(f"{proxy_url(sidecar)}/app/x") as response:
+                        statuses.append(response.status)
+            # 1: a fresh connection. 2: its connection is stale, repeated on a new one
+            # (the budget's one retry). 3: stale again, no budget left: the 502 stands.
+            assert statuses == [200, 200, 502]
+            assert upstream.connections == 2  # the third request was not repeated on a third
+            assert pool.retries.results == {"sent": 1, "budget_exhausted": 1}
+            await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
