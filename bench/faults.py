@@ -294,11 +294,11 @@ def report(flaky: list[Run], dead: list[Run], duration: float, dead_duration: fl
             "",
             f"Target: load amplification ≤ 1 + budget ratio = {1 + RATIO:.2f}: "
             f"{'met' if met else 'NOT met'} ({sidecar_run.amplification:.3f}). The budget's floor "
-            "(`min_per_second: 1`, 10 retries per 10 s) adds a little on top of the ratio. Retries the "
-            "budget governs are the *budgeted retries* column; the rest of the amplification is the "
-            "connection pool's own repeat of a GET whose kept-alive connection broke before any response "
-            "byte (it cannot tell a connection that went stale while idle from one the upstream reset "
-            "after reading the request), once per request, outside the budget.",
+            "(`min_per_second: 1`, 10 retries per 10 s) adds a little on top of the ratio. The *budgeted "
+            "retries* column counts every extra attempt the budget allowed (`sidecar_retries_total{result="
+            '"sent"}`): the retry stage\'s, and the connection pool\'s own repeat of a GET whose kept-alive '
+            "connection broke before any response byte (it cannot tell a connection that went stale while "
+            "idle from one the upstream reset after reading the request), which spends from the same budget.",
         ]
     lines += [
         "",
