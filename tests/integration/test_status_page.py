@@ -33,6 +33,18 @@ from tests.support.upstreams import Upstream
 from tests.support.yaml import upstreams_yaml
 
 TOKEN = "page-admin-token-7f3a"
+# The per-upstream /pools keys the page has columns for; any other lands in its "state" cell.
+KNOWN_POOL_KEYS = {
+    "url",
+    "http2",
+    "limits",
+    "in_flight",
+    "pending",
+    "oldest_wait_s",
+    "connections",
+    "http_versions",
+    "totals",
+}
 
 needs_chromium = pytest.mark.skipif(
     chromium_paths() is None,
@@ -305,6 +317,8 @@ async def test_page_renders_live_numbers_that_match_pools(tmp_path: Path, monkey
             assert json.loads(row["http"]["value"]) == after["upstreams"]["api"]["http_versions"]
             assert json.loads(row["state"]["value"]) == {"circuit": {"state": "closed", "failures": 0}}
             assert "circuit" in row["state"]["text"] and "closed" in row["state"]["text"]
+            state_shown = "return getComputedStyle(document.querySelector('[data-field=state]')).display !== 'none'"
+            assert await call(driver.execute_script, state_shown)
             tiles = await call(
                 driver.execute_script,
                 "return ['sum-rate', 'sum-in-flight', 'sum-pending']"
@@ -372,6 +386,10 @@ async def test_page_asks_for_the_token_once_and_sends_it_as_a_bearer_header(
             row = await until(driver, READ_ROW_WITH_TOTAL, "api")
             assert await call(driver.execute_script, "return document.getElementById('login').hidden")
             pools = await get_json(session, base + "/pools", TOKEN)
+            # The state column is there only for keys the other columns do not show.
+            extra = set(pools["upstreams"]["api"]) - KNOWN_POOL_KEYS
+            state_shown = "return getComputedStyle(document.querySelector('[data-field=state]')).display !== 'none'"
+            assert await call(driver.execute_script, state_shown) == bool(extra)
             assert number(row["total"]) <= pools["upstreams"]["api"]["totals"]["requests"]
 
             # The token travelled only as the header, never in a URL.
