@@ -1,4 +1,4 @@
-"""The admin listener: health, readiness, metrics, pool snapshots, config, reload.
+"""The admin listener: status page, health, readiness, metrics, pool snapshots, config, reload.
 
 The endpoints see the running sidecar only through :class:`AdminTarget`, the
 few things they read or ask for; :class:`sidecar.server.Sidecar` is one.  This
@@ -21,6 +21,7 @@ from .policy.pacing import pacing_stage
 from .policy.rate_limit import rate_limit_of
 from .redact import REDACTED, contains_secret, scrubber
 from .reload import ReloadRefused, ReloadResult
+from .statuspage import status_page, upstream_stats
 
 if TYPE_CHECKING:
     from .config import Config, HostPort
@@ -34,7 +35,7 @@ class AdminTarget(Protocol):
     @property
     def config(self) -> Config: ...  # /config, the token, the secrets to redact
     @property
-    def metrics(self) -> Metrics: ...  # /metrics
+    def metrics(self) -> Metrics: ...  # /metrics, /stats
     @property
     def ready(self) -> bool: ...  # /readyz
     @property
@@ -56,17 +57,21 @@ class AdminTarget(Protocol):
 
 
 SIDECAR: web.AppKey[AdminTarget] = web.AppKey("sidecar")
-_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# The status page holds no data (it asks for the token and fetches the rest), so it is open too.
+_OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_admin_app(sidecar: AdminTarget) -> web.Application:
+    status_page()  # read and hashed now: a broken page fails start-up, not the first visit
     app = web.Application(middlewares=[_require_token])
     app[SIDECAR] = sidecar
+    app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/pools", pools)
+    app.router.add_get("/stats", stats)
     app.router.add_get("/config", config)
     app.router.add_post("/reload", reload)
     return app
@@ -87,6 +92,11 @@ def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None
     return web.Response(
         text=json.dumps(body, indent=2) + "\n", status=status, content_type="application/json", headers=headers
     )
+
+
+async def index(request: web.Request) -> web.Response:
+    page = status_page()
+    return web.Response(body=page.body, headers=page.headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -164,6 +174,18 @@ async def pools(request: web.Request) -> web.Response:
     if retired:
         body["retiring"] = [dict(pool_snapshot(pool, secrets), name=pool.name) for pool in retired]
     return _json(body)
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Cumulative per-upstream counters and histogram buckets; the status page differences them."""
+    return _json(
+        {
+            "time": time.time(),
+            # For differencing: wall-clock time can step, this cannot.
+            "monotonic": time.monotonic(),
+            "upstreams": upstream_stats(request.app[SIDECAR].metrics),
+        }
+    )
 
 
 async def config(request: web.Request) -> web.Response:
