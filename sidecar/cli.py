@@ -10,7 +10,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, HostPort, load_config, parse_host_port
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    HostPort,
+    admin_exposure_warning,
+    load_config,
+    parse_host_port,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -129,12 +137,13 @@ def _serve(
     shape: Callable[[Config], Config] | None,
     *,
     worker: int = 0,
+    admin_socket: str | None = None,
 ) -> int:
     from .compat import IncompatibleLibrary
     from .runtime import run
     from .server import Sidecar
 
-    sidecar = Sidecar(config, listen=listen, admin=admin, shape=shape, worker=worker)
+    sidecar = Sidecar(config, listen=listen, admin=admin, shape=shape, worker=worker, admin_socket=admin_socket)
     try:
         return run(sidecar, supervised=shape is not None)
     except ConfigError as error:  # valid YAML, but a pool cannot be opened (e.g. a bad CA file)
@@ -148,25 +157,60 @@ def _serve(
 
 
 def _run_workers(config: Config, listen: HostPort, admin: HostPort | str | None, workers: int) -> int:
+    import shutil
+    import tempfile
+
+    from .hostadmin import HostAdmin
+    from .logs import get_logger
+    from .server import bind_listener
     from .workers import reserve_port, supervise, worker_admin, worker_config
 
+    address = config.admin.listen if isinstance(admin, str) else admin
+    host_admin: HostAdmin | None = None
+    sockets: list[str] = []
+    private = None
     try:
         reserved, listen = reserve_port(listen)
     except OSError as exc:
         print(f"sidecar: cannot start: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    try:
+        if address is not None and not config.admin.per_worker:
+            # Bound before any worker exists, so a taken admin port fails the start.
+            listener = bind_listener(address)
+            # The workers' admin sockets: in a directory only this user may enter.
+            private = tempfile.mkdtemp(prefix="sidecar-admin-")
+            sockets = [os.path.join(private, f"worker-{index}.sock") for index in range(workers)]
+            bound = f"{address.host}:{listener.getsockname()[1]}"
+            host_admin = HostAdmin(listener, sockets, bound)
+    except OSError as exc:
+        reserved.close()
+        print(f"sidecar: cannot start: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if host_admin is not None and address is not None:
+        log = get_logger("sidecar.workers")
+        log.info("admin_listening", admin=host_admin.address, workers=workers, pid=os.getpid())
+        if address != config.admin.listen:
+            # --admin overrode the config file: judge the address actually bound.
+            exposed = admin_exposure_warning(address, config.admin.token)
+            if exposed is not None:
+                log.warning("config_warning", message=exposed)
 
     def run_worker(index: int) -> int:
         import structlog
 
         reserved.close()
+        if host_admin is not None:
+            host_admin.close_listener()  # the supervisor's alone
         # Every event of this process says which worker wrote it.
         structlog.contextvars.bind_contextvars(worker=index)
 
         def shape(loaded: Config) -> Config:
             return worker_config(loaded, workers, index)
 
-        # Every worker has its own admin listener: base port + index (see sidecar/workers.py).
+        if host_admin is not None:
+            return _serve(shape(config), listen, None, shape, worker=index, admin_socket=sockets[index])
+        # admin.per_worker: every worker has its own admin listener, base port + index.
         return _serve(shape(config), listen, worker_admin(config, admin, index), shape, worker=index)
 
     def shutdown_timeout() -> float:
@@ -177,5 +221,11 @@ def _run_workers(config: Config, listen: HostPort, admin: HostPort | str | None,
         except ConfigError:
             return config.shutdown_timeout
 
-    with reserved:
-        return supervise(workers, run_worker, shutdown_timeout)
+    try:
+        with reserved:
+            return supervise(workers, run_worker, shutdown_timeout, host_admin)
+    finally:
+        if host_admin is not None:
+            host_admin.stop()
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)

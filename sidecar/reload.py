@@ -74,6 +74,7 @@ def restart_needed(old: Config, new: Config) -> tuple[str, ...]:
     bound_at_start = (
         ("listen", old.listen, new.listen),
         ("admin", old.admin.listen, new.admin.listen),
+        ("admin.per_worker", old.admin.per_worker, new.admin.per_worker),
         ("workers", old.workers, new.workers),
         ("inbound.max_line_size", old.inbound.max_line_size, new.inbound.max_line_size),
         ("inbound.max_field_size", old.inbound.max_field_size, new.inbound.max_field_size),

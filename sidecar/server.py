@@ -31,7 +31,7 @@ from .observe import Observer
 from .pools import UpstreamPool
 from .reload import ReloadResult
 
-__all__ = ["LISTEN_BACKLOG", "Sidecar"]
+__all__ = ["LISTEN_BACKLOG", "Sidecar", "bind_listener"]
 
 log = get_logger("sidecar")
 
@@ -58,8 +58,11 @@ class Sidecar:
         admin: HostPort | str | None = "config",
         shape: Callable[[Config], Config] | None = None,
         worker: int = 0,
+        admin_socket: str | None = None,
     ) -> None:
         self.worker = worker  # index among `workers` processes (0 when there is one)
+        # `workers: N`: the admin app on a private Unix socket, for the supervisor's host-wide endpoint.
+        self.admin_socket = admin_socket
         self.listen = listen or config.listen
         self.admin_listen: HostPort | None = config.admin.listen if isinstance(admin, str) else admin
         self.metrics = Metrics(lambda: self.generations.observed())
@@ -132,17 +135,20 @@ class Sidecar:
         self._proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=_ABORT_GRACE)
         await self._proxy_runner.setup()
         reuse_port = config.workers > 1
-        proxy_socket = _bind(self.listen, reuse_port=reuse_port)
+        proxy_socket = bind_listener(self.listen, reuse_port=reuse_port)
         # SockSite calls listen() again with its own backlog (128 by default).
         await web.SockSite(self._proxy_runner, proxy_socket, backlog=LISTEN_BACKLOG).start()
         self.proxy_port = proxy_socket.getsockname()[1]
 
-        if self.admin_listen is not None:
+        if self.admin_listen is not None or self.admin_socket is not None:
             self._admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=_ABORT_GRACE)
             await self._admin_runner.setup()
-            admin_socket = _bind(self.admin_listen, reuse_port=reuse_port)
-            await web.SockSite(self._admin_runner, admin_socket, backlog=LISTEN_BACKLOG).start()
-            self.admin_port = admin_socket.getsockname()[1]
+        if self.admin_socket is not None and self._admin_runner is not None:
+            await web.UnixSite(self._admin_runner, self.admin_socket, backlog=LISTEN_BACKLOG).start()
+        if self.admin_listen is not None and self._admin_runner is not None:
+            admin_tcp = bind_listener(self.admin_listen, reuse_port=reuse_port)
+            await web.SockSite(self._admin_runner, admin_tcp, backlog=LISTEN_BACKLOG).start()
+            self.admin_port = admin_tcp.getsockname()[1]
             if self.admin_listen != config.admin.listen:
                 # --admin overrode the config file: judge the address actually bound.
                 exposed = admin_exposure_warning(self.admin_listen, config.admin.token)
@@ -157,6 +163,7 @@ class Sidecar:
             upstreams=[u.name for u in config.upstreams],
             http_parser=parser_in_use(),
             pid=os.getpid(),
+            **({} if self.admin_socket is None else {"admin_socket": self.admin_socket}),
         )
 
     # --------------------------------------------------------- shutdown
@@ -229,7 +236,7 @@ class Sidecar:
                 self._quiet.set()
 
 
-def _bind(address: HostPort, *, reuse_port: bool) -> socket.socket:
+def bind_listener(address: HostPort, *, reuse_port: bool = False) -> socket.socket:
     """A listening socket; SO_REUSEPORT lets several workers share the port."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     infos = socket.getaddrinfo(address.host, address.port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)

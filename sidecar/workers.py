@@ -14,10 +14,12 @@ config error, since any rounding up would break the configured total.
 A ``rate_limit`` splits too: each worker gets ``rate / N`` and its share of
 ``burst``, at least one token.
 
-Every worker runs its own admin listener, on the configured admin port plus
-its index (8089, 8090, ... ; port 0 gives each a free port): its ``/metrics``
-and ``/pools`` describe that worker and its share of each limit, so
-Prometheus scrapes each worker as a target (see docs/operations.md, "Multi-core").
+The host has one admin endpoint, served by the supervisor from every worker's
+answers (:mod:`sidecar.hostadmin`); each worker serves its admin app on a
+private Unix socket only the supervisor uses.  With ``admin.per_worker``,
+every worker instead runs its own admin listener on the configured admin port
+plus its index (8089, 8090, ...; port 0 gives each a free port), describing
+that worker and its share of each limit (docs/operations.md, "Multi-core").
 
 Signals: SIGHUP sent to the parent is passed to every worker.  The first
 SIGTERM or SIGINT is passed on too and every worker drains; a worker takes
@@ -41,7 +43,7 @@ import socket
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from .config import Config, HostPort, RateLimit, Upstream, check_divisible
 
@@ -54,6 +56,14 @@ EXIT_ERROR = 1
 SUPERVISOR_MARGIN = 5.0
 # The deadline if the shutdown_timeout in effect cannot be read.
 _FALLBACK_SHUTDOWN_TIMEOUT = 30.0
+
+
+class SupervisorAdmin(Protocol):
+    """The host's admin server, as the supervisor drives it (see sidecar/hostadmin.py)."""
+
+    def start(self) -> None: ...  # after every fork: a thread in a process that forks no more
+    def begin_drain(self) -> None: ...  # from a signal handler: must not block
+    def stop(self) -> None: ...  # bounded
 
 
 def share(total: int, workers: int, index: int) -> int:
@@ -131,6 +141,7 @@ def supervise(
     workers: int,
     run_worker: Callable[[int], int],
     shutdown_timeout: Callable[[], float],
+    admin: SupervisorAdmin | None = None,
 ) -> int:
     """Fork ``workers`` processes running ``run_worker(index)``; pass signals on; collect exit codes.
 
@@ -142,6 +153,9 @@ def supervise(
     worker.  From the first signal on, workers still alive after
     ``shutdown_timeout()`` plus SUPERVISOR_MARGIN are killed, so the
     supervisor always exits in bounded time.
+
+    ``admin``, when given, is started once every worker is forked, told of
+    the drain when it begins, and stopped when the last worker is gone.
     """
     children: dict[int, int] = {}  # pid -> index
     stopping = False
@@ -158,6 +172,8 @@ def supervise(
         if stopping:
             return
         stopping = True
+        if admin is not None:
+            admin.begin_drain()
         try:
             budget = shutdown_timeout()
         except Exception:  # never let the deadline itself fail
@@ -188,8 +204,11 @@ def supervise(
 
     # Block the signals around fork so none lands between fork and the
     # worker's own handlers (it would hit the parent's forwarding handler).
+    # The admin thread starts inside this window too, so it inherits the
+    # mask: a signal taken by another thread would not interrupt wait() below.
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    masked = (*handled, signal.SIGALRM)
+    signal.pthread_sigmask(signal.SIG_BLOCK, masked)
     try:
         for index in range(workers):
             sys.stdout.flush()
@@ -200,7 +219,7 @@ def supervise(
                 # Until the worker's loop takes SIGHUP over, a reload request
                 # must not kill it (SIGHUP's default action).
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, masked)
                 _die_with_parent()
                 code = EXIT_ERROR
                 try:
@@ -213,8 +232,10 @@ def supervise(
         for signum in handled:
             signal.signal(signum, on_signal)
         signal.signal(signal.SIGALRM, on_deadline)
+        if admin is not None:
+            admin.start()
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, masked)
 
     while children:
         try:
@@ -233,6 +254,8 @@ def supervise(
             exit_code = exit_code or EXIT_ERROR
             begin_stop(signal.SIGTERM)
     signal.setitimer(signal.ITIMER_REAL, 0)
+    if admin is not None:
+        admin.stop()
     return exit_code
 
 

@@ -264,7 +264,9 @@ class _Builder:
         return ConfigError(self.source, path, redact(problem, self.secrets))
 
     def build(self, document: Document) -> Config:
-        admin = AdminSettings(listen=document.admin.listen, token=document.admin.token)
+        admin = AdminSettings(
+            listen=document.admin.listen, token=document.admin.token, per_worker=document.admin.per_worker
+        )
         if admin.token is not None:
             self.secrets.add(admin.token)
         inbound = Inbound(**document.inbound.model_dump())

@@ -209,6 +209,9 @@ class Inbound:
 class AdminSettings:
     listen: HostPort | None  # None: admin listener off
     token: str | None
+    # `workers: N`: False serves one host-wide admin endpoint from the
+    # supervisor; True gives every worker its own listener (port + index).
+    per_worker: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +238,8 @@ def check_divisible(config: Config, workers: int) -> None:
     """Refuse limits that cannot give every worker at least one slot (ConfigError names the path).
 
     The one bound on ``workers``: both ``validate`` (for the file's own
-    ``workers``) and ``run --workers N`` apply it.  Worker admin ports past
-    65535 are refused too.
+    ``workers``) and ``run --workers N`` apply it.  With ``admin.per_worker``,
+    worker admin ports past 65535 are refused too.
     """
     if workers <= 1:
         return
@@ -250,9 +253,9 @@ def check_divisible(config: Config, workers: int) -> None:
                     f"upstreams.{upstream.name}.limits.{name}",
                     f"must be at least workers ({workers}) so that every worker gets one, got {value}",
                 )
-    # Worker i serves its admin listener on the configured port plus i.
+    # With admin.per_worker, worker i serves its admin listener on the configured port plus i.
     admin = config.admin.listen
-    if admin is not None and admin.port != 0 and admin.port + workers - 1 > 65535:
+    if config.admin.per_worker and admin is not None and admin.port != 0 and admin.port + workers - 1 > 65535:
         raise ConfigError(
             config.source,
             "workers",

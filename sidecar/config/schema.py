@@ -208,6 +208,7 @@ def _listen_or_off(value: object, info: ValidationInfo) -> HostPort | None:
 class AdminSection(Section):
     listen: Annotated[HostPort | None, PlainValidator(_listen_or_off)] = HostPort("127.0.0.1", 8089)
     token: OptionalString = None
+    per_worker: Boolean = False
 
 
 def _admin_forms(value: Any, info: ValidationInfo) -> Any:

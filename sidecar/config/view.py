@@ -37,6 +37,7 @@ def public_view(config: Config) -> dict[str, Any]:
         "admin": {
             "listen": None if admin.listen is None else str(admin.listen),
             "token": None if admin.token is None else REDACTED,
+            "per_worker": admin.per_worker,
         },
         "shutdown_timeout": config.shutdown_timeout,
         "workers": config.workers,

@@ -104,10 +104,13 @@ class SidecarProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in self.lines:
+                if line.get("event") == "admin_listening":  # `workers: N`: the supervisor's, logged first
+                    self.admin_port = int(str(line["admin"]).rsplit(":", 1)[1])
                 if line.get("event") == "started":
                     self.proxy_port = int(str(line["listen"]).rsplit(":", 1)[1])
                     admin = line.get("admin")
-                    self.admin_port = int(str(admin).rsplit(":", 1)[1]) if admin else None
+                    if admin:
+                        self.admin_port = int(str(admin).rsplit(":", 1)[1])
                     return self
             if self.proc.poll() is not None:
                 await asyncio.sleep(0.2)

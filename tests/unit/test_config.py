@@ -180,6 +180,17 @@ def test_admin_forms() -> None:
     assert "tok-123" in config.secrets
 
 
+def test_admin_per_worker_defaults_to_one_host_endpoint() -> None:
+    assert parse(MINIMAL).admin.per_worker is False
+    assert parse("admin: 127.0.0.1:0\n" + MINIMAL).admin.per_worker is False
+    config = parse("admin: { listen: 127.0.0.1:9000, per_worker: true }\n" + MINIMAL)
+    assert config.admin.per_worker is True
+    assert config.admin.listen == HostPort("127.0.0.1", 9000)
+    assert public_view(config)["admin"]["per_worker"] is True
+    error = rejected("admin: { per_worker: sometimes }\n" + MINIMAL)
+    assert error.path == "admin.per_worker"
+
+
 def test_admin_off_loopback_without_token_is_warned() -> None:
     config = parse("admin: 0.0.0.0:8089\n" + MINIMAL)
     assert any("not on loopback" in warning for warning in config.warnings)
@@ -907,11 +918,14 @@ def test_workers_beyond_what_the_limits_can_share_are_rejected_at_load() -> None
 def test_workers_whose_admin_ports_would_pass_65535_are_rejected() -> None:
     text = "workers: 100000\nadmin: 127.0.0.1:8089\nupstreams:\n  api:\n    url: http://a\n"
     text += "    limits: { max_connections: 100000, max_pending: 0 }\n"
-    error = rejected(text)
+    # One host-wide admin listener by default: no per-worker ports to run out of.
+    assert parse(text).workers == 100000
+    per_worker = text.replace("admin: 127.0.0.1:8089", "admin: { listen: 127.0.0.1:8089, per_worker: true }")
+    error = rejected(per_worker)
     assert error.path == "workers"
     assert "65535" in error.problem
-    # Admin on port 0 (each worker picks a free one) or off: no such bound.
-    assert parse(text.replace("127.0.0.1:8089", "127.0.0.1:0")).workers == 100000
+    # Per-worker admin on port 0 (each worker picks a free one) or off: no such bound.
+    assert parse(per_worker.replace("127.0.0.1:8089", "127.0.0.1:0")).workers == 100000
 
 
 def test_rate_limit_is_inherited_field_by_field_and_can_be_turned_off() -> None:

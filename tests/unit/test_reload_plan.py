@@ -78,3 +78,8 @@ def test_file_signature_follows_content_not_the_file(tmp_path: Path) -> None:
     assert file_signature(str(path)) == first
     path.write_text("a: 2\n")
     assert file_signature(str(path)) not in (None, first)
+
+
+def test_admin_per_worker_needs_a_restart() -> None:
+    new = config(BASE.replace("listen: 127.0.0.1:8088", "listen: 127.0.0.1:8088\nadmin: { per_worker: true }"))
+    assert plan_reload(config(BASE), new).restart_needed == ("admin.per_worker",)
