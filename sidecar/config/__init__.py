@@ -4,9 +4,10 @@ Everything the rest of the code knows about configuration comes from the
 frozen dataclasses in ``model.py``; no dict of settings travels past this
 package.  Every error names the file, the YAML path of the offending field and
 what is wrong with it, so ``sidecar validate`` can print it without a
-traceback.  ``scalars.py`` parses the value forms, ``schema.py`` says what may
-be written where (pydantic), ``loader.py`` reads, expands, validates and
-inherits, ``view.py`` is what may be shown.
+traceback.  ``scalars.py`` parses the value forms, ``fields.py`` plugs them
+(with ``${VAR}`` expansion) into pydantic, ``schema.py`` says what may be
+written where, ``loader.py`` reads, validates and inherits, ``translate.py``
+turns pydantic's errors into ours, ``view.py`` is what may be shown.
 """
 
 from .loader import load_config, parse_config

@@ -28,8 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from .model import HostPort, HTTP2Mode
-from .scalars import (
+from .fields import (
     Boolean,
     Duration,
     FailureOn,
@@ -52,13 +51,10 @@ from .scalars import (
     UpstreamName,
     UpstreamURLValue,
     expanded,
-    header_name,
-    http2_mode,
-    non_empty_string,
     optional,
-    parse_host_port,
-    shown,
 )
+from .model import HostPort, HTTP2Mode
+from .scalars import header_name, http2_mode, non_empty_string, parse_host_port, shown
 
 
 class Section(BaseModel):

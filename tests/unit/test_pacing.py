@@ -7,7 +7,8 @@ import pytest
 from sidecar.config import Pacing
 from sidecar.errors import UpstreamPaused, UpstreamRateLimited
 from sidecar.exchange import Attempt, Exchange
-from sidecar.policy.pacing import (
+from sidecar.policy.pacing import PacingStage
+from sidecar.policy.pacing_core import (
     GO,
     REFUSE,
     SOURCE_429,
@@ -16,7 +17,6 @@ from sidecar.policy.pacing import (
     SOURCE_QUOTA,
     WAIT,
     PacingCore,
-    PacingStage,
     partition_key,
 )
 from sidecar.policy.signals import Quota, Reading
