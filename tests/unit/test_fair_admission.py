@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 
 import pytest
 
@@ -221,3 +222,39 @@ def test_bad_caller_and_adaptive_settings_name_their_path(text: str, path: str) 
     with pytest.raises(ConfigError) as caught:
         parse_config(text + '\nupstreams: {a: {url: "http://127.0.0.1:1"}}')
     assert path in str(caught.value)
+
+
+async def test_shell_storm_with_cancellations_and_evictions_leaks_nothing() -> None:
+    import asyncio
+
+    from sidecar.errors import PoolTimeout, QueueFull
+    from sidecar.policy.admission import Admission
+
+    admission = Admission("api", capacity=3, max_pending=10, pool_timeout=30.0, weights={"a": 3, "b": 1})
+    rng = random.Random(3)
+    outcomes: Counter[str] = Counter()
+
+    async def one(caller: str) -> None:
+        try:
+            await admission.acquire(None, caller)
+        except (QueueFull, PoolTimeout) as error:
+            outcomes[error.code] += 1
+            return
+        try:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        finally:
+            admission.release(0.001, caller)
+        outcomes["ok"] += 1
+
+    tasks = []
+    for _ in range(2000):
+        tasks.append(asyncio.create_task(one(rng.choice("abc"))))
+        if rng.random() < 0.3:
+            rng.choice(tasks).cancel()
+        if rng.random() < 0.5:
+            await asyncio.sleep(0)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert admission.in_flight == 0 and admission.pending == 0 and admission.per_caller() == {}
+    assert admission._started == {} and admission._allowed == {} and admission._caller == {}
+    assert outcomes["ok"] > 0 and outcomes["queue_full"] > 0
