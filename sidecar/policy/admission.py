@@ -27,7 +27,9 @@ from . import Stage
 from .deadline import budget_gone, exceeded
 
 # The Retry-After bounds and the hold-time smoothing are shared by both cores.
-from .fair_core import _EWMA_WEIGHT, RETRY_AFTER_MAX, RETRY_AFTER_MIN, FairAdmissionCore
+from .fair_core import _EWMA_WEIGHT, FairAdmissionCore
+from .fair_core import RETRY_AFTER_MAX as RETRY_AFTER_MAX
+from .fair_core import RETRY_AFTER_MIN as RETRY_AFTER_MIN
 
 if TYPE_CHECKING:
     from ..exchange import Exchange
