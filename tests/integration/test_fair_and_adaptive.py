@@ -21,8 +21,9 @@ from sidecar.pools import UpstreamPool
 from sidecar.server import Sidecar
 from tests.support.metrics import scrape
 from tests.support.rest import assert_at_rest, eventually
-from tests.support.sidecar import admin_url, proxy_url, running_sidecar
+from tests.support.sidecar import SidecarProcess, admin_url, proxy_url, running_sidecar
 from tests.support.upstreams import Upstream
+from tests.support.yaml import write_config
 
 SERVICE = 0.05
 
@@ -263,3 +264,21 @@ async def test_adaptive_limit_keeps_the_upstream_uncongested(tmp_path: Path, ada
                 await asyncio.gather(*callers)
             assert set(statuses) == {200}  # no refusals while it measures or adapts
             await assert_at_rest(sidecar)
+
+
+async def test_the_access_log_names_the_caller(tmp_path: Path) -> None:
+    async with Upstream() as upstream:
+        process = SidecarProcess(write_config(tmp_path, config(upstream.url, weights="live: 9")))
+        await process.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                for path, caller in (("/api/a", "live"), ("/api/b", "someone-else"), ("/api/c", "bad name")):
+                    async with session.get(process.url + path, headers={"X-Sidecar-Caller": caller}) as response:
+                        assert response.status == 200
+                async with session.get(process.url + "/api/d") as response:
+                    assert response.status == 200
+            await process.wait_for_event("access", count=4)
+            by_path = {event["path"]: event["caller"] for event in process.events("access")}
+            assert by_path == {"/api/a": "live", "/api/b": "someone-else", "/api/c": "other", "/api/d": "other"}
+        finally:
+            await process.stop()
