@@ -138,8 +138,12 @@ class AdaptiveStage(Stage):
         self._apply()
 
     def observe(self, exchange: Exchange, attempt: Attempt) -> None:
-        if attempt.status is None or attempt.headers_after is None:
-            return  # no answer, no latency of the upstream's to learn from
+        status = attempt.status
+        if status is None or attempt.headers_after is None or status >= 500 or status == 429:
+            # No answer, or a refusal or failure: often much faster than real
+            # work, it would read as spare capacity (pacing and the breaker
+            # handle those).
+            return
         if self._limit.sample(attempt.headers_after, self._admission.in_flight, self._clock()):
             self._apply()
 

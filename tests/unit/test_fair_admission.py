@@ -258,3 +258,25 @@ async def test_shell_storm_with_cancellations_and_evictions_leaks_nothing() -> N
     assert admission.in_flight == 0 and admission.pending == 0 and admission.per_caller() == {}
     assert admission._started == {} and admission._allowed == {} and admission._caller == {}
     assert outcomes["ok"] > 0 and outcomes["queue_full"] > 0
+
+
+def test_the_stage_learns_from_answers_not_from_refusals_or_failures() -> None:
+    import math
+
+    from sidecar.exchange import Attempt, Exchange
+    from sidecar.policy.adaptive import AdaptiveStage
+    from sidecar.policy.admission import Admission
+
+    admission = Admission("api", capacity=100, max_pending=10, pool_timeout=1.0)
+    limit = GradientLimit(1, 100, 0.0)
+    clock = [0.0]
+    stage = AdaptiveStage(admission, limit, clock=lambda: clock[0])
+    assert admission.capacity == limit.capacity == 20  # it acts through admission's capacity
+    exchange = Exchange(request_id="r", method="GET", path="/", started=0.0)
+    for status in (503, 500, 429, None):
+        for _ in range(20):
+            clock[0] += 0.02
+            stage.observe(exchange, Attempt(number=1, started=0.0, status=status, headers_after=0.001))
+    assert limit.min_rtt == math.inf
+    stage.observe(exchange, Attempt(number=1, started=0.0, status=404, headers_after=0.05))
+    assert limit.min_rtt == 0.05
