@@ -280,3 +280,26 @@ def test_the_stage_learns_from_answers_not_from_refusals_or_failures() -> None:
     assert limit.min_rtt == math.inf
     stage.observe(exchange, Attempt(number=1, started=0.0, status=404, headers_after=0.05))
     assert limit.min_rtt == 0.05
+
+
+def test_host_totals_add_callers_and_limits_but_not_the_minimum_latency() -> None:
+    from sidecar.hostadmin import merge_pools
+
+    one = {
+        "api": {
+            "concurrency_limit": 12,
+            "adaptive": {"limit": 12.5, "min_rtt_ms": 50.0},
+            "callers": {"a": {"in_flight": 1, "pending": 2}},
+        }
+    }
+    two = {
+        "api": {
+            "concurrency_limit": 10,
+            "adaptive": {"limit": 10.0, "min_rtt_ms": 52.0},
+            "callers": {"a": {"in_flight": 3, "pending": 0}, "b": {"in_flight": 1, "pending": 0}},
+        }
+    }
+    merged = merge_pools([one, two])["api"]
+    assert merged["concurrency_limit"] == 22
+    assert merged["adaptive"]["min_rtt_ms"] == 52.0
+    assert merged["callers"] == {"a": {"in_flight": 4, "pending": 2}, "b": {"in_flight": 1, "pending": 0}}
