@@ -151,8 +151,21 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
         "circuit": pool.circuit.snapshot(),
         "retries": pool.retries.snapshot(),
         "pacing": _pacing_snapshot(pool),
+        # The in-flight limit now: limits.adaptive moves it, HTTP/2 SETTINGS may cap it.
+        "concurrency_limit": admission.capacity,
+        "adaptive": None
+        if pool.concurrency is None
+        else {"limit": round(pool.concurrency.limit, 2), "min_rtt_ms": _ms(pool.concurrency.min_rtt)},
+        "callers": {
+            name: {"in_flight": in_flight, "pending": pending}
+            for name, (in_flight, pending) in sorted(admission.per_caller().items())
+        },
         "totals": {"requests": sum(pool.outcomes.values()), "by_outcome": dict(sorted(pool.outcomes.items()))},
     }
+
+
+def _ms(seconds: float) -> float | None:
+    return None if seconds == float("inf") else round(seconds * 1000, 3)
 
 
 def _pacing_snapshot(pool: UpstreamPool) -> dict[str, object] | None:

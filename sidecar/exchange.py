@@ -64,6 +64,10 @@ class Exchange:
     match: RouteMatch | None = None
     upstream: str | None = None
     pool: UpstreamPool | None = None
+    # Who is calling (the caller header): the name as sent when valid, else
+    # "other"; the label is the same bounded to the configured names + "other".
+    caller: str = "other"
+    caller_label: str = "other"
     # Waiting in the stages: one budget for every wait together.
     waiting_since: float | None = None  # when the request began passing its upstream's stages
     deadline: float | None = None  # monotonic time the caller's own budget ends; None: none given

@@ -119,6 +119,7 @@ class Forwarder:
             match = generation.router.resolve(request.method, request.raw_path, request.headers.get(hdrs.HOST))
             pool = generation.pools[match.upstream.name]
             exchange.match, exchange.upstream, exchange.pool = match, pool.name, pool
+            exchange.caller, exchange.caller_label = pool.caller_of(request.headers)
             # Counted before the first await: a reload that retires this pool
             # must see the request, or it could close the pool under it.
             pool.request_started()

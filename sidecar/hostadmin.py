@@ -65,7 +65,7 @@ _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _LARGEST_GAUGES = frozenset({"sidecar_oldest_pending_seconds", "sidecar_build_info"})
 # /pools fields that are the same setting in every worker, and the one that is a maximum.
 _SAME_IN_EVERY_WORKER = frozenset({"url", "http2", "keepalive_expiry_s", "pool_timeout_s"})
-_LARGEST_FIELDS = frozenset({"oldest_wait_s"})
+_LARGEST_FIELDS = frozenset({"oldest_wait_s", "min_rtt_ms"})
 
 
 @dataclass(frozen=True, slots=True)

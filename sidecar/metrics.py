@@ -144,6 +144,7 @@ class _PoolCollector(Collector):
             "sidecar_retries", "Retries by result: sent, budget_exhausted, no_time", labels=["upstream", "result"]
         )
         circuit = gauge("sidecar_circuit_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open")
+        concurrency = gauge("sidecar_concurrency_limit", "In-flight limit now (the adaptive one with limits.adaptive)")
         live: dict[str, _Live] = {}
         resilience: dict[str, UpstreamPool] = {}  # the current pool: its circuit is the one requests meet
         for pool in self._pools():
@@ -167,6 +168,7 @@ class _PoolCollector(Collector):
             for result in RETRY_RESULTS:
                 retries.add_metric([name, result], pool.retries.results[result])
             circuit.add_metric([name], int(pool.circuit.state()))
+            concurrency.add_metric([name], pool.admission.capacity)
         paused = gauge("sidecar_upstream_paused", "1 while a learned pause or an exhausted quota holds requests back")
         quota = gauge("sidecar_upstream_quota_remaining", "Requests the upstream's announced quota still allows")
         ignored = CounterMetricFamily(
@@ -200,6 +202,7 @@ class _PoolCollector(Collector):
             closed,
             retries,
             circuit,
+            concurrency,
             paused,
             quota,
             ignored,
@@ -210,14 +213,22 @@ class _PoolCollector(Collector):
 class _UpstreamSeries:
     """The per-upstream label children, resolved once (labels() is a locked dict lookup)."""
 
-    __slots__ = ("duration", "upstream_duration", "pool_wait", "bytes_in", "bytes_out")
+    __slots__ = ("upstream", "duration", "upstream_duration", "pool_wait", "_pool_wait", "bytes_in", "bytes_out")
 
     def __init__(self, metrics: Metrics, upstream: str) -> None:
+        self.upstream = upstream
         self.duration = metrics.duration.labels(upstream)
         self.upstream_duration = metrics.upstream_duration.labels(upstream)
-        self.pool_wait = metrics.pool_wait.labels(upstream)
+        self.pool_wait = metrics.pool_wait
+        self._pool_wait: dict[str, Any] = {}  # per caller label (bounded)
         self.bytes_in = metrics.bytes_in.labels(upstream)
         self.bytes_out = metrics.bytes_out.labels(upstream)
+
+    def wait_of(self, caller: str) -> Any:
+        child = self._pool_wait.get(caller)
+        if child is None:
+            child = self._pool_wait[caller] = self.pool_wait.labels(self.upstream, caller)
+        return child
 
 
 class Metrics:
@@ -227,7 +238,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "sidecar_requests_total", "Requests answered", ["upstream", "method", "status"], registry=r
+            "sidecar_requests_total", "Requests answered", ["upstream", "method", "status", "caller"], registry=r
         )
         self.duration = Histogram(
             "sidecar_request_duration_seconds",
@@ -246,7 +257,7 @@ class Metrics:
         self.pool_wait = Histogram(
             "sidecar_pool_wait_seconds",
             "Time waiting for a slot (admitted or timed out)",
-            ["upstream"],
+            ["upstream", "caller"],
             buckets=_WAIT_BUCKETS,
             registry=r,
         )
@@ -273,16 +284,18 @@ class Metrics:
         )
         self.reloads = Counter("sidecar_config_reloads_total", "Config reloads by result", ["result"], registry=r)
         r.register(_PoolCollector(pools))
-        self._request_series: dict[tuple[str, str, int], Any] = {}
+        self._request_series: dict[tuple[str, str, int, str], Any] = {}
         self._upstream_series: dict[str, _UpstreamSeries] = {}
 
     def observe(self, exchange: Exchange, duration: float) -> None:
         """Count one finished request (called once per request, on the hot path)."""
         upstream = exchange.upstream or NO_UPSTREAM
-        key = (upstream, exchange.method, status_label(exchange))
+        # The caller label is bounded: a configured caller name or "other".
+        caller = exchange.caller_label
+        key = (upstream, exchange.method, status_label(exchange), caller)
         counter = self._request_series.get(key)
         if counter is None:
-            counter = self.requests.labels(upstream, method_label(key[1]), str(key[2]))
+            counter = self.requests.labels(upstream, method_label(key[1]), str(key[2]), caller)
             if key[1] in KNOWN_METHODS:  # arbitrary method tokens must not grow the cache
                 self._request_series[key] = counter
         counter.inc()
@@ -292,7 +305,7 @@ class Metrics:
         error = exchange.error
         series.duration.observe(duration)
         if exchange.queued and error != "queue_full":
-            series.pool_wait.observe(exchange.pool_wait)
+            series.wait_of(caller).observe(exchange.pool_wait)
         if exchange.upstream_time is not None:
             series.upstream_duration.observe(exchange.upstream_time)
         if exchange.bytes_in:

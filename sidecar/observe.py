@@ -65,4 +65,7 @@ def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
         error=exchange.error,
         deadline_ms=None if exchange.deadline is None else round((exchange.deadline - exchange.started) * 1000, 3),
         attempts=len(exchange.attempts),
+        # The caller header's value when valid (visible ASCII, at most 64
+        # characters), else "other": unlike the metrics label, not bounded.
+        caller=exchange.caller,
     )

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import ssl
+import time
 from collections import Counter
+from collections.abc import Mapping
 
 import httpx
 
 from .config import HTTP2Mode, Upstream
+from .config.scalars import OTHER_CALLER, caller_name
+from .policy.adaptive import GradientLimit
 from .policy.admission import Admission
 from .policy.breaker import CircuitBreaker
 from .policy.retry import RetryPolicy
@@ -78,7 +82,16 @@ class UpstreamPool:
             capacity=limits.max_concurrent_requests,
             max_pending=limits.max_pending,
             pool_timeout=timeouts.pool,
+            weights=dict(upstream.callers.weights),
         )
+        # limits.adaptive: the in-flight limit that follows the latency (sidecar/policy/adaptive.py).
+        self.concurrency = (
+            GradientLimit(limits.min_concurrent, limits.max_concurrent_requests, time.monotonic())
+            if limits.adaptive
+            else None
+        )
+        self.caller_header = upstream.callers.header
+        self.caller_names = frozenset(name for name, _ in upstream.callers.weights)
         mode = upstream.http2
         self.transport = PoolTransport(
             scheme=upstream.scheme,
@@ -111,7 +124,10 @@ class UpstreamPool:
         rules = upstream.headers
         self.host_header = (b"Host", upstream.host_header.encode("utf-8"))
         self.headers_set = tuple((name.encode("latin-1"), value.encode("utf-8")) for name, value in rules.set)
-        self.headers_not_forwarded = frozenset(name.lower() for name in (*rules.remove, *(n for n, _ in rules.set)))
+        # The caller header is the sidecar's own: never forwarded upstream.
+        self.headers_not_forwarded = frozenset(
+            name.lower() for name in (*rules.remove, *(n for n, _ in rules.set), upstream.callers.header)
+        )
         # Per-upstream resilience state, shared by every request (docs/resilience.md).
         self.circuit = CircuitBreaker(upstream.name, upstream.circuit_breaker)
         self.retries = RetryPolicy(upstream.name, upstream.retries)
@@ -138,8 +154,19 @@ class UpstreamPool:
         the server's limit wait with no timeout (see docs/backpressure.md)."""
         limits = self.upstream.limits
         capacity = min(limits.max_concurrent_requests, per_connection * limits.max_connections)
+        if self.concurrency is not None:
+            self.concurrency.set_ceiling(capacity)
+            capacity = self.concurrency.capacity
         if capacity != self.admission.capacity:
             self.admission.resize(capacity, limits.max_pending, self.upstream.timeouts.pool)
+
+    def caller_of(self, headers: Mapping[str, str]) -> tuple[str, str]:
+        """Who calls (the header's value when valid, else ``other``) and its
+        bounded label (a configured name, else ``other``)."""
+        value = headers.get(self.caller_header)
+        if value is None or not caller_name(value):
+            return OTHER_CALLER, OTHER_CALLER
+        return value, value if value in self.caller_names else OTHER_CALLER
 
     def stats(self) -> PoolStats:
         return self.transport.stats()

@@ -90,6 +90,8 @@ def _split(upstream: Upstream, workers: int, index: int) -> Upstream:
             max_keepalive_connections=share(limits.max_keepalive_connections, workers, index),
             max_concurrent_requests=share(limits.max_concurrent_requests, workers, index),
             max_pending=share(limits.max_pending, workers, index),
+            # The adaptive floor never above the worker's share of the ceiling.
+            min_concurrent=min(limits.min_concurrent, share(limits.max_concurrent_requests, workers, index)),
         ),
         rate_limit=_split_rate(upstream.rate_limit, workers, index),
         # The retry budget's floor is per process: each worker gets its part.

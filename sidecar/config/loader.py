@@ -18,6 +18,7 @@ The steps, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 from collections.abc import Callable, Hashable, Mapping
@@ -33,6 +34,7 @@ from .model import (
     H2_STREAMS_PER_CONNECTION,
     AdminSettings,
     Backoff,
+    Callers,
     CircuitBreaker,
     Config,
     ConfigError,
@@ -164,8 +166,10 @@ class _Builder:
         if admin.token is not None:
             self.secrets.add(admin.token)
         inbound = Inbound(**document.inbound.model_dump())
+        callers = Callers(header=document.callers.header, weights=tuple(document.callers.weights.items()))
         upstreams = tuple(
-            self.upstream(name, section, document.defaults) for name, section in document.upstreams.items()
+            dataclasses.replace(self.upstream(name, section, document.defaults), callers=callers)
+            for name, section in document.upstreams.items()
         )
         self.check_routes_unique(upstreams)
         exposed = admin_exposure_warning(admin.listen, admin.token)
@@ -228,7 +232,14 @@ class _Builder:
             keepalive_expiry=pick("limits", "keepalive_expiry")[1],
             max_concurrent_requests=concurrent,
             max_pending=pick("limits", "max_pending")[1],
+            adaptive=pick("limits", "adaptive")[1],
+            min_concurrent=pick("limits", "min_concurrent")[1],
         )
+        if limits.min_concurrent > concurrent:
+            raise self.error(
+                pick("limits", "min_concurrent")[0],
+                f"must not exceed max_concurrent_requests ({concurrent}), got {limits.min_concurrent}",
+            )
         timeouts = Timeouts(**{key: pick("timeouts", key)[1] for key in ("connect", "read", "write", "pool")})
         route = own.route
         headers = own.headers

@@ -62,6 +62,8 @@ class Limits:
     keepalive_expiry: float
     max_concurrent_requests: int  # resolved from the HTTP version when unset
     max_pending: int
+    adaptive: bool = False  # the in-flight limit follows the upstream's latency (docs/callers-and-adaptive-limits.md)
+    min_concurrent: int = 1  # the adaptive limit's floor
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,14 @@ class Pacing:
 
 
 @dataclass(frozen=True, slots=True)
+class Callers:
+    """Who is calling: the header that names a caller and the callers' weights."""
+
+    header: str = "X-Sidecar-Caller"
+    weights: tuple[tuple[str, float], ...] = ()  # configured callers; everyone else is `other`, weight 1
+
+
+@dataclass(frozen=True, slots=True)
 class TLSSettings:
     verify: bool
     ca_file: str | None
@@ -179,6 +189,7 @@ class Upstream:
     retries: Retries = DEFAULT_RETRIES
     circuit_breaker: CircuitBreaker = DEFAULT_CIRCUIT_BREAKER
     pacing: Pacing = Pacing()
+    callers: Callers = Callers()  # the top-level `callers` section, the same for every upstream
 
     @property
     def host_header(self) -> str:

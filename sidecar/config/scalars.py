@@ -284,6 +284,15 @@ def header_name(value: object) -> str:
     return value
 
 
+OTHER_CALLER = "other"
+_MAX_CALLER = 64
+
+
+def caller_name(value: str) -> bool:
+    """A caller header value that names a caller: visible ASCII, at most 64 characters."""
+    return 0 < len(value) <= _MAX_CALLER and value.isascii() and all("!" <= char <= "~" for char in value)
+
+
 def header_value(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("must be a string")

@@ -54,7 +54,7 @@ from .fields import (
     optional,
 )
 from .model import HostPort, HTTP2Mode
-from .scalars import header_name, http2_mode, non_empty_string, parse_host_port, shown
+from .scalars import OTHER_CALLER, caller_name, header_name, http2_mode, non_empty_string, parse_host_port, shown
 
 
 class Section(BaseModel):
@@ -72,6 +72,8 @@ class LimitsLayer(Section):
     keepalive_expiry: Duration = 5.0
     max_concurrent_requests: OptionalPositiveInt = None  # null = what the connections carry
     max_pending: NonNegativeInt = 1000
+    adaptive: Boolean = False
+    min_concurrent: PositiveInt = 1
 
 
 class TimeoutsLayer(Section):
@@ -158,6 +160,28 @@ class PacingLayer(Section):
     max_pause: Annotated[Duration, AfterValidator(_positive_duration)] = 60.0
     partition_by: Annotated[str | None, PlainValidator(optional(header_name))] = None
     spread: Boolean = False
+
+
+def _caller_weights(value: object) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping of caller name to weight")
+    weights: dict[str, float] = {}
+    for name, weight in value.items():
+        if not isinstance(name, str) or not caller_name(name) or name == OTHER_CALLER:
+            raise ValueError(
+                f"caller names must be visible ASCII, at most 64 characters, not 'other'; got {shown(name)}"
+            )
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1_000_000:
+            raise ValueError(f"the weight of {name!r} must be a positive number, got {shown(weight)}")
+        weights[name] = float(weight)
+    return weights
+
+
+class CallersSection(Section):
+    header: Annotated[str, PlainValidator(header_name)] = "X-Sidecar-Caller"
+    weights: Annotated[dict[str, float], PlainValidator(_caller_weights)] = Field(default_factory=dict)
 
 
 class DefaultsLayer(Section):
@@ -248,6 +272,7 @@ class Document(Section):
     workers: PositiveInt = 1
     inbound: InboundSection = InboundSection()
     defaults: DefaultsLayer = DefaultsLayer()
+    callers: CallersSection = CallersSection()
     upstreams: Annotated[
         dict[UpstreamName, UpstreamSection],
         BeforeValidator(_string_keys),

@@ -18,26 +18,23 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from ..config.scalars import OTHER_CALLER
 from ..errors import PoolTimeout, QueueFull
 from . import Stage
 from .deadline import budget_gone, exceeded
+
+# The Retry-After bounds and the hold-time smoothing are shared by both cores.
+from .fair_core import _EWMA_WEIGHT, FairAdmissionCore
+from .fair_core import RETRY_AFTER_MAX as RETRY_AFTER_MAX
+from .fair_core import RETRY_AFTER_MIN as RETRY_AFTER_MIN
 
 if TYPE_CHECKING:
     from ..exchange import Exchange
 
 W = TypeVar("W")
-
-# Retry-After is an estimate of how long the queue ahead needs to drain,
-# clamped to this range (whole seconds).
-RETRY_AFTER_MIN = 1
-RETRY_AFTER_MAX = 60
-# Weight of the newest sample in the smoothed slot hold time: about the last
-# ten requests count, so the estimate follows a slowing upstream within a
-# fraction of a second under load without jumping on one outlier.
-_EWMA_WEIGHT = 0.1
 
 
 class AdmissionCore(Generic[W]):
@@ -132,7 +129,7 @@ class AdmissionCore(Generic[W]):
 class Admission:
     """The asyncio shell around :class:`AdmissionCore` for one upstream."""
 
-    __slots__ = ("upstream", "pool_timeout", "_core", "_started", "_allowed", "_clock")
+    __slots__ = ("upstream", "pool_timeout", "_core", "_started", "_allowed", "_caller", "_clock")
 
     def __init__(
         self,
@@ -141,13 +138,16 @@ class Admission:
         capacity: int,
         max_pending: int,
         pool_timeout: float,
+        weights: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstream = upstream
         self.pool_timeout = pool_timeout
-        self._core: AdmissionCore[asyncio.Future[None]] = AdmissionCore(capacity, max_pending)
+        # Weighted fair between callers (one caller alone: the same FIFO as AdmissionCore).
+        self._core: FairAdmissionCore[asyncio.Future[None]] = FairAdmissionCore(capacity, max_pending, weights)
         self._started: dict[asyncio.Future[None], float] = {}
         self._allowed: dict[asyncio.Future[None], float] = {}  # how long each waiter may wait
+        self._caller: dict[asyncio.Future[None], str] = {}  # whose request each waiter is
         self._clock = clock
 
     @property
@@ -166,12 +166,16 @@ class Admission:
     def max_pending(self) -> int:
         return self._core.max_pending
 
+    def per_caller(self) -> dict[str, tuple[int, int]]:
+        """In flight and pending per caller (the bounded names) that has either."""
+        return self._core.per_caller()
+
     def oldest_wait(self) -> float:
         """Seconds the longest-waiting request has waited (0 when none)."""
         oldest = self._core.oldest_waiter()
         return 0.0 if oldest is None else self._clock() - self._started.get(oldest, self._clock())
 
-    async def acquire(self, timeout: float | None = None) -> None:
+    async def acquire(self, timeout: float | None = None, caller: str = OTHER_CALLER) -> None:
         """Wait for a slot; raises QueueFull or PoolTimeout (503) when refused.
 
         ``timeout`` is how long this request may wait (what is left of its
@@ -180,20 +184,21 @@ class Admission:
         whatever happens next.
         """
         core = self._core
-        if core.try_acquire():
+        if core.try_acquire(caller):
             return
-        if not core.can_wait():
-            raise QueueFull(
-                f"{core.pending} requests already wait for upstream {self.upstream!r} (max_pending)",
-                upstream=self.upstream,
-                retry_after=core.retry_after(),
-            )
+        if not core.can_wait(caller):
+            raise self._queue_full(caller)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         allowed = self.pool_timeout if timeout is None else max(0.0, timeout)
-        core.enqueue(waiter)
+        evicted = core.enqueue(waiter, caller)
+        if evicted is not None and not evicted.done():
+            # The queue was full: the newest waiter of the caller most over its
+            # share makes room for a caller under its share.
+            evicted.set_exception(self._queue_full(self._caller.get(evicted, OTHER_CALLER)))
         self._started[waiter] = self._clock()
         self._allowed[waiter] = allowed
+        self._caller[waiter] = caller
         timer = loop.call_later(allowed, self._expire, waiter)
         try:
             await waiter
@@ -201,7 +206,7 @@ class Admission:
             # Granted in the same tick the caller was cancelled: the slot is
             # ours and must go back, or it leaks.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self.release()
+                self.release(caller=caller)
             else:
                 core.remove(waiter)
             raise
@@ -209,6 +214,16 @@ class Admission:
             timer.cancel()
             self._started.pop(waiter, None)
             self._allowed.pop(waiter, None)
+            self._caller.pop(waiter, None)
+
+    def _queue_full(self, caller: str) -> QueueFull:
+        core = self._core
+        return QueueFull(
+            f"{core.pending} requests already wait for upstream {self.upstream!r} "
+            f"(max_pending, or the share of caller {caller!r})",
+            upstream=self.upstream,
+            retry_after=core.retry_after(),
+        )
 
     def _expire(self, waiter: asyncio.Future[None]) -> None:
         if waiter.done() or not self._core.remove(waiter):
@@ -226,9 +241,9 @@ class Admission:
         """Whole seconds for Retry-After on a 503 from this upstream."""
         return self._core.retry_after()
 
-    def release(self, held_for: float | None = None) -> None:
+    def release(self, held_for: float | None = None, caller: str = OTHER_CALLER) -> None:
         """Give the slot back; hands it straight to the next live waiter."""
-        self._hand_over(self._core.release(held_for))
+        self._hand_over(self._core.release(held_for, caller))
 
     def resize(self, capacity: int, max_pending: int, pool_timeout: float) -> None:
         self.pool_timeout = pool_timeout
@@ -241,7 +256,7 @@ class Admission:
             if waiter.done():
                 # Its task was cancelled (the future with it) but has not run
                 # its cleanup yet: skip it and pass the slot along.
-                waiter = self._core.release()
+                waiter = self._core.release(caller=self._caller.get(waiter, OTHER_CALLER))
                 continue
             if now is None:
                 now = self._clock()
@@ -251,7 +266,7 @@ class Admission:
                 # callbacks late): it gets its 503 now, the slot goes on, so
                 # no request starts upstream after waiting over its allowance.
                 waiter.set_exception(self._timed_out(allowed))
-                waiter = self._core.release()
+                waiter = self._core.release(caller=self._caller.get(waiter, OTHER_CALLER))
                 continue
             waiter.set_result(None)
             return
@@ -271,7 +286,7 @@ class AdmissionStage(Stage):
         waited_from = self._clock()
         exchange.queued = True
         try:
-            await self._admission.acquire(exchange.wait_allowance(waited_from))
+            await self._admission.acquire(exchange.wait_allowance(waited_from), exchange.caller_label)
         except PoolTimeout:
             if budget_gone(exchange, self._clock()):
                 # The caller's deadline, not timeouts.pool, ended the wait.
@@ -284,4 +299,4 @@ class AdmissionStage(Stage):
 
     def release(self, exchange: Exchange) -> None:
         admitted = exchange.admitted_at
-        self._admission.release(None if admitted is None else self._clock() - admitted)
+        self._admission.release(None if admitted is None else self._clock() - admitted, exchange.caller_label)

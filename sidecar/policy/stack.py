@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import Stages
+from .adaptive import adaptive_stages
 from .admission import AdmissionStage
 from .body_limit import DeclaredBodyLimit
 from .breaker import CircuitBreakerStage
@@ -40,6 +41,7 @@ def upstream_stages(pool: UpstreamPool) -> Stages:
             PacingStage(pool.name, pool.upstream.pacing),
             *rate_limit_stages(pool.upstream),
             AdmissionStage(pool.admission),
+            *adaptive_stages(pool.admission, pool.concurrency),
             RetryStage(pool.retries),
         ]
     )

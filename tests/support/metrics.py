@@ -18,7 +18,9 @@ def parse_metrics(text: str) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sample with these labels, summed over the labels not named (e.g. ``caller``)."""
+    wanted = frozenset(labels.items())
+    return sum(v for (sample, have), v in samples.items() if sample == name and wanted <= have)
 
 
 async def scrape(session: aiohttp.ClientSession, base: str) -> Samples:

@@ -19,8 +19,8 @@ def _families(metrics: Metrics) -> list[Metric]:
 
 def _worker(requests: int, latency: float) -> Metrics:
     metrics = Metrics(lambda: [])
-    metrics.requests.labels("api", "GET", "200").inc(requests)
-    metrics.requests.labels("api", "GET", "503").inc(1)
+    metrics.requests.labels("api", "GET", "200", "other").inc(requests)
+    metrics.requests.labels("api", "GET", "503", "other").inc(1)
     metrics.duration.labels("api").observe(latency)
     return metrics
 

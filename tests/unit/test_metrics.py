@@ -14,9 +14,10 @@ from sidecar.pools import UpstreamPool
 
 SPEC_METRICS = {
     # family name as the parser reports it (counters without _total): label names
-    "sidecar_requests": {"upstream", "method", "status"},
+    "sidecar_requests": {"upstream", "method", "status", "caller"},
     "sidecar_request_duration_seconds": {"upstream"},
-    "sidecar_pool_wait_seconds": {"upstream"},
+    "sidecar_pool_wait_seconds": {"upstream", "caller"},
+    "sidecar_concurrency_limit": {"upstream"},
     "sidecar_inflight_requests": {"upstream"},
     "sidecar_pending_requests": {"upstream"},
     "sidecar_upstream_connections": {"upstream", "state"},
@@ -54,11 +55,13 @@ def families(metrics: Metrics) -> dict[str, list[tuple[str, dict[str, str], floa
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """The samples with these labels, summed over the labels not named (e.g. ``caller``)."""
+    total = 0.0
     for family in text_string_to_metric_families(metrics.render().decode()):
         for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return float(s.value)
-    return 0.0
+            if s.name == name and labels.items() <= s.labels.items():
+                total += float(s.value)
+    return total
 
 
 def test_every_spec_metric_is_exported_with_exactly_its_labels() -> None:
