@@ -23,6 +23,7 @@ import ssl
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -45,6 +46,7 @@ from .model import (
     Retries,
     RetryBudget,
     Route,
+    Shared,
     Timeouts,
     TLSSettings,
     Upstream,
@@ -168,6 +170,7 @@ class _Builder:
             self.upstream(name, section, document.defaults) for name, section in document.upstreams.items()
         )
         self.check_routes_unique(upstreams)
+        shared = self.shared(document, upstreams)
         exposed = admin_exposure_warning(admin.listen, admin.token)
         if exposed is not None:
             self.warnings.append(exposed)
@@ -179,6 +182,7 @@ class _Builder:
             workers=document.workers,
             inbound=inbound,
             upstreams=upstreams,
+            shared=shared,
             secrets=frozenset(self.secrets),
             warnings=tuple(self.warnings),
         )
@@ -228,6 +232,7 @@ class _Builder:
             keepalive_expiry=pick("limits", "keepalive_expiry")[1],
             max_concurrent_requests=concurrent,
             max_pending=pick("limits", "max_pending")[1],
+            shared_max_concurrent_requests=pick("limits", "shared_max_concurrent_requests")[1],
         )
         timeouts = Timeouts(**{key: pick("timeouts", key)[1] for key in ("connect", "read", "write", "pool")})
         route = own.route
@@ -253,7 +258,9 @@ class _Builder:
             rate_limit=self.rate_limit(name, pick),
             retries=self.retries(name, own, defaults),
             circuit_breaker=self.circuit_breaker(name, own, defaults),
-            pacing=Pacing(**{key: pick("pacing", key)[1] for key in ("learn", "max_pause", "partition_by", "spread")}),
+            pacing=Pacing(
+                **{key: pick("pacing", key)[1] for key in ("learn", "max_pause", "partition_by", "spread", "shared")}
+            ),
         )
 
     @staticmethod
@@ -316,7 +323,42 @@ class _Builder:
                 )
             return None
         # Unset: one second's worth of requests, so a steady caller at the rate never waits.
-        return RateLimit(rate=rate, burst=max(1, int(rate)) if burst is None else burst)
+        return RateLimit(
+            rate=rate, burst=max(1, int(rate)) if burst is None else burst, shared=pick("rate_limit", "shared")[1]
+        )
+
+    def shared(self, document: Document, upstreams: tuple[Upstream, ...]) -> Shared | None:
+        """The top-level ``shared:`` section; any shared limit without it names ``shared.redis``."""
+        section = document.shared
+        if section is None:
+            for upstream in upstreams:
+                wants = [
+                    what
+                    for what, on in (
+                        ("rate_limit.shared", upstream.rate_limit is not None and upstream.rate_limit.shared),
+                        ("limits.shared_max_concurrent_requests", upstream.limits.shared_max_concurrent_requests),
+                        ("pacing.shared", upstream.pacing.shared),
+                    )
+                    if on
+                ]
+                if wants:
+                    raise self.error(
+                        "shared.redis",
+                        f"is required: upstream {upstream.name!r} sets {', '.join(wants)} "
+                        "(a top-level shared: section with redis: URL)",
+                    )
+            return None
+        password = urlsplit(section.redis).password
+        if password:
+            self.secrets.add(password)
+            self.secrets.add(unquote(password))
+        return Shared(
+            redis=section.redis,
+            key_prefix=section.key_prefix,
+            timeout=section.timeout,
+            on_error=section.on_error,
+            lease=section.lease,
+        )
 
     def tls(self, name: str, pick: Callable[[str, str], tuple[str, Any]]) -> TLSSettings:
         verify_path, verify = pick("tls", "verify")
