@@ -150,7 +150,7 @@ class SharedRedis:
     def __init__(self, settings: Shared, clock: Callable[[], float] = time.monotonic) -> None:
         import redis.asyncio as aioredis
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        from redis.asyncio.retry import Retry
 
         self.settings = settings
         self.timeout = settings.timeout
@@ -159,14 +159,19 @@ class SharedRedis:
         self._clock = clock
         # No retries inside the client: the one timeout bounds the whole call,
         # and a failed call falls back (or is refused) at once.
-        self.client: Any = aioredis.Redis.from_url(
+        # A blocking pool: a call beyond MAX_CONNECTIONS waits for a connection
+        # (within the same timeout) instead of failing at once, which under a
+        # burst of callers would wrongly fall back to the local limits.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis,
+            max_connections=MAX_CONNECTIONS,
+            timeout=settings.timeout,
             socket_timeout=settings.timeout,
             socket_connect_timeout=settings.timeout,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=MAX_CONNECTIONS,
             health_check_interval=0,
+            retry=Retry(NoBackoff(), 0),
         )
+        self.client: Any = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self.gcra = self.client.register_script(GCRA)
         self.acquire = self.client.register_script(ACQUIRE)
         self.release = self.client.register_script(RELEASE)

@@ -335,3 +335,50 @@ async def test_the_redis_password_is_never_shown(tmp_path: Path) -> None:
                 assert password not in text_shown
     finally:
         server.stop()
+
+
+async def test_leases_and_tasks_are_back_to_zero_after_a_storm_with_cancellations(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """60 callers for 2 shared leases, a third of them giving up early: nothing
+    stays held (leases here and in Redis, waiters, background tasks, slots)."""
+    from sidecar.policy.shared import SharedLeaseStage, SharedRateLimitStage, shared_lease_stage
+    from tests.support.rest import assert_at_rest, eventually, pool_of
+    from tests.support.sidecar import proxy_url, running_sidecar
+
+    upstream, _, in_flight = _counting_upstream(0.05)
+    await upstream.start()
+    text = _config(
+        upstream.url,
+        redis_server.url,
+        limits="{ shared_max_concurrent_requests: 2, max_pending: 30 }",
+        rate_limit="{ rate: 1000/s, shared: true }",
+        timeouts="{ pool: 400ms }",
+    )
+    async with (
+        upstream,
+        running_sidecar(tmp_path, text) as sidecar,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+    ):
+        pool = pool_of(sidecar)
+        stage = shared_lease_stage(pool.stages)
+        assert isinstance(stage, SharedLeaseStage)
+        assert any(isinstance(s, SharedRateLimitStage) for s in pool.stages.stages)
+        statuses: list[int] = []
+
+        async def caller(index: int) -> None:
+            timeout = aiohttp.ClientTimeout(total=0.08 if index % 3 == 0 else 5)
+            try:
+                async with session.get(f"{proxy_url(sidecar)}/api/x", timeout=timeout) as response:
+                    await response.read()
+                    statuses.append(response.status)
+            except TimeoutError:
+                statuses.append(0)
+
+        await asyncio.gather(*(caller(i) for i in range(60)))
+        assert in_flight[1] <= 2
+        assert 0 in statuses and 200 in statuses
+        assert set(statuses) <= {0, 200, 503}
+        await assert_at_rest(sidecar)
+        await eventually(lambda: not stage.held and stage.pending == 0 and stage.tasks() == 0, timeout=5)
+        await _eventually(lambda: redis_server.command("ZCARD", "sidecar:{api}:leases").strip() == b":0")
