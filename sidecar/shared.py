@@ -149,8 +149,8 @@ class SharedRedis:
 
     def __init__(self, settings: Shared, clock: Callable[[], float] = time.monotonic) -> None:
         import redis.asyncio as aioredis
-        from redis.backoff import NoBackoff
         from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.settings = settings
         self.timeout = settings.timeout

@@ -1142,6 +1142,8 @@ def test_bad_shared_values_name_their_path(section: str, path: str) -> None:
 
 def test_a_bad_shared_max_concurrent_requests_names_its_path() -> None:
     error = rejected(
-        "shared: { redis: 'redis://x' }\nupstreams:\n  a: { url: 'http://a', limits: { shared_max_concurrent_requests: 0 } }\n"
+        "shared: { redis: 'redis://x' }\n"
+        "upstreams:\n  a: { url: 'http://a', limits: { shared_max_concurrent_requests: 0 } }\n"
+        "upstreams:\n  a: { url: 'http://a', limits: { shared_max_concurrent_requests: 0 } }\n"
     )
     assert error.path == "upstreams.a.limits.shared_max_concurrent_requests"
