@@ -1144,6 +1144,5 @@ def test_a_bad_shared_max_concurrent_requests_names_its_path() -> None:
     error = rejected(
         "shared: { redis: 'redis://x' }\n"
         "upstreams:\n  a: { url: 'http://a', limits: { shared_max_concurrent_requests: 0 } }\n"
-        "upstreams:\n  a: { url: 'http://a', limits: { shared_max_concurrent_requests: 0 } }\n"
     )
     assert error.path == "upstreams.a.limits.shared_max_concurrent_requests"
