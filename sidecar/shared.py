@@ -37,9 +37,14 @@ T = TypeVar("T")
 # within a second or two of Redis returning, well inside the promised 5 s.
 RECHECK_AFTER = 1.0
 WARN_EVERY = 10.0
-# Connections to Redis per process: enough for every concurrent call at the
-# latencies Redis has, bounded so that an outage cannot open thousands.
-MAX_CONNECTIONS = 32
+# Concurrent calls to Redis per process: enough at the latencies Redis has,
+# bounded so that an outage cannot open thousands of connections.  Callers
+# beyond it wait in a FIFO of our own (redis-py's blocking pool lets a waiter
+# starve past any timeout while newer callers take the freed connections).
+MAX_CALLS = 32
+# The pool's own cap adds room for the pub/sub connections that wake lease
+# waiters (one per upstream with shared leases, only while requests wait).
+MAX_CONNECTIONS = MAX_CALLS + 32
 
 # Failed calls per operation, for sidecar_shared_errors_total{op} (process-wide:
 # one client per process whatever the number of upstreams).
@@ -157,6 +162,7 @@ class SharedRedis:
         self.deny = settings.on_error == "deny"
         self.health = SharedHealth()
         self._clock = clock
+        self._calls = asyncio.Semaphore(MAX_CALLS)
         # No retries inside the client: the one timeout bounds the whole call,
         # and a failed call falls back (or is refused) at once.
         # A blocking pool: a call beyond MAX_CONNECTIONS waits for a connection
@@ -191,7 +197,7 @@ class SharedRedis:
         if not self.health.usable(self._clock()):
             raise SharedUnavailable("Redis is unavailable (a recent call failed)")
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout), self._calls:
                 result = await make()
         except asyncio.CancelledError:
             raise
