@@ -22,10 +22,11 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config.view import redis_url_shown
+from .errors import SharedLimitsUnavailable
 
 if TYPE_CHECKING:
     from .config import Shared
@@ -114,6 +115,37 @@ local v = redis.call('GET', KEYS[1])
 if not v then return {'', 0} end
 return {v, redis.call('PTTL', KEYS[1])}
 """
+
+
+def unavailable(upstream: str) -> SharedLimitsUnavailable:
+    return SharedLimitsUnavailable(
+        f"shared limits of upstream {upstream!r}: Redis is unavailable (on_error: deny)",
+        upstream=upstream,
+        retry_after=1,
+    )
+
+
+class Background:
+    """Fire-and-forget Redis calls that a synchronous release starts; counted, so none leaks."""
+
+    __slots__ = ("tasks",)
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:
+            coro.close()
+            return
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed call was already counted
 
 
 class SharedUnavailable(Exception):

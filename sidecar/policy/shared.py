@@ -15,15 +15,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..errors import PoolTimeout, QueueFull, RateLimited, SharedLimitsUnavailable
-from ..shared import SharedRedis, SharedUnavailable
+from ..errors import PoolTimeout, QueueFull, RateLimited
+from ..shared import Background, SharedRedis, SharedUnavailable, unavailable
 from . import Stage
 from .pacing import PacingStage
-from .pacing_core import SOURCE_429, SOURCE_503, SOURCE_QUOTA
 from .rate_limit import RateLimitStage, rate_limit_stages
+from .shared_pacing import SharedPacingStage
 
 if TYPE_CHECKING:
     from ..config import Pacing, RateLimit, Upstream
@@ -33,40 +33,6 @@ if TYPE_CHECKING:
 # A waiter for a lease re-checks Redis at least this often even if no release
 # message reaches it (the wake-up is a pub/sub message on every release).
 LEASE_RECHECK = 0.1
-# How often another replica's learned pause is read (it must hold here within 1 s).
-PAUSE_READ_EVERY = 0.5
-_SOURCES = frozenset((SOURCE_429, SOURCE_503, SOURCE_QUOTA))
-
-
-def _unavailable(upstream: str) -> SharedLimitsUnavailable:
-    return SharedLimitsUnavailable(
-        f"shared limits of upstream {upstream!r}: Redis is unavailable (on_error: deny)",
-        upstream=upstream,
-        retry_after=1,
-    )
-
-
-class _Background:
-    """Fire-and-forget Redis calls that a synchronous release starts; counted, so none leaks."""
-
-    __slots__ = ("tasks",)
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
-        try:
-            task = asyncio.get_running_loop().create_task(coro)
-        except RuntimeError:
-            coro.close()
-            return
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a failed call was already counted
 
 
 class SharedRateLimitStage(RateLimitStage):
@@ -125,7 +91,7 @@ class SharedRateLimitStage(RateLimitStage):
                         self.waiting -= 1
                 return True
         if shared.deny:
-            raise _unavailable(self.upstream)
+            raise unavailable(self.upstream)
         await self._take(exchange)
         return False
 
@@ -178,7 +144,7 @@ class SharedLeaseStage(Stage):
         self.max_pending = max_pending
         self.pending = 0
         self.held: set[str] = set()
-        self.background = _Background()
+        self.background = Background()
         self._key = shared.key(upstream, "leases")
         self._channel = shared.key(upstream, "released")
         self._lease_ms = max(1, round(shared.settings.lease * 1000))
@@ -207,7 +173,7 @@ class SharedLeaseStage(Stage):
     def _fallback(self) -> None:
         # on_error: local: the local limits (admission's slots) still hold.
         if self.shared.deny:
-            raise _unavailable(self.upstream)
+            raise unavailable(self.upstream)
 
     async def _wait(self, exchange: Exchange, head: asyncio.Lock) -> None:
         allowance = exchange.wait_allowance(self._clock()) or 0.0
@@ -324,69 +290,6 @@ class SharedLeaseStage(Stage):
 
     def snapshot(self) -> dict[str, object]:
         return {"limit": self.limit, "held": len(self.held), "waiting": self.pending}
-
-
-class SharedPacingStage(PacingStage):
-    """``pacing.shared: true``: pauses learned here are published; others' are read twice a second."""
-
-    __slots__ = ("shared", "background", "_key_name", "_next_read", "_reading", "_published_until")
-
-    def __init__(
-        self,
-        upstream: str,
-        settings: Pacing,
-        shared: SharedRedis,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(upstream, settings, clock, wall)
-        self.shared = shared
-        self.background = _Background()
-        self._key_name = shared.key(upstream, "pause")
-        self._next_read = 0.0
-        self._reading: asyncio.Future[None] | None = None
-        self._published_until = 0.0
-
-    async def admit(self, exchange: Exchange) -> None:
-        if self._learn and self._clock() >= self._next_read:
-            if self._reading is None:
-                self._reading = asyncio.ensure_future(self._read())
-            try:
-                await asyncio.shield(self._reading)
-            except SharedUnavailable:
-                if self.shared.deny:
-                    raise _unavailable(self.upstream) from None
-        await super().admit(exchange)
-
-    async def _read(self) -> None:
-        shared = self.shared
-        try:
-            value, ttl = await shared.call("pacing_read", lambda: shared.pause_read(keys=[self._key_name]))
-        finally:
-            self._reading = None
-            self._next_read = self._clock() + PAUSE_READ_EVERY
-        source = value.decode() if isinstance(value, bytes) else str(value)
-        if source in _SOURCES and int(ttl) > 0:
-            until = self._clock() + int(ttl) / 1000
-            self._published_until = max(self._published_until, until)
-            self.core.impose(None, until, source)
-
-    def observe(self, exchange: Exchange, attempt: Attempt) -> None:
-        super().observe(exchange, attempt)
-        if exchange.pacing_key is not None:
-            return  # partitions (partition_by) are learned per replica
-        partition = self.core.peek(None)
-        now = self._clock()
-        blocked = None if partition is None else partition.blocked_until(now)
-        # Publish a pause (or an empty budget) this replica learned and others do not know yet.
-        if blocked is not None and blocked[0] > self._published_until + 0.05:
-            until, source = blocked
-            self._published_until = until
-            ms = max(1, round((until - now) * 1000))
-            shared = self.shared
-            self.background.start(
-                shared.call("pacing_publish", lambda: shared.pause(keys=[self._key_name], args=[ms, source]))
-            )
 
 
 # ------------------------------------------------ the stack's three entries
