@@ -382,3 +382,38 @@ async def test_leases_and_tasks_are_back_to_zero_after_a_storm_with_cancellation
         await assert_at_rest(sidecar)
         await eventually(lambda: not stage.held and stage.pending == 0 and stage.tasks() == 0, timeout=5)
         await _eventually(lambda: redis_server.command("ZCARD", "sidecar:{api}:leases").strip() == b":0")
+
+
+async def test_a_long_request_keeps_its_lease_past_the_lease_time(tmp_path: Path, redis_server: RedisServer) -> None:
+    """lease 1 s, limit 1: a 2.5 s request renews its lease, so the other sidecar waits for it."""
+    in_flight = [0, 0]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            await asyncio.sleep(2.5 if request.path == "/long" else 0.01)
+            return web.Response(text="ok")
+        finally:
+            in_flight[0] -= 1
+
+    async with Upstream(handler) as upstream, AsyncExitStack() as stack:
+        text = _config(
+            upstream.url,
+            redis_server.url,
+            lease="1s",
+            limits="{ shared_max_concurrent_requests: 1 }",
+            timeouts="{ pool: 10s }",
+        )
+        a, b = await stack.enter_async_context(_sidecars(tmp_path, text))
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        long = asyncio.ensure_future(session.get(f"{a.url}/api/long"))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        async with session.get(f"{b.url}/api/short") as response:
+            assert response.status == 200
+        waited = time.monotonic() - started
+        async with await long as response:
+            assert response.status == 200
+        assert in_flight[1] == 1
+        assert 1.5 <= waited <= 4.0, waited  # it waited for the long request, well past the 1 s lease
