@@ -19,6 +19,7 @@ from .config import ConfigError, public_view
 from .metrics import CONTENT_TYPE
 from .policy.pacing import pacing_stage
 from .policy.rate_limit import rate_limit_of
+from .policy.shared import shared_snapshot
 from .redact import REDACTED, contains_secret, scrubber
 from .reload import ReloadRefused, ReloadResult
 from .statuspage import status_page, upstream_stats
@@ -160,6 +161,7 @@ def pool_snapshot(pool: UpstreamPool, secrets: frozenset[str] = frozenset()) -> 
             name: {"in_flight": in_flight, "pending": pending}
             for name, (in_flight, pending) in sorted(admission.per_caller().items())
         },
+        "shared": shared_snapshot(pool),
         "totals": {"requests": sum(pool.outcomes.values()), "by_outcome": dict(sorted(pool.outcomes.items()))},
     }
 

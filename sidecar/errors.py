@@ -182,6 +182,12 @@ class UpstreamPaused(Rejected):
     code = "upstream_paused"
 
 
+class SharedLimitsUnavailable(Rejected):
+    """Redis, where the shared limits are counted, did not answer (``on_error: deny``)."""
+
+    code = "shared_limits_unavailable"
+
+
 class UpstreamError(SidecarError):
     counted_as = "upstream"
     """The upstream failed before its response headers arrived."""

@@ -78,6 +78,10 @@ class Exchange:
     # Pacing: the learned-limits partition and the request's place in it.
     pacing_key: bytes | None = None
     pacing_ticket: int = 0
+    # Shared limits: the first token came from Redis (nothing local to give
+    # back), and the concurrency lease this request holds there, if any.
+    shared_token: bool = False
+    lease_id: str | None = None
     # Attempts at the upstream, in order.
     attempts: list[Attempt] = field(default_factory=list)
     # Retries: may the request be sent again (no body, or a body kept whole for

@@ -202,7 +202,7 @@ class Generations:
             upstream = config.upstream(name)
             assert upstream is not None
             try:
-                opened[name] = UpstreamPool(upstream)
+                opened[name] = UpstreamPool(upstream, config.shared)
             except Exception as exc:
                 self._close_all(opened.values())
                 where = f"upstreams.{name}.tls" if isinstance(exc, OSError) else f"upstreams.{name}"

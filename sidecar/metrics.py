@@ -23,6 +23,7 @@ from . import __version__
 from .errors import ClientDisconnected, client_error_codes, codes_counted_as
 from .policy.pacing import pacing_stage
 from .pools import UpstreamPool
+from .shared import ERRORS as SHARED_ERRORS
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -231,6 +232,18 @@ class _UpstreamSeries:
         return child
 
 
+class _SharedErrorsCollector(Collector):
+    """sidecar_shared_errors_total{op}: failed Redis calls of the shared limits (docs/shared-limits.md)."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "sidecar_shared_errors", "Redis calls of the shared limits that failed or timed out", labels=["op"]
+        )
+        for op, count in sorted(SHARED_ERRORS.items()):
+            family.add_metric([op], count)
+        yield family
+
+
 class Metrics:
     """The sidecar's metrics, in a registry of their own (not the global one)."""
 
@@ -284,6 +297,7 @@ class Metrics:
         )
         self.reloads = Counter("sidecar_config_reloads_total", "Config reloads by result", ["result"], registry=r)
         r.register(_PoolCollector(pools))
+        r.register(_SharedErrorsCollector())
         self._request_series: dict[tuple[str, str, int, str], Any] = {}
         self._upstream_series: dict[str, _UpstreamSeries] = {}
 

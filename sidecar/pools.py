@@ -11,13 +11,14 @@ from collections.abc import Mapping
 
 import httpx
 
-from .config import HTTP2Mode, Upstream
+from .config import HTTP2Mode, Shared, Upstream
 from .config.scalars import OTHER_CALLER, caller_name
 from .policy.adaptive import GradientLimit
 from .policy.admission import Admission
 from .policy.breaker import CircuitBreaker
 from .policy.retry import RetryPolicy
 from .policy.stack import upstream_stages
+from .shared import SharedRedis, shared_redis
 from .upstream.pool import PoolTransport
 from .upstream.poolstate import PoolStats
 
@@ -74,8 +75,10 @@ def ssl_context_for(upstream: Upstream) -> ssl.SSLContext | None:
 class UpstreamPool:
     """Everything the sidecar holds for one upstream, opened inside the loop."""
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, shared: Shared | None = None) -> None:
         self.upstream = upstream
+        # The process's Redis client when the config has a shared: section (docs/shared-limits.md).
+        self.shared: SharedRedis | None = shared_redis(shared)
         limits, timeouts = upstream.limits, upstream.timeouts
         self.admission = Admission(
             upstream.name,

@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
+from .config import Config, Upstream
 
 
 class ReloadRefused(Exception):
@@ -56,17 +56,29 @@ def plan_reload(old: Config, new: Config) -> ReloadResult:
     """Compare two configs; pure, touches nothing."""
     before = {upstream.name: upstream for upstream in old.upstreams}
     added, changed, unchanged = [], [], []
+    # A pool takes its Redis client when it is built: a changed shared:
+    # section replaces every pool with a shared limit (docs/shared-limits.md).
+    shared_changed = old.shared != new.shared
     for upstream in new.upstreams:
         current = before.get(upstream.name)
         if current is None:
             added.append(upstream.name)
-        elif current == upstream:
+        elif current == upstream and not (shared_changed and uses_shared(upstream)):
             unchanged.append(upstream.name)
         else:
             changed.append(upstream.name)
     names = {upstream.name for upstream in new.upstreams}
     removed = [name for name in before if name not in names]
     return ReloadResult(tuple(added), tuple(changed), tuple(removed), tuple(unchanged), restart_needed(old, new))
+
+
+def uses_shared(upstream: Upstream) -> bool:
+    limit = upstream.rate_limit
+    return (
+        (limit is not None and limit.shared)
+        or upstream.limits.shared_max_concurrent_requests is not None
+        or upstream.pacing.shared
+    )
 
 
 def restart_needed(old: Config, new: Config) -> tuple[str, ...]:

@@ -110,7 +110,9 @@ def _split_rate(limit: RateLimit | None, workers: int, index: int) -> RateLimit 
     never send)."""
     if limit is None:
         return None
-    return RateLimit(rate=limit.rate / workers, burst=max(1, share(limit.burst, workers, index)))
+    # A shared limit is counted in Redis for every worker together; the split
+    # is what each worker falls back to when Redis is unreachable.
+    return RateLimit(rate=limit.rate / workers, burst=max(1, share(limit.burst, workers, index)), shared=limit.shared)
 
 
 def worker_admin(config: Config, admin: HostPort | str | None, index: int) -> HostPort | None:

@@ -2,7 +2,7 @@
 
 The steps, in order:
 
-1. YAML → plain data (``_StrictLoader``): duplicate keys and runaway nesting
+1. YAML → plain data (``yamlfile.py``): duplicate keys and runaway nesting
    are refused with a location, never a traceback.
 2. Validation of the document, layer by layer, by the schema (``schema.py``):
    every value is checked where it is written, ``defaults`` included, after
@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import ssl
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -47,77 +48,16 @@ from .model import (
     Retries,
     RetryBudget,
     Route,
+    Shared,
     Timeouts,
     TLSSettings,
     Upstream,
     check_divisible,
 )
 from .schema import DefaultsLayer, Document, UpstreamSection
-from .translate import TOP_LEVEL, config_error
+from .translate import config_error
 from .view import admin_exposure_warning
-
-# Far deeper than any real config (about six levels), and far from where
-# PyYAML's recursive composer meets Python's recursion limit (about 490).
-# Nothing after composing goes deeper than the schema: pydantic descends only
-# into known sections, so aliases (even `&a [*a]`) cannot make it recurse.
-MAX_DEPTH = 64
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing duplicate keys.
-
-    PyYAML keeps the last of two equal keys silently: a second upstream with
-    the same name would replace the first without a word.  (Runaway nesting is
-    refused before this loader runs: see :func:`_check_depth`.)
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor` may legitimately be overridden
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # unhashable: the base class reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def _check_depth(text: str, source: str) -> None:
-    """Refuse a document nested deeper than MAX_DEPTH, naming where.
-
-    PyYAML's parser is a state machine (no recursion), so its event stream is
-    walked before the recursive composer ever sees the document.
-    """
-    # One frame per open collection: [is a mapping, current key or index, next node is a key].
-    frames: list[list[Any]] = []
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            frames.pop()
-            continue
-        if not isinstance(event, yaml.NodeEvent):
-            continue
-        if frames:
-            frame = frames[-1]
-            if not frame[0]:
-                frame[1] += 1
-            else:
-                if frame[2]:
-                    frame[1] = event.value if isinstance(event, yaml.ScalarEvent) else "?"
-                frame[2] = not frame[2]
-        if isinstance(event, yaml.CollectionStartEvent):
-            if len(frames) >= MAX_DEPTH:
-                path = ""
-                for is_mapping, key, _ in frames:
-                    path = f"{path}.{key}" if is_mapping and path else (str(key) if is_mapping else f"{path}[{key}]")
-                mark = event.start_mark
-                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-                raise ConfigError(source, path or TOP_LEVEL, f"nested more than {MAX_DEPTH} levels deep{where}")
-            frames.append([isinstance(event, yaml.MappingStartEvent), -1, True])
+from .yamlfile import read_yaml
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -135,8 +75,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 def parse_config(text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
     """Validate YAML text into a Config. Raises ConfigError, never anything else."""
     try:
-        _check_depth(text, source)
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+        raw = read_yaml(text, source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -172,6 +111,7 @@ class _Builder:
             for name, section in document.upstreams.items()
         )
         self.check_routes_unique(upstreams)
+        shared = self.shared(document, upstreams)
         exposed = admin_exposure_warning(admin.listen, admin.token)
         if exposed is not None:
             self.warnings.append(exposed)
@@ -183,6 +123,7 @@ class _Builder:
             workers=document.workers,
             inbound=inbound,
             upstreams=upstreams,
+            shared=shared,
             secrets=frozenset(self.secrets),
             warnings=tuple(self.warnings),
         )
@@ -234,6 +175,7 @@ class _Builder:
             max_pending=pick("limits", "max_pending")[1],
             adaptive=pick("limits", "adaptive")[1],
             min_concurrent=pick("limits", "min_concurrent")[1],
+            shared_max_concurrent_requests=pick("limits", "shared_max_concurrent_requests")[1],
         )
         if limits.min_concurrent > concurrent:
             raise self.error(
@@ -264,7 +206,9 @@ class _Builder:
             rate_limit=self.rate_limit(name, pick),
             retries=self.retries(name, own, defaults),
             circuit_breaker=self.circuit_breaker(name, own, defaults),
-            pacing=Pacing(**{key: pick("pacing", key)[1] for key in ("learn", "max_pause", "partition_by", "spread")}),
+            pacing=Pacing(
+                **{key: pick("pacing", key)[1] for key in ("learn", "max_pause", "partition_by", "spread", "shared")}
+            ),
         )
 
     @staticmethod
@@ -327,7 +271,42 @@ class _Builder:
                 )
             return None
         # Unset: one second's worth of requests, so a steady caller at the rate never waits.
-        return RateLimit(rate=rate, burst=max(1, int(rate)) if burst is None else burst)
+        return RateLimit(
+            rate=rate, burst=max(1, int(rate)) if burst is None else burst, shared=pick("rate_limit", "shared")[1]
+        )
+
+    def shared(self, document: Document, upstreams: tuple[Upstream, ...]) -> Shared | None:
+        """The top-level ``shared:`` section; any shared limit without it names ``shared.redis``."""
+        section = document.shared
+        if section is None:
+            for upstream in upstreams:
+                wants = [
+                    what
+                    for what, on in (
+                        ("rate_limit.shared", upstream.rate_limit is not None and upstream.rate_limit.shared),
+                        ("limits.shared_max_concurrent_requests", upstream.limits.shared_max_concurrent_requests),
+                        ("pacing.shared", upstream.pacing.shared),
+                    )
+                    if on
+                ]
+                if wants:
+                    raise self.error(
+                        "shared.redis",
+                        f"is required: upstream {upstream.name!r} sets {', '.join(wants)} "
+                        "(a top-level shared: section with redis: URL)",
+                    )
+            return None
+        password = urlsplit(section.redis).password
+        if password:
+            self.secrets.add(password)
+            self.secrets.add(unquote(password))
+        return Shared(
+            redis=section.redis,
+            key_prefix=section.key_prefix,
+            timeout=section.timeout,
+            on_error=section.on_error,
+            lease=section.lease,
+        )
 
     def tls(self, name: str, pick: Callable[[str, str], tuple[str, Any]]) -> TLSSettings:
         verify_path, verify = pick("tls", "verify")

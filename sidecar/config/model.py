@@ -64,6 +64,8 @@ class Limits:
     max_pending: int
     adaptive: bool = False  # the in-flight limit follows the upstream's latency (docs/callers-and-adaptive-limits.md)
     min_concurrent: int = 1  # the adaptive limit's floor
+    # Across every replica sharing the top-level `shared.redis`; None: not shared.
+    shared_max_concurrent_requests: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,7 @@ class Timeouts:
 class RateLimit:
     rate: float  # requests per second
     burst: int  # tokens that may be saved up (at least 1)
+    shared: bool = False  # counted across replicas in Redis (docs/shared-limits.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,18 @@ class Pacing:
     max_pause: float = 60.0
     partition_by: str | None = None  # a caller header: one learned state per value
     spread: bool = False
+    shared: bool = False  # a learned pause or budget is published to every replica
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """The top-level `shared:` section: the Redis every replica counts in (docs/shared-limits.md)."""
+
+    redis: str  # redis:// or rediss:// URL; its password is a secret
+    key_prefix: str = "sidecar:"
+    timeout: float = 0.05  # every Redis call
+    on_error: str = "local"  # "local" (fall back to local limits) or "deny" (503)
+    lease: float = 10.0  # a concurrency lease not renewed within this is freed
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +249,7 @@ class Config:
     workers: int
     inbound: Inbound
     upstreams: tuple[Upstream, ...]
+    shared: Shared | None = None  # None: no shared limits
     # Values that came from ${VAR}; never printed, logged or served.
     secrets: frozenset[str] = field(default=frozenset(), compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -74,6 +74,7 @@ class LimitsLayer(Section):
     max_pending: NonNegativeInt = 1000
     adaptive: Boolean = False
     min_concurrent: PositiveInt = 1
+    shared_max_concurrent_requests: OptionalPositiveInt = None  # across replicas (top-level shared:)
 
 
 class TimeoutsLayer(Section):
@@ -86,6 +87,7 @@ class TimeoutsLayer(Section):
 class RateLimitLayer(Section):
     rate: OptionalRate = None  # null: no rate limit
     burst: OptionalPositiveInt = None  # null: the requests in one second of rate, at least 1
+    shared: Boolean = False  # counted across replicas (top-level shared:)
 
 
 def _rate_limit_off(value: Any) -> Any:
@@ -160,6 +162,28 @@ class PacingLayer(Section):
     max_pause: Annotated[Duration, AfterValidator(_positive_duration)] = 60.0
     partition_by: Annotated[str | None, PlainValidator(optional(header_name))] = None
     spread: Boolean = False
+    shared: Boolean = False  # learned pauses published to every replica (top-level shared:)
+
+
+def _redis_url(value: object) -> str:
+    url = non_empty_string(value)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return url
+
+
+def _on_error(value: object) -> str:
+    if value not in ("local", "deny"):
+        raise ValueError(f"must be local or deny, got {shown(value)}")
+    return str(value)
+
+
+class SharedSection(Section):
+    redis: Annotated[str, PlainValidator(expanded(_redis_url))]
+    key_prefix: Annotated[str, PlainValidator(expanded(non_empty_string))] = "sidecar:"
+    timeout: Annotated[Duration, AfterValidator(_positive_duration)] = 0.05
+    on_error: Annotated[str, PlainValidator(expanded(_on_error))] = "local"
+    lease: Annotated[Duration, AfterValidator(_positive_duration)] = 10.0
 
 
 def _caller_weights(value: object) -> dict[str, float]:
@@ -271,6 +295,7 @@ class Document(Section):
     shutdown_timeout: Duration = 30.0
     workers: PositiveInt = 1
     inbound: InboundSection = InboundSection()
+    shared: SharedSection | None = None
     defaults: DefaultsLayer = DefaultsLayer()
     callers: CallersSection = CallersSection()
     upstreams: Annotated[

@@ -43,7 +43,20 @@ def public_view(config: Config) -> dict[str, Any]:
         "workers": config.workers,
         "inbound": scrub(config.inbound),
         "upstreams": {upstream.name: scrub(upstream) for upstream in config.upstreams},
+        # The Redis URL is shown with its password (if any) redacted, whatever its origin.
+        "shared": None
+        if config.shared is None
+        else {**scrub(config.shared), "redis": redis_url_shown(config.shared.redis)},
     }
+
+
+def redis_url_shown(url: str) -> str:
+    """A Redis URL with any user and password replaced: safe for /config, /pools and logs."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return url
+    return f"{scheme}://{REDACTED}@{rest[at + 1 :]}"
 
 
 def admin_exposure_warning(listen: HostPort | None, token: str | None) -> str | None:

@@ -183,6 +183,17 @@ class PacingCore:
         """The count of requests let through so far (read right after a GO)."""
         return self._partition(key).admitted
 
+    def impose(self, key: bytes | None, until: float, source: str) -> bool:
+        """A pause learned elsewhere (another replica): holds here until ``until``.
+        True when it extends what was known."""
+        partition = self._partition(key)
+        if until <= partition.paused_until:
+            return False
+        partition.paused_until = until
+        partition.source = source
+        partition.remaining = None
+        return True
+
     def learn(self, key: bytes | None, status: int, reading: Reading, now: float, ticket: int) -> None:
         """Fold one response's signals in.  ``ticket`` is the partition's
         admitted count when that request went: requests let through after it

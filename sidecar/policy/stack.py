@@ -18,9 +18,8 @@ from .body_limit import DeclaredBodyLimit
 from .breaker import CircuitBreakerStage
 from .deadline import DeadlineStage
 from .draining import DrainingGate
-from .pacing import PacingStage
-from .rate_limit import rate_limit_stages
 from .retry import RetryStage
+from .shared import pacing_stages, shared_lease_stages, shared_rate_limit_stages
 
 if TYPE_CHECKING:
     from ..pools import UpstreamPool
@@ -38,10 +37,11 @@ def upstream_stages(pool: UpstreamPool) -> Stages:
             DeclaredBodyLimit(),
             DeadlineStage(),
             CircuitBreakerStage(pool.circuit),
-            PacingStage(pool.name, pool.upstream.pacing),
-            *rate_limit_stages(pool.upstream),
+            *pacing_stages(pool.name, pool.upstream.pacing, pool.shared),
+            *shared_rate_limit_stages(pool.upstream, pool.shared),
             AdmissionStage(pool.admission),
             *adaptive_stages(pool.admission, pool.concurrency),
+            *shared_lease_stages(pool.upstream, pool.shared),
             RetryStage(pool.retries),
         ]
     )

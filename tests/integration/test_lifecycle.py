@@ -697,8 +697,8 @@ async def test_reload_that_finishes_loading_after_the_drain_began_changes_nothin
         time.sleep(0.5)  # runs in a worker thread, like a slow (network) filesystem
         return real_load(path)
 
-    def recording_pool(upstream: object) -> UpstreamPool:
-        opened.append(real_pool(upstream))  # type: ignore[arg-type]
+    def recording_pool(upstream: object, shared: object = None) -> UpstreamPool:
+        opened.append(real_pool(upstream, shared))  # type: ignore[arg-type]
         return opened[-1]
 
     async with Upstream() as upstream:

@@ -1067,3 +1067,82 @@ def test_bad_pacing_values_name_their_path(section: str, path: str, problem: str
     assert problem in error.problem
     error = rejected(f"defaults:\n  pacing: {section}\nupstreams:\n  api: {{ url: http://a.internal }}\n")
     assert error.path == f"defaults.pacing.{path}"
+
+
+# ---------------------------------------------------------------- shared limits (docs/shared-limits.md)
+
+
+def test_shared_section_defaults_and_inherited_shared_fields() -> None:
+    config = parse(
+        """
+        shared: { redis: "redis://:${P}@10.0.0.5:6379/0" }
+        defaults:
+          rate_limit: { rate: 10/s, shared: true }
+          limits: { shared_max_concurrent_requests: 4 }
+          pacing: { shared: true }
+        upstreams:
+          a: { url: 'http://a' }
+          b: { url: 'http://b', rate_limit: { shared: false }, limits: { shared_max_concurrent_requests: null } }
+        """,
+        env={"P": "s3cret/x"},
+    )
+    shared = config.shared
+    assert shared is not None
+    assert (shared.key_prefix, shared.timeout, shared.on_error, shared.lease) == ("sidecar:", 0.05, "local", 10.0)
+    a, b = config.upstreams
+    assert a.rate_limit == RateLimit(rate=10.0, burst=10, shared=True) and a.pacing.shared
+    assert a.limits.shared_max_concurrent_requests == 4
+    assert b.rate_limit == RateLimit(rate=10.0, burst=10, shared=False)
+    assert b.limits.shared_max_concurrent_requests is None and b.pacing.shared
+    assert "s3cret/x" in config.secrets
+    view = public_view(config)
+    assert view["shared"]["redis"] == "redis://<redacted>@10.0.0.5:6379/0"
+    assert "s3cret" not in str(view)
+
+
+def test_a_literal_redis_password_is_a_secret_too() -> None:
+    config = parse(
+        """
+        shared: { redis: "rediss://user:pw%40here@redis:6380/1", on_error: deny, lease: 3s, timeout: 20ms }
+        upstreams: { a: { url: 'http://a' } }
+        """
+    )
+    assert {"pw%40here", "pw@here"} <= config.secrets
+    assert "pw" not in str(public_view(config)["shared"])
+
+
+@pytest.mark.parametrize(
+    ("setting", "wants"),
+    [
+        ("rate_limit: { rate: 5/s, shared: true }", "rate_limit.shared"),
+        ("limits: { shared_max_concurrent_requests: 3 }", "limits.shared_max_concurrent_requests"),
+        ("pacing: { shared: true }", "pacing.shared"),
+    ],
+)
+def test_a_shared_limit_without_a_shared_section_names_shared_redis(setting: str, wants: str) -> None:
+    error = rejected(f"upstreams:\n  a: {{ url: 'http://a', {setting} }}\n")
+    assert error.path == "shared.redis" and wants in str(error)
+
+
+@pytest.mark.parametrize(
+    ("section", "path"),
+    [
+        ("{ redis: 'http://x' }", "shared.redis"),
+        ("{ key_prefix: 'x' }", "shared.redis"),
+        ("{ redis: 'redis://x', timeout: 0s }", "shared.timeout"),
+        ("{ redis: 'redis://x', lease: -1s }", "shared.lease"),
+        ("{ redis: 'redis://x', on_error: maybe }", "shared.on_error"),
+        ("{ redis: 'redis://x', pool: 3 }", "shared"),
+    ],
+)
+def test_bad_shared_values_name_their_path(section: str, path: str) -> None:
+    error = rejected(f"shared: {section}\nupstreams:\n  a: {{ url: 'http://a' }}\n")
+    assert error.path.startswith(path), error
+
+
+def test_a_bad_shared_max_concurrent_requests_names_its_path() -> None:
+    error = rejected(
+        "shared: { redis: 'redis://x' }\n"
+        "upstreams:\n  a: { url: 'http://a', limits: { shared_max_concurrent_requests: 0 } }\n"
+    )
+    assert error.path == "upstreams.a.limits.shared_max_concurrent_requests"

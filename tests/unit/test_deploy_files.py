@@ -297,3 +297,40 @@ def test_kubernetes_app_calls_the_sidecar_on_the_pod_loopback_as_non_root() -> N
     security = container["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
     assert security["allowPrivilegeEscalation"] is False
+
+
+# ------------------------------------------------------------ shared limits
+
+
+def test_the_shared_limits_compose_file_runs_two_sidecars_on_one_redis() -> None:
+    document = yaml.safe_load((ROOT / "docker-compose.shared.yml").read_text())
+    services = document["services"]
+    sidecars = [name for name in services if name.startswith("sidecar-")]
+    assert len(sidecars) == 2 and "redis" in services
+    mounts = {services[name]["volumes"][0] for name in sidecars}
+    (mount,) = mounts
+    host, container = mount.split(":")[:2]
+    assert container == str(PurePosixPath(CONFIG_IN_IMAGE).parent)
+    text = (ROOT / host / "upstreams.yaml").read_text()
+    config = parse_config(text, source="compose", env={"REDIS_PASSWORD": "x"})
+    assert config.shared is not None and "@redis:6379" in config.shared.redis
+    demo = config.upstream("demo")
+    assert demo is not None and demo.rate_limit is not None and demo.rate_limit.shared
+    for name in sidecars:
+        assert "REDIS_PASSWORD" in services[name]["environment"]
+        assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"])
+
+
+def test_the_kubernetes_shared_limits_example_has_replicas_sharing_a_redis_service() -> None:
+    path = ROOT / "deploy/kubernetes/shared-limits/orders-shared-limits.yaml"
+    documents = list(yaml.safe_load_all(path.read_text()))
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    service = kinds[("Service", "sidecar-redis")]
+    app = kinds[("Deployment", "orders")]
+    assert app["spec"]["replicas"] >= 2
+    text = kinds[("ConfigMap", "orders-sidecar-shared-config")]["data"]["upstreams.yaml"]
+    config = parse_config(text, source="configmap", env={"REDIS_PASSWORD": "x"})
+    assert config.shared is not None and service["metadata"]["name"] in config.shared.redis
+    (sidecar,) = app["spec"]["template"]["spec"]["initContainers"]
+    env = {e["name"]: e for e in sidecar["env"]}
+    assert "secretKeyRef" in env["REDIS_PASSWORD"]["valueFrom"]

@@ -51,6 +51,7 @@ def test_the_metrics_label_sets_come_from_the_tree() -> None:
         "circuit_open",
         "upstream_rate_limited",
         "upstream_paused",
+        "shared_limits_unavailable",
     } == metrics.REJECTION_REASONS
     assert {
         "upstream_connect_error",

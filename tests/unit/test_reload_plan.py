@@ -83,3 +83,17 @@ def test_file_signature_follows_content_not_the_file(tmp_path: Path) -> None:
 def test_admin_per_worker_needs_a_restart() -> None:
     new = config(BASE.replace("listen: 127.0.0.1:8088", "listen: 127.0.0.1:8088\nadmin: { per_worker: true }"))
     assert plan_reload(config(BASE), new).restart_needed == ("admin.per_worker",)
+
+
+def test_a_changed_shared_section_replaces_the_pools_that_use_it() -> None:
+    """The Redis client is taken when a pool is built: a new redis URL must reach the pools."""
+    text = """
+        shared: {{ redis: "redis://{host}:6379/0" }}
+        upstreams:
+          a: {{ url: "http://a", rate_limit: {{ rate: 5/s, shared: true }} }}
+          b: {{ url: "http://b" }}
+        """
+    plan = plan_reload(config(text.format(host="old")), config(text.format(host="new")))
+    assert plan.changed == ("a",) and plan.unchanged == ("b",)
+    same = plan_reload(config(text.format(host="old")), config(text.format(host="old")))
+    assert same.changed == ()

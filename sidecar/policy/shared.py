@@ -1,0 +1,342 @@
+"""The shared limits' stages: a rate limit, concurrency leases and learned pauses in Redis.
+
+Each wraps what the same limit does locally (docs/shared-limits.md): when
+Redis answers, the count is the one every replica shares; when it does not
+(``shared.timeout``, or a recent failure), ``on_error: local`` uses this
+process's own limit and ``on_error: deny`` refuses with 503
+``shared_limits_unavailable``.  The decisions are Redis's scripts
+(sidecar/shared.py, one atomic round trip each, on the server's clock); these
+shells only wait and wake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..errors import PoolTimeout, QueueFull, RateLimited
+from ..shared import Background, SharedRedis, SharedUnavailable, unavailable
+from . import Stage
+from .pacing import PacingStage
+from .rate_limit import RateLimitStage, rate_limit_stages
+from .shared_pacing import SharedPacingStage
+
+if TYPE_CHECKING:
+    from ..config import Pacing, RateLimit, Upstream
+    from ..exchange import Attempt, Exchange
+    from ..pools import UpstreamPool
+
+# A waiter for a lease re-checks Redis at least this often even if no release
+# message reaches it (the wake-up is a pub/sub message on every release).
+LEASE_RECHECK = 0.1
+
+
+class SharedRateLimitStage(RateLimitStage):
+    """``rate_limit.shared: true``: one GCRA script call per attempt; the local limit as fallback."""
+
+    __slots__ = ("shared", "_key", "_interval_us", "_tolerance_us")
+    name = "rate_limit"
+
+    def __init__(
+        self, upstream: str, limit: RateLimit, shared: SharedRedis, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(upstream, limit, clock)
+        self.shared = shared
+        self._key = shared.key(upstream, "rate")
+        self._interval_us = round(1_000_000 / limit.rate)
+        self._tolerance_us = self._interval_us * limit.burst
+
+    async def admit(self, exchange: Exchange) -> None:
+        exchange.shared_token = await self._take_shared(exchange)
+
+    async def before_retry(self, exchange: Exchange, attempt: Attempt) -> None:
+        await self._take_shared(exchange)
+
+    def release(self, exchange: Exchange) -> None:
+        if not exchange.shared_token:
+            super().release(exchange)
+
+    async def _take_shared(self, exchange: Exchange) -> bool:
+        """True when the token came from Redis; False when the local limit gave it."""
+        shared = self.shared
+        if shared.usable():
+            allowed = exchange.wait_allowance(self._clock())
+            allowed_us = 0 if allowed is None else int(allowed * 1_000_000)
+            try:
+                granted, wait_us = await shared.call(
+                    "rate_limit",
+                    lambda: shared.gcra(keys=[self._key], args=[self._interval_us, self._tolerance_us, allowed_us]),
+                )
+            except SharedUnavailable:
+                pass
+            else:
+                wait = int(wait_us) / 1_000_000
+                if not int(granted):
+                    raise RateLimited(
+                        f"shared rate limit of upstream {self.upstream!r} ({self.core.rate:g}/s, "
+                        f"burst {self.core.burst}): no token within the request's wait allowance "
+                        f"(next in {wait:.3f}s)",
+                        upstream=self.upstream,
+                        retry_after=self.core.retry_after(wait),
+                    )
+                if wait > 0.0:
+                    self.waiting += 1
+                    try:
+                        await asyncio.sleep(wait)
+                    finally:
+                        self.waiting -= 1
+                return True
+        if shared.deny:
+            raise unavailable(self.upstream)
+        await self._take(exchange)
+        return False
+
+    def snapshot(self) -> dict[str, float | int]:
+        entry = super().snapshot()
+        entry["shared"] = 1
+        return entry
+
+
+class SharedLeaseStage(Stage):
+    """``limits.shared_max_concurrent_requests``: a lease in Redis per request in flight.
+
+    A request that finds every lease taken waits (FIFO in this process: only
+    the head of the line asks Redis) until a release message wakes it or
+    :data:`LEASE_RECHECK` passes, within its wait allowance; at most
+    ``max_pending`` wait.  Leases held are renewed every ``lease / 3`` while
+    their requests run; a dead holder's expire after ``lease``.
+    """
+
+    __slots__ = (
+        "upstream",
+        "limit",
+        "shared",
+        "max_pending",
+        "pending",
+        "held",
+        "background",
+        "_key",
+        "_channel",
+        "_lease_ms",
+        "_head",
+        "_wake",
+        "_listener",
+        "_renewer",
+        "_clock",
+    )
+    name = "shared_leases"
+
+    def __init__(
+        self,
+        upstream: str,
+        limit: int,
+        shared: SharedRedis,
+        max_pending: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self.limit = limit
+        self.shared = shared
+        self.max_pending = max_pending
+        self.pending = 0
+        self.held: set[str] = set()
+        self.background = Background()
+        self._key = shared.key(upstream, "leases")
+        self._channel = shared.key(upstream, "released")
+        self._lease_ms = max(1, round(shared.settings.lease * 1000))
+        self._head: asyncio.Lock | None = None
+        self._wake: asyncio.Event | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._clock = clock
+
+    async def admit(self, exchange: Exchange) -> None:
+        shared = self.shared
+        if not shared.usable():
+            return self._fallback()
+        head = self._head
+        if head is None:
+            head = self._head = asyncio.Lock()
+            self._wake = asyncio.Event()
+        try:
+            if not head.locked() and await self._acquire(exchange):
+                return None
+            await self._wait(exchange, head)
+        except SharedUnavailable:
+            return self._fallback()
+        return None
+
+    def _fallback(self) -> None:
+        # on_error: local: the local limits (admission's slots) still hold.
+        if self.shared.deny:
+            raise unavailable(self.upstream)
+
+    async def _wait(self, exchange: Exchange, head: asyncio.Lock) -> None:
+        allowance = exchange.wait_allowance(self._clock()) or 0.0
+        if self.pending >= self.max_pending:
+            raise QueueFull(
+                f"upstream {self.upstream!r}: {self.pending} requests already wait for a shared lease",
+                upstream=self.upstream,
+            )
+        if allowance <= 0.0:
+            raise self._timeout()
+        self.pending += 1
+        self._listen()
+        try:
+            async with asyncio.timeout(allowance), head:
+                wake = self._wake
+                assert wake is not None
+                while True:
+                    wake.clear()
+                    if await self._acquire(exchange):
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), LEASE_RECHECK)
+        except TimeoutError:
+            raise self._timeout() from None
+        finally:
+            self.pending -= 1
+
+    def _timeout(self) -> PoolTimeout:
+        return PoolTimeout(
+            f"upstream {self.upstream!r}: no shared lease ({self.limit} across replicas) "
+            "within the request's wait allowance",
+            upstream=self.upstream,
+        )
+
+    async def _acquire(self, exchange: Exchange) -> bool:
+        lease_id = uuid.uuid4().hex
+        shared = self.shared
+        confirmed = False
+        try:
+            granted = await shared.call(
+                "lease_acquire",
+                lambda: shared.acquire(keys=[self._key], args=[self.limit, self._lease_ms, lease_id]),
+            )
+            confirmed = True
+        finally:
+            if not confirmed:
+                # Cancelled (or failed) while the script ran: it may have
+                # granted the lease; free it rather than let it wait out `lease`.
+                self.background.start(self._free([lease_id]))
+        if not int(granted):
+            return False
+        exchange.lease_id = lease_id
+        self.held.add(lease_id)
+        self._renew_soon()
+        return True
+
+    def release(self, exchange: Exchange) -> None:
+        lease_id = exchange.lease_id
+        if lease_id is None:
+            return
+        exchange.lease_id = None
+        self.held.discard(lease_id)
+        self.background.start(self._free([lease_id]))
+
+    async def _free(self, ids: list[str]) -> None:
+        shared = self.shared
+        with contextlib.suppress(SharedUnavailable):
+            await shared.call("lease_release", lambda: shared.release(keys=[self._key, self._channel], args=ids))
+        if self._wake is not None:
+            self._wake.set()  # this process's own waiters need no message
+
+    # ------------------------------------------------ renewal and wake-ups
+
+    def _renew_soon(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        shared = self.shared
+        while self.held:
+            await asyncio.sleep(shared.settings.lease / 3)
+            args: list[str | int] = [self._lease_ms, *self.held]
+            if len(args) > 1:
+                with contextlib.suppress(SharedUnavailable):
+                    await shared.call("lease_renew", lambda: shared.renew(keys=[self._key], args=args))  # noqa: B023
+
+    def _listen(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._subscribe())
+
+    async def _subscribe(self) -> None:
+        """Wake the head waiter on every release by any replica, while anyone waits."""
+        while self.pending:
+            pubsub = self.shared.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                while self.pending:
+                    message = await pubsub.get_message(timeout=0.5)
+                    if message is not None and self._wake is not None:
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the bounded re-check still wakes the waiters
+                await asyncio.sleep(LEASE_RECHECK)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def tasks(self) -> int:
+        """Background tasks still running (releases in flight, the renewer, the listener)."""
+        running = len(self.background.tasks)
+        running += sum(1 for task in (self._listener, self._renewer) if task is not None and not task.done())
+        return running
+
+    def snapshot(self) -> dict[str, object]:
+        return {"limit": self.limit, "held": len(self.held), "waiting": self.pending}
+
+
+# ------------------------------------------------ the stack's three entries
+
+
+def pacing_stages(upstream_name: str, settings: Pacing, shared: SharedRedis | None) -> list[Stage]:
+    """The pacing stage: shared across replicas with ``pacing.shared`` (and a shared: section)."""
+    if shared is not None and settings.shared:
+        return [SharedPacingStage(upstream_name, settings, shared)]
+    return [PacingStage(upstream_name, settings)]
+
+
+def shared_rate_limit_stages(upstream: Upstream, shared: SharedRedis | None) -> list[Stage]:
+    """The rate limit stage: counted in Redis with ``rate_limit.shared``; else the local one."""
+    limit = upstream.rate_limit
+    if limit is not None and limit.shared and shared is not None:
+        return [SharedRateLimitStage(upstream.name, limit, shared)]
+    return rate_limit_stages(upstream)
+
+
+def shared_lease_stages(upstream: Upstream, shared: SharedRedis | None) -> list[Stage]:
+    """Leases after the local slot: a request waits for one while holding only its own slot."""
+    limit = upstream.limits.shared_max_concurrent_requests
+    if limit is None or shared is None:
+        return []
+    return [SharedLeaseStage(upstream.name, limit, shared, upstream.limits.max_pending)]
+
+
+def shared_lease_stage(stages: object) -> SharedLeaseStage | None:
+    for stage in getattr(stages, "stages", ()):
+        if isinstance(stage, SharedLeaseStage):
+            return stage
+    return None
+
+
+def shared_snapshot(pool: UpstreamPool) -> dict[str, object] | None:
+    """The /pools ``shared`` entry: the state of Redis and which limits are shared; None without shared:."""
+    shared = pool.shared
+    if shared is None:
+        return None
+    upstream = pool.upstream
+    leases = shared_lease_stage(pool.stages)
+    return {
+        **shared.snapshot(),
+        "rate_limit": upstream.rate_limit is not None and upstream.rate_limit.shared,
+        "pacing": upstream.pacing.shared,
+        "leases": None
+        if leases is None
+        else {"limit": leases.limit, "held": len(leases.held), "waiting": leases.pending},
+    }
