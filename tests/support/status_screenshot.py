@@ -25,7 +25,7 @@ from tests.support.sidecar import admin_url, proxy_url, running_sidecar
 from tests.support.upstreams import HypercornUpstream, Upstream, unused_port
 from tests.support.yaml import upstreams_yaml
 
-WIDTH = 1760
+WIDTH = 2400  # wide enough for the state column the policies add
 SETTLE_S = 12.0  # past the page's 10 s window, so every rate is a full one
 
 
