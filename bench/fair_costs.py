@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.policy.adaptive import GradientLimit
-from sidecar.policy.admission import Admission, AdmissionCore
+from sidecar.policy.admission import Admission
 from sidecar.policy.fair_core import FairAdmissionCore
 
 N = 200_000
@@ -36,7 +36,8 @@ def best_of(run: Callable[[], None], rounds: int = 5) -> float:
 
 
 def fifo_contended() -> None:
-    core: AdmissionCore[int] = AdmissionCore(4, 1000)
+    # One caller: the fair core serves it FIFO (what Part I's FIFO core did).
+    core: FairAdmissionCore[int] = FairAdmissionCore(4, 1000)
     for _ in range(4):
         core.try_acquire()
     for i in range(N):
@@ -57,7 +58,7 @@ def fair_contended() -> None:
 
 
 def fifo_free() -> None:
-    core: AdmissionCore[int] = AdmissionCore(4, 1000)
+    core: FairAdmissionCore[int] = FairAdmissionCore(4, 1000)
     for _ in range(N):
         core.try_acquire()
         core.release(0.05)
@@ -91,9 +92,9 @@ def adaptive_sample() -> None:
 
 def main() -> None:
     rows = [
-        ("FIFO core, contended (enqueue + grant)", best_of(fifo_contended)),
+        ("fair core, one caller (FIFO), contended (enqueue + grant)", best_of(fifo_contended)),
         ("fair core, 2 callers 9:1, contended (can_wait + enqueue + grant)", best_of(fair_contended)),
-        ("FIFO core, free slot (acquire + release)", best_of(fifo_free)),
+        ("fair core, one caller (FIFO), free slot (acquire + release)", best_of(fifo_free)),
         ("fair core, free slot (acquire + release)", best_of(fair_free)),
         ("fair shell, free slot (await acquire + release)", best_of(shell_free, 3)),
         ("adaptive limit, one attempt's sample", best_of(adaptive_sample)),

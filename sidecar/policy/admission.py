@@ -5,8 +5,9 @@ only while fewer than ``capacity`` are in flight; up to ``max_pending`` more
 wait here in arrival order for at most ``timeouts.pool``; anything beyond is
 refused at once.
 
-:class:`AdmissionCore` is the decision logic, plain synchronous code with no
-event loop, unit-tested on its own.  :class:`Admission` is the thin asyncio
+:class:`~sidecar.policy.fair_core.FairAdmissionCore` is the decision logic
+(weighted fair between callers; one caller alone is a plain FIFO), plain
+synchronous code with no event loop, unit-tested on its own.  :class:`Admission` is the thin asyncio
 shell: futures for waiters, a timer per waiter, and the rules for giving a
 slot back on every path (success, error, timeout, cancellation).
 :class:`AdmissionStage` puts it in a request's stack of stages.
@@ -15,119 +16,24 @@ slot back on every path (success, error, timeout, cancellation).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
 from ..config.scalars import OTHER_CALLER
 from ..errors import PoolTimeout, QueueFull
 from . import Stage
 from .deadline import budget_gone, exceeded
-
-# The Retry-After bounds and the hold-time smoothing are shared by both cores.
-from .fair_core import _EWMA_WEIGHT, FairAdmissionCore
 from .fair_core import RETRY_AFTER_MAX as RETRY_AFTER_MAX
 from .fair_core import RETRY_AFTER_MIN as RETRY_AFTER_MIN
+from .fair_core import FairAdmissionCore
 
 if TYPE_CHECKING:
     from ..exchange import Exchange
 
-W = TypeVar("W")
-
-
-class AdmissionCore(Generic[W]):
-    """Slots and a FIFO of waiters; decides, never waits."""
-
-    __slots__ = ("capacity", "max_pending", "in_flight", "_waiters", "_ewma_hold", "_samples")
-
-    def __init__(self, capacity: int, max_pending: int) -> None:
-        self.capacity = capacity
-        self.max_pending = max_pending
-        self.in_flight = 0
-        self._waiters: OrderedDict[W, None] = OrderedDict()
-        self._ewma_hold = 0.0  # seconds a slot is held, smoothed
-        self._samples = 0
-
-    @property
-    def pending(self) -> int:
-        return len(self._waiters)
-
-    def oldest_waiter(self) -> W | None:
-        return next(iter(self._waiters), None)
-
-    def try_acquire(self) -> bool:
-        """Take a slot at once if one is free and nobody is ahead in the queue."""
-        if self.in_flight < self.capacity and not self._waiters:
-            self.in_flight += 1
-            return True
-        return False
-
-    def can_wait(self) -> bool:
-        return len(self._waiters) < self.max_pending
-
-    def enqueue(self, waiter: W) -> None:
-        self._waiters[waiter] = None
-
-    def remove(self, waiter: W) -> bool:
-        """Drop a waiter that gave up (timeout, cancellation). False if not queued."""
-        return self._waiters.pop(waiter, False) is None
-
-    def release(self, held_for: float | None = None) -> W | None:
-        """Give a slot back; returns the waiter it was handed to, if any."""
-        if self.in_flight <= 0:
-            raise RuntimeError("admission slot released twice")
-        if held_for is not None:
-            self.observe_hold(held_for)
-        self.in_flight -= 1
-        return self._grant_next()
-
-    def observe_hold(self, held_for: float) -> None:
-        """Fold one slot hold time into the estimate behind :meth:`retry_after`."""
-        held_for = max(0.0, held_for)
-        if self._samples == 0:
-            self._ewma_hold = held_for  # the first sample, not a blend with 0
-        else:
-            self._ewma_hold += _EWMA_WEIGHT * (held_for - self._ewma_hold)
-        self._samples += 1
-
-    def resize(self, capacity: int, max_pending: int) -> list[W]:
-        """Change limits at runtime; returns waiters that now get a slot.
-
-        Lowering capacity never revokes a slot: in-flight requests finish and
-        new ones are admitted once the count is under the new cap.
-        """
-        self.capacity = capacity
-        self.max_pending = max_pending
-        granted = []
-        while (waiter := self._grant_next()) is not None:
-            granted.append(waiter)
-        return granted
-
-    def _grant_next(self) -> W | None:
-        if self._waiters and self.in_flight < self.capacity:
-            waiter, _ = self._waiters.popitem(last=False)
-            self.in_flight += 1
-            return waiter
-        return None
-
-    def retry_after(self) -> int:
-        """Seconds until a retry is likely to find room: the queue's drain time.
-
-        ``capacity`` slots each free up about once per smoothed hold time, so
-        the ``pending`` waiters ahead plus the retry itself are through after
-        ``hold * (pending + 1) / capacity`` seconds.  Rounded up to whole
-        seconds (RFC 9110 delay-seconds), at least 1, at most 60.
-        """
-        if self.capacity <= 0:
-            return RETRY_AFTER_MAX
-        estimate = self._ewma_hold * (len(self._waiters) + 1) / self.capacity
-        return max(RETRY_AFTER_MIN, min(RETRY_AFTER_MAX, math.ceil(estimate)))
-
 
 class Admission:
-    """The asyncio shell around :class:`AdmissionCore` for one upstream."""
+    """The asyncio shell around :class:`FairAdmissionCore` for one upstream."""
 
     __slots__ = ("upstream", "pool_timeout", "_core", "_started", "_allowed", "_caller", "_clock")
 
@@ -143,7 +49,7 @@ class Admission:
     ) -> None:
         self.upstream = upstream
         self.pool_timeout = pool_timeout
-        # Weighted fair between callers (one caller alone: the same FIFO as AdmissionCore).
+        # Weighted fair between callers; one caller alone is served FIFO.
         self._core: FairAdmissionCore[asyncio.Future[None]] = FairAdmissionCore(capacity, max_pending, weights)
         self._started: dict[asyncio.Future[None], float] = {}
         self._allowed: dict[asyncio.Future[None], float] = {}  # how long each waiter may wait

@@ -11,20 +11,21 @@ import asyncio
 import pytest
 
 from sidecar.errors import PoolTimeout, QueueFull
-from sidecar.policy.admission import RETRY_AFTER_MAX, Admission, AdmissionCore
+from sidecar.policy.admission import RETRY_AFTER_MAX, Admission
+from sidecar.policy.fair_core import FairAdmissionCore
 
 # ------------------------------------------------------------------ the core
 
 
-def full_core(capacity: int = 2, max_pending: int = 3) -> AdmissionCore[str]:
-    core: AdmissionCore[str] = AdmissionCore(capacity, max_pending)
+def full_core(capacity: int = 2, max_pending: int = 3) -> FairAdmissionCore[str]:
+    core: FairAdmissionCore[str] = FairAdmissionCore(capacity, max_pending)
     for _ in range(capacity):
         assert core.try_acquire()
     return core
 
 
 def test_slots_are_granted_up_to_capacity() -> None:
-    core: AdmissionCore[str] = AdmissionCore(2, 5)
+    core: FairAdmissionCore[str] = FairAdmissionCore(2, 5)
     assert core.try_acquire()
     assert core.try_acquire()
     assert not core.try_acquire()
@@ -94,7 +95,7 @@ def test_remove_of_unknown_waiter_changes_nothing() -> None:
 
 
 def test_release_without_a_slot_is_a_bug_not_a_negative_count() -> None:
-    core: AdmissionCore[str] = AdmissionCore(1, 1)
+    core: FairAdmissionCore[str] = FairAdmissionCore(1, 1)
     with pytest.raises(RuntimeError):
         core.release()
     assert core.in_flight == 0
