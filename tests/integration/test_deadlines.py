@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.support.rest import eventually
 from tests.support.sidecar import SidecarProcess, proxy_url, running_sidecar
 from tests.support.upstreams import Upstream
 from tests.support.wire import raw_exchange
@@ -25,13 +25,6 @@ def _config(url: str, *, pool: str = "5s", read: str = "30s") -> str:
             limits: {{ max_connections: 1, max_concurrent_requests: 1, max_pending: 8 }}
             timeouts: {{ pool: {pool}, read: {read} }}
         """
-
-
-async def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def _rejected(sidecar: object, reason: str) -> float:
@@ -57,7 +50,7 @@ async def test_a_queued_request_leaves_when_its_budget_ends_not_at_timeouts_pool
         async with aiohttp.ClientSession() as session:
             base = proxy_url(sidecar)
             holder = asyncio.ensure_future(session.get(f"{base}/app/hold"))
-            await _eventually(lambda: pool.admission.in_flight == 1)
+            await eventually(lambda: pool.admission.in_flight == 1)
             started = time.monotonic()
             async with session.get(f"{base}/app/x", headers={"X-Sidecar-Timeout": "300ms"}) as response:
                 elapsed = time.monotonic() - started
@@ -70,7 +63,7 @@ async def test_a_queued_request_leaves_when_its_budget_ends_not_at_timeouts_pool
             release.set()
             async with await holder as held:
                 assert held.status == 200
-        await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
+        await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
         assert _rejected(sidecar, "deadline_exceeded") == 1
         assert [r.path for r in upstream.requests] == ["/hold"]
 
@@ -90,10 +83,10 @@ async def test_the_budget_left_is_forwarded_and_the_callers_header_is_replaced(t
         async with aiohttp.ClientSession() as session:
             base = proxy_url(sidecar)
             holder = asyncio.ensure_future(session.get(f"{base}/app/hold"))
-            await _eventually(lambda: pool.admission.in_flight == 1)
+            await eventually(lambda: pool.admission.in_flight == 1)
             started = time.monotonic()
             waiter = asyncio.ensure_future(session.get(f"{base}/app/x", headers={"X-Sidecar-Timeout": "2s"}))
-            await _eventually(lambda: pool.admission.pending == 1)
+            await eventually(lambda: pool.admission.pending == 1)
             await asyncio.sleep(0.2)
             release.set()
             async with await waiter as response:
@@ -110,7 +103,7 @@ async def test_the_budget_left_is_forwarded_and_the_callers_header_is_replaced(t
         assert value.endswith("ms") and value[:-2].isdigit(), value
         assert 1 <= int(value[:-2]) <= 2000 - 200, value
         assert int(value[:-2]) >= 2000 - queued * 1000 - 1000, (value, queued)  # not wildly low either
-        await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
+        await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
 
 
 async def test_a_slow_upstream_past_the_budget_is_deadline_exceeded_and_everything_is_released(
@@ -138,10 +131,10 @@ async def test_a_slow_upstream_past_the_budget_is_deadline_exceeded_and_everythi
                 assert response.status == 504
                 assert response.headers["X-Sidecar-Error"] == "deadline_exceeded"
             assert 0.3 <= elapsed <= 1.5, elapsed
-            await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
+            await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
             async with session.get(f"{base}/app/fast", headers={"X-Sidecar-Timeout": "5s"}) as response:
                 assert response.status == 200
-        await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
+        await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
         assert pool.admission.pending == 0
         assert _rejected(sidecar, "deadline_exceeded") == 1
         assert "upstream_timeout" not in sidecar.metrics.render().decode()
@@ -204,7 +197,7 @@ async def test_cancelled_and_expiring_waiters_leave_nothing_behind(tmp_path: Pat
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             base = proxy_url(sc)
             holder = asyncio.ensure_future(session.get(f"{base}/app/hold"))
-            await _eventually(lambda: pool.admission.in_flight == 1)
+            await eventually(lambda: pool.admission.in_flight == 1)
 
             async def one(i: int) -> int:
                 async with session.get(f"{base}/app/{i}", headers={"X-Sidecar-Timeout": f"{50 + i % 7 * 30}ms"}) as r:
@@ -217,11 +210,11 @@ async def test_cancelled_and_expiring_waiters_leave_nothing_behind(tmp_path: Pat
             results = await asyncio.gather(*tasks, return_exceptions=True)
             statuses = {r for r in results if isinstance(r, int)}
             assert statuses <= {504}, statuses
-            await _eventually(lambda: pool.admission.pending == 0)
+            await eventually(lambda: pool.admission.pending == 0)
             release.set()
             async with await holder as held:
                 assert held.status == 200
-        await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0 and pool.active == 0)
+        await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0 and pool.active == 0)
 
 
 async def test_the_access_log_gives_the_budget_in_ms_or_null(tmp_path: Path) -> None:

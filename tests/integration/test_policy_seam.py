@@ -5,7 +5,6 @@ request path."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -13,6 +12,7 @@ from aiohttp import web
 
 from sidecar.exchange import Attempt, Exchange
 from sidecar.policy import Stage, Stages
+from tests.support.rest import eventually
 from tests.support.sidecar import proxy_url, running_sidecar
 from tests.support.upstreams import Upstream
 from tests.support.yaml import write_config
@@ -27,13 +27,6 @@ def _config(upstream_url: str, *, max_request_body: str) -> str:
             limits: {{ max_connections: 1, max_concurrent_requests: 1, max_pending: 4 }}
             timeouts: {{ pool: 10s }}
         """
-
-
-async def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_reload_while_a_request_waits_does_not_change_the_config_it_sees(tmp_path: Path) -> None:
@@ -53,13 +46,13 @@ async def test_a_reload_while_a_request_waits_does_not_change_the_config_it_sees
             async with aiohttp.ClientSession() as session:
                 base = proxy_url(sidecar)
                 holder = asyncio.ensure_future(session.get(f"{base}/app/hold"))
-                await _eventually(lambda: pool.admission.in_flight == 1)
+                await eventually(lambda: pool.admission.in_flight == 1)
 
                 async def chunked_body() -> object:
                     yield b"x" * 100  # over the new limit, under the old one
 
                 waiter = asyncio.ensure_future(session.post(f"{base}/app/upload", data=chunked_body()))
-                await _eventually(lambda: pool.admission.pending == 1)
+                await eventually(lambda: pool.admission.pending == 1)
 
                 path.write_text(_config(upstream.url, max_request_body="10"))
                 result = await sidecar.reload("test")
@@ -74,7 +67,7 @@ async def test_a_reload_while_a_request_waits_does_not_change_the_config_it_sees
                 # A request routed after the reload gets the new limit.
                 async with session.post(f"{base}/app/upload", data=b"x" * 100) as late:
                     assert late.status == 413
-            await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
+            await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
             assert pool.admission.pending == 0
 
 
@@ -129,4 +122,4 @@ async def test_a_stage_added_to_the_stack_shapes_the_attempts(tmp_path: Path) ->
                     assert response.status == 503
             assert retry.observed[-1] == 503 and retry.released == 3
             assert len(upstream.requests) == 5
-            await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
+            await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -13,6 +12,7 @@ from aiohttp import web
 from sidecar.exchange import Attempt, Exchange
 from sidecar.policy import Stage, Stages
 from sidecar.policy.rate_limit import rate_limit_of
+from tests.support.rest import eventually
 from tests.support.sidecar import admin_url, proxy_url, running_sidecar
 from tests.support.upstreams import Upstream
 
@@ -26,13 +26,6 @@ def _config(url: str, *, rate: str, burst: int, pool: str) -> str:
             timeouts: {{ pool: {pool} }}
             rate_limit: {{ rate: {rate}, burst: {burst} }}
         """
-
-
-async def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_flood_gets_the_rate_and_fast_honest_refusals(tmp_path: Path) -> None:
@@ -73,7 +66,7 @@ async def test_a_flood_gets_the_rate_and_fast_honest_refusals(tmp_path: Path) ->
         assert min(retry_afters) >= 1
         refusals.sort()
         assert refusals[len(refusals) // 2] < 0.1, refusals[len(refusals) // 2]  # at once, not waited out
-        await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
+        await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
         limiter = rate_limit_of(pool.stages)
         assert limiter is not None and limiter.waiting == 0
         assert 'reason="rate_limited"' in sidecar.metrics.render().decode()
@@ -146,14 +139,14 @@ async def test_cancelled_token_waiters_leave_nothing_behind(tmp_path: Path) -> N
 
         started = time.monotonic()
         tasks = [asyncio.ensure_future(one()) for _ in range(30)]
-        await _eventually(lambda: limiter.waiting >= 25)
+        await eventually(lambda: limiter.waiting >= 25)
         assert limiter.core.reserve(time.monotonic(), 0.0)[0] is False
         for task in tasks:
             task.cancel()
         cancelled_after = time.monotonic() - started
         await asyncio.gather(*tasks, return_exceptions=True)
-        await _eventually(lambda: limiter.waiting == 0)
-        await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0 and pool.active == 0)
+        await eventually(lambda: limiter.waiting == 0)
+        await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0 and pool.active == 0)
         # Only what the rate allowed before everyone gave up reached the upstream.
         assert len(upstream.requests) <= 2 + 2 * cancelled_after
         granted, wait = limiter.core.reserve(time.monotonic(), 1.0)
@@ -197,4 +190,4 @@ async def test_every_attempt_takes_a_token_retries_included(tmp_path: Path) -> N
             assert response.status == 503
             assert "X-Sidecar-Error" not in response.headers  # the upstream's own answer
         assert len(upstream.requests) == 3
-        await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
+        await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)

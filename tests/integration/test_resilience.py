@@ -7,7 +7,7 @@ import hashlib
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +17,7 @@ from sidecar.exchange import Attempt, Exchange
 from sidecar.policy import Stage, Stages
 from sidecar.pools import UpstreamPool
 from sidecar.server import Sidecar
+from tests.support.rest import eventually
 from tests.support.sidecar import SidecarProcess, admin_url, proxy_url, running_sidecar
 from tests.support.upstreams import Handler, RawH2Server, ScriptedUpstream, Upstream
 from tests.support.wire import read_request_head
@@ -35,15 +36,8 @@ def _config(url: str, extra: str = "", *, http2: str = "false") -> str:
         """
 
 
-async def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 async def _at_rest(pool: UpstreamPool) -> None:
-    await _eventually(
+    await eventually(
         lambda: (
             pool.admission.in_flight == 0
             and pool.admission.pending == 0
@@ -379,7 +373,7 @@ async def test_the_circuit_opens_fails_fast_probes_once_and_closes(tmp_path: Pat
             await asyncio.sleep(1.05)
             mode["delay"] = 0.3
             probes = asyncio.gather(*(get() for _ in range(10)))
-            await _eventually(lambda: len(upstream.requests) == 4)
+            await eventually(lambda: len(upstream.requests) == 4)
             assert await _metric(sidecar, state) == 2
             answers = await probes
             assert len(upstream.requests) == 4
@@ -493,7 +487,7 @@ async def test_no_leaks_across_a_storm_of_retries_cancellations_and_a_flapping_c
             await _at_rest(pool)
             # Tasks back to where they were, but for the test upstream's handler
             # task of each connection the sidecar keeps alive to it.
-            await _eventually(lambda: len(asyncio.all_tasks()) <= baseline + pool.stats().idle + 1)
+            await eventually(lambda: len(asyncio.all_tasks()) <= baseline + pool.stats().idle + 1)
             assert pool.retries.results["sent"] > 0
             # No probe was lost on the way: once the upstream is healthy the circuit closes.
             healthy = True
@@ -603,4 +597,4 @@ async def test_the_pools_repeat_on_a_stale_connection_spends_from_the_retry_budg
             assert statuses == [200, 200, 502]
             assert upstream.connections == 2  # the third request was not repeated on a third
             assert pool.retries.results == {"sent": 1, "budget_exhausted": 1}
-            await _eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
+            await eventually(lambda: pool.admission.in_flight == 0 and pool.stats().active == 0)
