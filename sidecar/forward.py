@@ -168,8 +168,6 @@ class Forwarder:
             while True:
                 response: httpx.Response | None = None
                 failed: SidecarError | None = None
-                if body is not None and body.overflowed:
-                    exchange.replayable = False
                 try:
                     response = await self._send(request, exchange, pool, attempt, body)
                 except SidecarError as error:
