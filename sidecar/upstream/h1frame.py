@@ -1,0 +1,214 @@
+"""Where one HTTP/1.1 response ends, from the bytes an upstream sends: the pure core.
+
+llhttp (the C parser of Node.js, through httptools) reads the bytes; this
+module adds the rules a proxy needs on top of it and decides, for each
+exchange, what the caller gets and whether the connection may carry another
+request (see docs/upstream-connections.md, "HTTP/1.1 framing"):
+
+* interim responses (``1xx``) are skipped; ``101`` is refused, as the sidecar
+  never asks for an upgrade;
+* ``Transfer-Encoding`` must be exactly ``chunked``; with a ``Content-Length``
+  beside it the coding frames the body, the length is dropped, and the
+  connection is closed afterwards (RFC 9112 §6.3);
+* a duplicate or conflicting ``Content-Length``, an invalid chunk, obs-fold,
+  a bare LF, a version other than 1.x or a status outside 100-599 is a
+  :class:`FramingError` (the caller gets 502);
+* a HEAD response, a ``204`` and a ``304`` end with their head; any byte
+  after the end of a response (a body sent anyway, a second response) marks
+  the connection ``trailing``: it is closed, never reused;
+* a response framed by the end of the connection is complete at EOF, any
+  other one cut short there is a :class:`FramingError`.
+
+No I/O here: the connection (``h1conn.py``) feeds bytes in and reads the
+outcome, and the differential tests feed the same bytes to h11.
+"""
+
+from __future__ import annotations
+
+from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
+from httptools.parser.parser import HttpResponseParser
+
+# The response head (interim heads included) may hold at most this many
+# bytes of field names and values; past it the upstream is answered with 502.
+MAX_HEAD_BYTES = 100 * 1024
+
+_CHUNKED = b"chunked"
+_CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+
+
+class FramingError(Exception):
+    """The upstream's bytes are not a response this proxy can relay safely."""
+
+
+class ResponseFramer:
+    """The response to one request, from the bytes fed in.
+
+    After :meth:`feed` (or :meth:`feed_eof`) returns, ``head_done`` says the
+    final head is in (``status``, ``headers``, ``http_version``), ``body``
+    holds the body bytes not yet taken, and ``complete`` says the response has
+    ended.  ``reusable`` is only meaningful once ``complete``.
+    """
+
+    __slots__ = (
+        "_parser",
+        "_head_request",
+        "_fields",
+        "_field_bytes",
+        "_eof_framed",
+        "status",
+        "headers",
+        "http_version",
+        "head_done",
+        "complete",
+        "keep_alive",
+        "trailing",
+        "close_after",
+        "body",
+    )
+
+    def __init__(self, method: bytes) -> None:
+        self._parser = HttpResponseParser(self)
+        # A Content-Length beside Transfer-Encoding: llhttp refuses it
+        # outright; RFC 9112 lets the coding frame the body, and the
+        # connection is closed afterwards (see close_after).
+        self._parser.set_dangerous_leniencies(lenient_chunked_length=True)  # type: ignore[attr-defined]  # missing from its stubs
+        self._head_request = method == b"HEAD"
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._field_bytes = 0
+        self._eof_framed = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.http_version = "HTTP/1.1"
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.trailing = False
+        self.close_after = False
+        self.body: list[bytes] = []
+
+    @property
+    def reusable(self) -> bool:
+        """The connection may carry another request: the response ended
+        cleanly where its framing said, and nothing came after it."""
+        return self.complete and self.keep_alive and not self.trailing and not self.close_after
+
+    # ------------------------------------------------------------ input
+
+    def feed(self, data: bytes) -> None:
+        if self.complete:
+            if data:
+                self.trailing = True  # bytes beyond the response: never reuse
+            return
+        try:
+            self._parser.feed_data(data)
+        except HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, FramingError):
+                raise cause from None
+            raise FramingError(str(error)) from cause
+        except HttpParserUpgrade:
+            raise FramingError("the upstream switched protocols without being asked to") from None
+        except HttpParserError as error:
+            if self.complete:
+                self.trailing = True  # garbage after a complete response
+                return
+            raise FramingError(f"malformed response: {error}") from None
+
+    def feed_eof(self) -> None:
+        """The upstream closed its side of the connection."""
+        if self.complete:
+            return
+        if self.head_done and self._eof_framed:
+            self.complete = True
+            self.keep_alive = False
+            return
+        if not self.head_done:
+            raise FramingError("the upstream closed the connection without sending a response")
+        raise FramingError("the upstream closed the connection before the end of the response body")
+
+    def take_body(self) -> bytes:
+        body = self.body
+        if len(body) == 1:
+            data = body[0]
+        else:
+            data = b"".join(body)
+        body.clear()
+        return data
+
+    # ---------------------------------------------- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.trailing = True  # a second response where only one was asked for
+        self._fields = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            return
+        if self.head_done:
+            return  # a trailer field of a chunked body: not relayed
+        self._field_bytes += len(name) + len(value)
+        if self._field_bytes > MAX_HEAD_BYTES:
+            raise FramingError(f"response head over {MAX_HEAD_BYTES} bytes")
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.complete:
+            return
+        parser = self._parser
+        status = parser.get_status_code()
+        version = parser.get_http_version()
+        if not version.startswith("1."):
+            raise FramingError(f"the upstream answered in HTTP/{version}")
+        if status < 100 or status > 599:
+            raise FramingError(f"status {status} is outside 100-599")
+        if status < 200:
+            if status == 101:
+                raise FramingError("the upstream switched protocols without being asked to")
+            self._fields = []  # an interim response: the final one follows
+            return
+        fields = self._fields
+        chunked, length = _framing_fields(fields)
+        if chunked and length:
+            # The coding frames the body; a length beside it is never relayed,
+            # and the connection is not trusted with another request.
+            fields = [(name, value) for name, value in fields if name.lower() != _CONTENT_LENGTH]
+            self.close_after = True
+        self.status = status
+        self.headers = fields
+        self.http_version = "HTTP/1.0" if version == "1.0" else "HTTP/1.1"
+        self.keep_alive = parser.should_keep_alive()
+        self.head_done = True
+        bodyless = self._head_request or status == 204 or status == 304
+        self._eof_framed = not bodyless and not chunked and not length
+        if self._head_request:
+            # llhttp does not know the request was HEAD: the response ends
+            # here, and whatever it parses as a body is beyond it.
+            self.complete = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            self.trailing = True
+            return
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.head_done and not self.complete:
+            self.complete = True
+
+
+def _framing_fields(fields: list[tuple[bytes, bytes]]) -> tuple[bool, bool]:
+    """(framed by chunked coding, has a Content-Length); a Transfer-Encoding
+    other than a single ``chunked`` is refused: a response read to the end
+    of the connection under an unknown coding could be cut anywhere."""
+    chunked = length = False
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered == _TRANSFER_ENCODING:
+            if chunked or value.strip().lower() != _CHUNKED:
+                raise FramingError(f"unsupported Transfer-Encoding {value.decode('latin-1')!r}")
+            chunked = True
+        elif lowered == _CONTENT_LENGTH:
+            length = True
+    return chunked, length
