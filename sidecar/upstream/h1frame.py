@@ -3,7 +3,7 @@
 llhttp (the C parser of Node.js, through httptools) reads the bytes; this
 module adds the rules a proxy needs on top of it and decides, for each
 exchange, what the caller gets and whether the connection may carry another
-request (see docs/upstream-connections.md, "HTTP/1.1 framing"):
+request (see docs/http1-upstream.md):
 
 * interim responses (``1xx``) are skipped; ``101`` is refused, as the sidecar
   never asks for an upgrade;
