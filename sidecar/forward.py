@@ -41,6 +41,7 @@ from .policy.retry import idempotent, parse_retry_after
 from .policy.signals import may_carry_signal
 from .policy.stack import sidecar_stages
 from .pools import UpstreamPool
+from .upstream.stream import UpstreamResponse
 from .wellformed import (
     CLOSES_THE_CONNECTION,
     SPOKEN_VERSIONS,
@@ -52,6 +53,10 @@ from .wellformed import (
 )
 
 _BODYLESS_STATUS = (204, 304)
+_CHUNKED = (b"Transfer-Encoding", b"chunked")
+# A request of these methods without a body still says so (RFC 9110 §8.6).
+_LENGTH_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
+_NO_CONTENT = (b"Content-Length", b"0")
 _RETRY_AFTER_STATUSES = (429, 503)
 
 
@@ -166,7 +171,7 @@ class Forwarder:
         waited = attempt.started - (exchange.waiting_since or attempt.started)
         try:
             while True:
-                response: httpx.Response | None = None
+                response: UpstreamResponse | None = None
                 failed: SidecarError | None = None
                 try:
                     response = await self._send(request, exchange, pool, attempt, body)
@@ -214,7 +219,7 @@ class Forwarder:
         pool: UpstreamPool,
         attempt: Attempt,
         body: ReplayableBody | None,
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         """One attempt: send the request, wait for the response head."""
         match = exchange.match
         assert match is not None
@@ -226,26 +231,29 @@ class Forwarder:
         if budget is not None:
             # What is left of the caller's budget, so the next hop shares the deadline.
             headers.append((HEADER_BYTES, budget))
-        upstream_request = httpx.Request(
+        if body is not None:
+            if request.content_length is None:
+                # The caller's framing is hop-by-hop: a body of unknown length goes up chunked.
+                headers.append(_CHUNKED)
+        elif request.method in _LENGTH_EXPECTED and request.content_length is None:
+            headers.append(_NO_CONTENT)
+        send = pool.transport.send(
             request.method,
-            pool.base_url,
-            headers=headers,
-            content=None if body is None else body.stream(),
-            extensions={
-                # The connection pool may only wait for what is left of
-                # timeouts.pool after the stages, so no request waits longer in total.
-                "timeout": {**pool.timeout_extension, "pool": exchange.wait_allowance(now) or 0.0},
-                "target": match.target.encode("latin-1"),
-            },
+            match.target.encode("latin-1"),
+            headers,
+            None if body is None else body.stream(),
+            # The connection pool may only wait for what is left of
+            # timeouts.pool after the stages, so no request waits longer in total.
+            {**pool.timeout_extension, "pool": exchange.wait_allowance(now) or 0.0},
         )
         try:
             if exchange.deadline is None:
-                return await pool.client.send(upstream_request, stream=True)
+                return await send
             # Connecting, sending and waiting for the response head, all within
             # what is left of the caller's budget; the configured timeouts still
             # apply inside it, and to the body afterwards.
             async with asyncio.timeout(exchange.deadline - now) as scope:
-                return await pool.client.send(upstream_request, stream=True)
+                return await send
         except TimeoutError:
             if exchange.deadline is None or not scope.expired():
                 raise
@@ -258,7 +266,7 @@ class Forwarder:
             raise from_upstream_exception(exc, pool.name, retry_after=pool.admission.retry_after()) from None
 
     @staticmethod
-    def _answered(exchange: Exchange, attempt: Attempt, response: httpx.Response) -> None:
+    def _answered(exchange: Exchange, attempt: Attempt, response: UpstreamResponse) -> None:
         now = time.monotonic()
         attempt.status = response.status_code
         if attempt.status in _RETRY_AFTER_STATUSES:
@@ -271,7 +279,7 @@ class Forwarder:
             attempt.signal_headers = raw
 
     async def _relay(
-        self, request: web.BaseRequest, response: httpx.Response, exchange: Exchange
+        self, request: web.BaseRequest, response: UpstreamResponse, exchange: Exchange
     ) -> web.StreamResponse:
         """Stream the upstream response back; abort the caller's connection on failure."""
         relayed, invented = downstream_headers(

@@ -154,6 +154,15 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     async def aclose(self) -> None:
         self._transport.close()
 
+    def close_now(self) -> None:
+        """Close without waiting: what is buffered is still written, then FIN."""
+        self._transport.close()
+
+    def has_pending(self) -> bool:
+        """Bytes or EOF that arrived and were not read."""
+        protocol = self._protocol
+        return bool(protocol.buffer) or protocol.eof
+
     async def start_tls(
         self,
         ssl_context: ssl.SSLContext,

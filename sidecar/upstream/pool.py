@@ -22,7 +22,7 @@ import contextlib
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterable, Callable, Coroutine
 from typing import Any
 
 import httpcore
@@ -31,9 +31,10 @@ import httpx
 from ..compat import h2 as h2_compat
 from ..compat import httpcore as httpcore_compat
 from . import h2deadlines, h2streams
+from .h1conn import HTTP11Connection
 from .netio import AsyncioBackend
-from .poolstate import Connection, PoolState, PoolStats, Released
-from .stream import PooledStream, map_exceptions
+from .poolstate import Connection, Link, PoolState, PoolStats, Released
+from .stream import PooledStream, UpstreamResponse, map_exceptions
 
 # Requests whose exchange can be repeated safely on a fresh connection when a
 # kept-alive connection turns out to have been closed by the upstream.
@@ -74,8 +75,13 @@ class _Link:
     def granted_streams(self) -> int | None:
         return h2_compat.granted_streams(self.conn)
 
+    async def aclose(self) -> None:
+        await self.conn.aclose()
 
-PooledConnection = Connection[_Link]
+
+# HTTP/1.1-only origins run on the sidecar's own connection (h1conn.py);
+# HTTP/2 and ALPN origins on httpcore's.
+PooledConnection = Connection["HTTP11Connection | _Link"]
 
 
 class PoolTransport(httpx.AsyncBaseTransport):
@@ -98,6 +104,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._origin = httpcore.Origin(scheme.encode(), host.encode(), port)
         self._scheme, self._host, self._port = scheme.encode(), host.encode(), port
+        self._host_name = host
         self._keepalive_expiry = keepalive_expiry
         self._http1, self._http2 = http1, http2
         self._ssl_context = ssl_context
@@ -107,7 +114,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
             if http2:
                 network_backend = h2deadlines.WatchedBackend(network_backend)
         self._network_backend = network_backend
-        self._state: PoolState[_Link] = PoolState(
+        self._state: PoolState[HTTP11Connection | _Link] = PoolState(
             max_connections=max_connections,
             max_idle=max_idle,
             keepalive_expiry=keepalive_expiry,
@@ -145,28 +152,53 @@ class PoolTransport(httpx.AsyncBaseTransport):
     # ---------------------------------------------------------- the request
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeouts = request.extensions.get("timeout", {})
-        target = request.extensions.get("target") or request.url.raw_path
-        core_request = httpcore.Request(
-            method=request.method.encode("ascii"),
-            url=httpcore.URL(scheme=self._scheme, host=self._host, port=self._port, target=target),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=dict(request.extensions),  # per attempt: "trace" and "timeout" change
-        )
+        """The httpx transport interface, for the upstream's ``AsyncClient``:
+        the request path itself calls :meth:`send`, without httpx's models."""
         headers = request.headers
-        may_retry = (
-            request.method in _RETRYABLE_METHODS
-            and "content-length" not in headers
-            and "transfer-encoding" not in headers
+        framed = "content-length" in headers or "transfer-encoding" in headers
+        response = await self.send(
+            request.method,
+            request.extensions.get("target") or request.url.raw_path,
+            list(headers.raw),
+            request.stream if framed else None,  # type: ignore[arg-type]
+            request.extensions.get("timeout", {}),
         )
+        return httpx.Response(
+            status_code=response.status_code,
+            headers=response.headers.raw,
+            stream=response.stream,
+            extensions={"http_version": response.http_version.encode("ascii")},
+        )
+
+    async def send(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: AsyncIterable[bytes] | None,
+        timeouts: dict[str, float | None],
+    ) -> UpstreamResponse:
+        """One request to the upstream, answered up to its response head.
+
+        ``headers`` are sent as given, ``Host`` included, framing (Content-Length
+        or Transfer-Encoding) included when there is a ``body``.
+        """
+        method_bytes = method.encode("ascii")
+        core_request: httpcore.Request | None = None
+        may_retry = body is None and method in _RETRYABLE_METHODS
         while True:
             connection, reused = await self._acquire(timeouts.get("pool"))
+            link = connection.link
             try:
-                with map_exceptions():
-                    response = await self._send(connection, core_request, timeouts)
+                if isinstance(link, HTTP11Connection):
+                    framer, h1_body = await link.exchange(method_bytes, target, headers, body, timeouts)
+                else:
+                    if core_request is None:
+                        core_request = self._core_request(method_bytes, target, headers, body)
+                    with map_exceptions():
+                        response = await self._send(connection, core_request, timeouts)
             except BaseException as exc:
-                if connection.multiplexed:
+                if connection.multiplexed and core_request is not None:
                     self._forget_abandoned_streams(connection, core_request)
                 self.release(connection)
                 if isinstance(exc, httpcore.ConnectionNotAvailable):
@@ -182,15 +214,23 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     may_retry = False  # once: the kept-alive connection had gone stale
                     continue
                 raise
+            if isinstance(link, HTTP11Connection):
+                version = framer.http_version
+                self._report(self._state.response_head(connection, version.encode("ascii"), ()))
+                return UpstreamResponse(
+                    framer.status, framer.headers, version, PooledStream(h1_body, self, connection, None, None, None)
+                )
             if not 100 <= response.status <= 599:
                 await self._refuse(connection, response)
                 raise httpx.RemoteProtocolError(f"upstream sent status {response.status}, outside 100-599")
-            version = response.extensions.get("http_version", b"HTTP/1.1")
-            self._report(self._state.response_head(connection, version, response.headers))
-            return httpx.Response(
-                status_code=response.status,
-                headers=response.headers,
-                stream=PooledStream(
+            raw_version = response.extensions.get("http_version", b"HTTP/1.1")
+            self._report(self._state.response_head(connection, raw_version, response.headers))
+            assert core_request is not None
+            return UpstreamResponse(
+                response.status,
+                response.headers,
+                raw_version.decode("ascii", "replace"),
+                PooledStream(
                     response.stream,  # type: ignore[arg-type]
                     self,
                     connection,
@@ -198,8 +238,19 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     response.extensions.get("stream_id"),
                     timeouts.get("read") if connection.multiplexed else None,
                 ),
-                extensions=response.extensions,
             )
+
+    def _core_request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: AsyncIterable[bytes] | None
+    ) -> httpcore.Request:
+        """The request as httpcore's HTTP/2 (and ALPN) connections take it."""
+        return httpcore.Request(
+            method=method,
+            url=httpcore.URL(scheme=self._scheme, host=self._host, port=self._port, target=target),
+            headers=headers,
+            content=body,
+            extensions={},  # per attempt: "trace" and "timeout" are set by _send
+        )
 
     async def _send(
         self, connection: PooledConnection, request: httpcore.Request, timeouts: dict[str, float | None]
@@ -214,7 +265,9 @@ class PoolTransport(httpx.AsyncBaseTransport):
         """
         read = timeouts.get("read")
         extensions = request.extensions
-        conn = connection.link.conn
+        link = connection.link
+        assert isinstance(link, _Link)
+        conn = link.conn
         if read is None:
             extensions.pop("trace", None)
             extensions["timeout"] = timeouts
@@ -248,7 +301,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
     def read_timed_out(self, connection: PooledConnection, read: float) -> None:
         """A stream's read deadline fired: if its connection received nothing at
         all meanwhile, presume it dead and take no new requests on it."""
-        if not connection.closed and h2deadlines.silent_for(connection.link.conn, read):
+        link = connection.link
+        if not connection.closed and isinstance(link, _Link) and h2deadlines.silent_for(link.conn, read):
             self._state.retire(connection)
 
     # -------------------------------------------------- acquire and release
@@ -293,15 +347,27 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     self._waiters.remove(waiter)
 
     def _open(self) -> PooledConnection:
-        conn = httpcore.AsyncHTTPConnection(
-            origin=self._origin,
-            ssl_context=self._ssl_context,
-            keepalive_expiry=self._keepalive_expiry,
-            http1=self._http1,
-            http2=self._http2,
-            network_backend=self._network_backend,
-        )
-        return self._state.opened(_Link(conn))
+        link: Link
+        if self._http1 and not self._http2:
+            link = HTTP11Connection(
+                self._network_backend,  # type: ignore[arg-type]
+                self._host_name,
+                self._port,
+                self._ssl_context,
+                self._keepalive_expiry,
+            )
+        else:
+            link = _Link(
+                httpcore.AsyncHTTPConnection(
+                    origin=self._origin,
+                    ssl_context=self._ssl_context,
+                    keepalive_expiry=self._keepalive_expiry,
+                    http1=self._http1,
+                    http2=self._http2,
+                    network_backend=self._network_backend,
+                )
+            )
+        return self._state.opened(link)
 
     def release(self, connection: PooledConnection) -> None:
         """The request on ``connection`` is over: the pool state says what becomes of it."""
@@ -315,7 +381,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
         (see docs/http2.md); retire the connection if we cannot."""
         if connection.closed:
             return
-        inner = h2_compat.h2_state_of(connection.link.conn)
+        link = connection.link
+        inner = h2_compat.h2_state_of(link.conn) if isinstance(link, _Link) else None
         if inner is None:
             self._state.retire(connection)
             return
@@ -328,7 +395,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
         connection if its internals are not what we know."""
         if connection.closed:
             return
-        inner = h2_compat.h2_state_of(connection.link.conn)
+        link = connection.link
+        inner = h2_compat.h2_state_of(link.conn) if isinstance(link, _Link) else None
         if inner is None:
             if connection.http_version is not None:
                 self._state.retire(connection)
@@ -342,7 +410,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
 
     def _close(self, connection: PooledConnection) -> None:
         """Close a connection the pool state discarded, in the background."""
-        self._spawn(_close_quietly(connection.link.conn))
+        self._spawn(_close_quietly(connection.link))
 
     def _wake_one(self) -> None:
         while self._waiters:
@@ -386,6 +454,6 @@ class PoolTransport(httpx.AsyncBaseTransport):
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-async def _close_quietly(conn: httpcore.AsyncHTTPConnection) -> None:
+async def _close_quietly(link: Link) -> None:
     with contextlib.suppress(Exception):
-        await conn.aclose()
+        await link.aclose()

@@ -42,6 +42,7 @@ class Link(Protocol):
     def has_unread_bytes(self) -> bool: ...  # received bytes past its last response
     def protocol(self) -> str | None: ...  # "HTTP/2" / "HTTP/1.1" once connected
     def granted_streams(self) -> int | None: ...  # streams it runs at once; None until set up
+    async def aclose(self) -> None: ...
 
 
 L = TypeVar("L", bound=Link)

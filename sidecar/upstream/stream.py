@@ -1,8 +1,10 @@
-"""The response body of a pooled request, and httpcore's exceptions as httpx's.
+"""The response of a pooled request, and httpcore's exceptions as httpx's.
 
-:class:`PooledStream` hands its connection back to the pool when it is closed,
-applies the per-chunk read deadline of a multiplexed connection, and resets
-the HTTP/2 stream of a response closed before its end (see docs/http2.md).
+:class:`UpstreamResponse` is what the request path reads of an attempt: the
+status, the raw header lines and the body.  Its body, a :class:`PooledStream`,
+hands its connection back to the pool when it is closed, applies the
+per-chunk read deadline of a multiplexed connection, and resets the HTTP/2
+stream of a response closed before its end (see docs/http2.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,46 @@ if TYPE_CHECKING:
     from .pool import PooledConnection, PoolTransport
 
 
+class ResponseHeaders:
+    """An upstream's response header lines, as received (names in any case)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+
+    def get(self, name: str) -> str | None:
+        """Every value of ``name`` (lower-case), joined by ", " as one field; None if absent."""
+        key = name.encode("latin-1")
+        values = [value for field, value in self.raw if field.lower() == key]
+        if not values:
+            return None
+        return b", ".join(values).decode("latin-1")
+
+    def __contains__(self, name: str) -> bool:
+        key = name.encode("latin-1")
+        return any(field.lower() == key for field, _ in self.raw)
+
+
+class UpstreamResponse:
+    """One attempt's response, read up to its head; closing it gives the connection back."""
+
+    __slots__ = ("status_code", "headers", "http_version", "stream")
+
+    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], http_version: str, stream: PooledStream):
+        self.status_code = status_code
+        self.headers = ResponseHeaders(headers)
+        self.http_version = http_version
+        self.stream = stream
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (transfer coding removed, content coding kept)."""
+        return self.stream.__aiter__()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class PooledStream(httpx.AsyncByteStream):
     """A response body that gives its connection back to the pool when closed."""
 
@@ -29,7 +71,7 @@ class PooledStream(httpx.AsyncByteStream):
         stream: AsyncIterator[bytes],
         pool: PoolTransport,
         connection: PooledConnection,
-        request: httpcore.Request,
+        request: httpcore.Request | None,
         stream_id: int | None,
         read: float | None,
     ) -> None:
@@ -66,7 +108,7 @@ class PooledStream(httpx.AsyncByteStream):
         if self._released:
             return
         self._released = True
-        if not self._complete and self._stream_id is not None:
+        if not self._complete and self._stream_id is not None and self._request is not None:
             # The caller stopped reading an HTTP/2 response: reset its stream
             # now, so the upstream stops sending and the window is given back.
             self._pool.abandon_stream(self._connection, self._request, self._stream_id)

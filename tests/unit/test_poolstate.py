@@ -41,6 +41,9 @@ class FakeLink:
     def granted_streams(self) -> int | None:
         return self.granted
 
+    async def aclose(self) -> None:
+        self.closed = True
+
 
 class Clock:
     def __init__(self) -> None:
