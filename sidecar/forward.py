@@ -288,7 +288,10 @@ class Forwarder:
             framed_by_coding="transfer-encoding" in response.headers,
             upstream=exchange.upstream,
         )
-        downstream = RelayedResponse(response.status_code, invented)
+        # A head whose body is already here waits for it, and both go out in
+        # one write; one whose body is not yet here goes out now.
+        held = response.body_ready
+        downstream = RelayedResponse(response.status_code, invented, hold_headers=held)
         for name, value in relayed:
             downstream.headers.add(name, value)
         downstream.headers["X-Request-Id"] = exchange.request_id
@@ -300,14 +303,18 @@ class Forwarder:
             # a connection after an upgrade request, so it cannot be reused.
             downstream.force_close()
         await downstream.prepare(request)
-        # Only now has the caller been sent a status: a caller gone before the
-        # headers went out (prepare raising ConnectionResetError) counts as 499.
-        exchange.status = response.status_code
+        # Only once the caller has been sent a status does it count: a caller
+        # gone before the headers went out (a ConnectionResetError from the
+        # write that carries them) counts as 499.
+        status = response.status_code
+        if not held:
+            exchange.status = status
         try:
-            if request.method != "HEAD" and response.status_code not in _BODYLESS_STATUS:
+            if request.method != "HEAD" and status not in _BODYLESS_STATUS:
                 async for chunk in response.aiter_raw():
                     exchange.bytes_out += len(chunk)
                     await downstream.write(chunk)
+                    exchange.status = status
             else:
                 # Read the (empty) body to its end all the same: a response that
                 # was never read to its end closes its connection instead of
@@ -324,6 +331,7 @@ class Forwarder:
             _abort(request)
             return downstream
         await downstream.write_eof()
+        exchange.status = status
         return downstream
 
 

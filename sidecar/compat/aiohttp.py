@@ -78,9 +78,13 @@ class RelayedResponse(web.StreamResponse):
 
     __slots__ = ("_invented",)
 
-    def __init__(self, status: int, invented: tuple[str, ...]) -> None:
+    def __init__(self, status: int, invented: tuple[str, ...], *, hold_headers: bool = False) -> None:
         super().__init__(status=status)
         self._invented = invented
+        if hold_headers:
+            # The body is already here: the head goes out with its first bytes,
+            # one write (one syscall) instead of two.
+            self._send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()

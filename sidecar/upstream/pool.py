@@ -218,7 +218,11 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 version = framer.http_version
                 self._report(self._state.response_head(connection, version.encode("ascii"), ()))
                 return UpstreamResponse(
-                    framer.status, framer.headers, version, PooledStream(h1_body, self, connection, None, None, None)
+                    framer.status,
+                    framer.headers,
+                    version,
+                    PooledStream(h1_body, self, connection, None, None, None),
+                    body_ready=framer.complete or bool(framer.body),
                 )
             if not 100 <= response.status <= 599:
                 await self._refuse(connection, response)
