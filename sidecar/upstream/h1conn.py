@@ -141,7 +141,17 @@ class HTTP11Connection:
             if body is None:
                 await stream.write(head, write)
             else:
-                await self._send_body(stream, head, headers, body, write)
+                try:
+                    await self._send_body(stream, head, headers, body, write)
+                except httpcore.WriteError as write_error:
+                    # The upstream may have answered before taking the whole
+                    # body (a 413, say) and closed: that answer is the one to
+                    # relay, if it sent one.  The connection is not reused.
+                    framer.close_after = True
+                    try:
+                        await self._read_head(stream, framer, timeouts.get("read"))
+                    except Exception:
+                        raise write_error from None
             await self._read_head(stream, framer, timeouts.get("read"))
         except BaseException as error:
             self._close_now()

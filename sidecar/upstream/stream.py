@@ -66,7 +66,7 @@ class UpstreamResponse:
 
     def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body as it arrives (transfer coding removed, content coding kept)."""
-        return self.stream.__aiter__()
+        return self.stream.chunks()
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -94,6 +94,13 @@ class PooledStream(httpx.AsyncByteStream):
         self._stream_id = stream_id
         self._complete = False
         self._released = False
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks: straight from the connection when it already
+        raises httpx's errors and needs no per-chunk deadline (HTTP/1.1)."""
+        if self._request is None and self._read is None:
+            return aiter(self._stream)
+        return self.__aiter__()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         read = self._read
