@@ -21,6 +21,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--upstream", default="up", help="up (HTTP/1.1, default) or h2 (h2c upstream)")
     parser.add_argument("--out", default=str(BENCH / "results" / "profile.txt"))
     args = parser.parse_args()
     raise_nofile()
@@ -44,7 +45,7 @@ def main() -> int:
     upstream.start()
     try:
         sidecar.start()
-        url = f"http://{LOOPBACK}:{port}/up/1k"
+        url = f"http://{LOOPBACK}:{port}/{args.upstream}/1k"
         wrk(url, args.concurrency, 2, latency=False)
         out = wrk(url, args.concurrency, args.seconds)
         print(out)
