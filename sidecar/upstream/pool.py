@@ -99,8 +99,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
         http1: bool = True,
         http2: bool = False,
         ssl_context: ssl.SSLContext | None = None,
+        http1_ssl_context: ssl.SSLContext | None = None,
         streams_per_connection: int = 100,
-        network_backend: httpcore.AsyncNetworkBackend | None = None,
     ) -> None:
         self._origin = httpcore.Origin(scheme.encode(), host.encode(), port)
         self._scheme, self._host, self._port = scheme.encode(), host.encode(), port
@@ -108,12 +108,21 @@ class PoolTransport(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._http1, self._http2 = http1, http2
         self._ssl_context = ssl_context
-        if network_backend is None:
-            # Plain asyncio under httpcore's protocol code, not anyio (see netio.py).
-            network_backend = AsyncioBackend()
-            if http2:
-                network_backend = h2deadlines.WatchedBackend(network_backend)
-        self._network_backend = network_backend
+        # An origin that offers HTTP/2 through ALPN but settles on HTTP/1.1:
+        # once it has, new connections offer HTTP/1.1 alone, on a context of
+        # their own (httpcore sets ALPN on the one it is given at each connect),
+        # and run on the sidecar's own connection.
+        self._http1_ssl_context = http1_ssl_context if http1 and http2 else None
+        if self._http1_ssl_context is not None:
+            self._http1_ssl_context.set_alpn_protocols(["http/1.1"])
+        elif http1 and not http2 and ssl_context is not None:
+            ssl_context.set_alpn_protocols(["http/1.1"])
+        # Plain asyncio under every connection, not anyio (see netio.py); on
+        # httpcore's HTTP/2 connections, watched for the per-stream deadlines.
+        self._asyncio_backend = AsyncioBackend()
+        self._network_backend: httpcore.AsyncNetworkBackend = (
+            h2deadlines.WatchedBackend(self._asyncio_backend) if http2 else self._asyncio_backend
+        )
         self._state: PoolState[HTTP11Connection | _Link] = PoolState(
             max_connections=max_connections,
             max_idle=max_idle,
@@ -354,10 +363,18 @@ class PoolTransport(httpx.AsyncBaseTransport):
         link: Link
         if self._http1 and not self._http2:
             link = HTTP11Connection(
-                self._network_backend,  # type: ignore[arg-type]
+                self._asyncio_backend,
                 self._host_name,
                 self._port,
                 self._ssl_context,
+                self._keepalive_expiry,
+            )
+        elif self._settled_on_http1():
+            link = HTTP11Connection(
+                self._asyncio_backend,
+                self._host_name,
+                self._port,
+                self._http1_ssl_context,
                 self._keepalive_expiry,
             )
         else:
@@ -373,8 +390,16 @@ class PoolTransport(httpx.AsyncBaseTransport):
             )
         return self._state.opened(link)
 
+    def _settled_on_http1(self) -> bool:
+        """ALPN was offered HTTP/2 and chose HTTP/1.1 (see __init__)."""
+        return self._http1_ssl_context is not None and self._state.negotiated == "HTTP/1.1"
+
     def release(self, connection: PooledConnection) -> None:
         """The request on ``connection`` is over: the pool state says what becomes of it."""
+        if not connection.multiplexed and isinstance(connection.link, _Link) and self._settled_on_http1():
+            # One of httpcore's (h11) connections, opened before the upstream's
+            # choice was known: replaced by one of ours once it is free.
+            self._state.retire(connection)
         if self._state.release(connection) is Released.DISCARD:
             self._close(connection)
         self._wake_one()

@@ -103,6 +103,31 @@ async def test_alpn_falls_back_to_http11_when_the_server_offers_only_http11(tmp_
         await assert_at_rest(sidecar, "up")
 
 
+async def test_once_alpn_settles_on_http11_the_sidecars_own_connection_takes_over(tmp_path: Path) -> None:
+    """The first connection is opened before the upstream's choice is known
+    (httpcore's, offering h2); once it chose HTTP/1.1, that connection is
+    replaced when free, and the rest run on the sidecar's own (llhttp)."""
+    from sidecar.upstream.h1conn import HTTP11Connection
+    from tests.support.rest import pool_of
+
+    tls = tls_files(tmp_path)
+    async with (
+        HypercornUpstream(tls=tls, alpn=("http/1.1",)) as upstream,
+        running_sidecar(
+            tmp_path, _yaml(upstream.url, True, max_connections=10, tls={"ca_file": str(tls.ca_file)})
+        ) as sidecar,
+        aiohttp.ClientSession() as client,
+    ):
+        for _ in range(20):
+            status, _, body = await _get(client, proxy_url(sidecar) + "/up/x")
+            assert status == 200, body
+        links = [connection.link for connection in pool_of(sidecar, "up").transport._state.all.values()]
+        assert links and all(isinstance(link, HTTP11Connection) for link in links), links
+        assert len(upstream.peers) == 2  # httpcore's first, then one of ours, reused
+        assert set(upstream.http_versions) == {"1.1"}
+        await assert_at_rest(sidecar, "up")
+
+
 async def test_true_on_a_cleartext_url_stays_http11_and_validate_warns(tmp_path: Path) -> None:
     import subprocess
     import sys
