@@ -1,0 +1,348 @@
+"""The framer's own rules: what a response is made of, and when the connection may carry another."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sidecar.upstream.h1frame import MAX_HEAD_BYTES, FramingError, ResponseFramer
+
+
+def framed(data: bytes, method: bytes = b"GET", *, eof: bool = False) -> ResponseFramer:
+    framer = ResponseFramer(method)
+    framer.feed(data)
+    if eof:
+        framer.feed_eof()
+    return framer
+
+
+def refused(data: bytes, method: bytes = b"GET", *, eof: bool = False) -> str:
+    with pytest.raises(FramingError) as error:
+        framed(data, method, eof=eof)
+    return str(error.value)
+
+
+# ------------------------------------------------------------------ the head
+
+
+def test_a_content_length_response() -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello")
+    assert framer.head_done and framer.complete
+    assert framer.status == 200
+    assert framer.http_version == "HTTP/1.1"
+    assert framer.headers == [(b"Content-Type", b"text/plain"), (b"Content-Length", b"5")]
+    assert framer.take_body() == b"hello"
+    assert framer.reusable and not framer.trailing and not framer.close_after
+
+
+def test_the_head_is_known_before_the_body_ends() -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhel")
+    assert framer.head_done and not framer.complete
+    assert framer.take_body() == b"hel"
+    framer.feed(b"lo worl")
+    assert framer.take_body() == b"lo worl" and framer.complete
+    assert framer.take_body() == b""
+
+
+def test_take_body_joins_and_empties() -> None:
+    framer = ResponseFramer(b"GET")
+    framer.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+    for piece in (b"ab", b"cd", b"ef"):
+        framer.feed(piece)
+    assert framer.body == [b"ab", b"cd", b"ef"]
+    assert framer.take_body() == b"abcdef"
+    assert framer.body == []
+
+
+def test_header_names_keep_their_case_and_repeats_their_order() -> None:
+    framer = framed(
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-Mixed-Case: v\r\nset-cookie: b=2\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert framer.headers == [
+        (b"Set-Cookie", b"a=1"),
+        (b"X-Mixed-Case", b"v"),
+        (b"set-cookie", b"b=2"),
+        (b"Content-Length", b"0"),
+    ]
+
+
+def test_http_1_0() -> None:
+    framer = framed(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert framer.http_version == "HTTP/1.0" and framer.complete
+    assert not framer.reusable  # HTTP/1.0 closes unless it says keep-alive
+
+
+@pytest.mark.parametrize("status", [b"HTTP/1.1 600 Odd", b"HTTP/1.1 099 Odd", b"HTTP/2.0 200 OK", b"HTTP/0.9 200 OK"])
+def test_a_status_line_this_proxy_cannot_relay(status: bytes) -> None:
+    message = refused(status + b"\r\nContent-Length: 0\r\n\r\n")
+    assert "HTTP/" in message or "outside 100-599" in message
+
+
+def test_the_framers_own_message_reaches_the_caller() -> None:
+    assert refused(b"HTTP/1.1 600 Odd\r\n\r\n") == "status 600 is outside 100-599"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n",  # obs-fold
+        b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",  # bare LF
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",  # duplicate length
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",  # conflicting length
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",  # a list
+        b"HTTP/1.1 200 OK\r\nContent-Length : 0\r\n\r\n",  # space before the colon
+        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 0\r\n\r\n",  # NUL
+        b"garbage\r\n\r\n",
+    ],
+)
+def test_malformed_heads(data: bytes) -> None:
+    refused(data)
+
+
+def test_a_head_just_under_the_limit() -> None:
+    value = b"v" * (MAX_HEAD_BYTES - 2000)
+    framer = framed(b"HTTP/1.1 200 OK\r\nX-Big: " + value + b"\r\nContent-Length: 0\r\n\r\n")
+    assert framer.complete and framer.headers[0] == (b"X-Big", value)
+
+
+def test_a_head_over_the_limit() -> None:
+    fields = b"".join(b"X-F%d: %s\r\n" % (i, b"f" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 5))
+    assert f"over {MAX_HEAD_BYTES} bytes" in refused(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n")
+
+
+def test_interim_heads_count_towards_the_limit() -> None:
+    half = b"X-Half: " + b"h" * (MAX_HEAD_BYTES // 2 + 100) + b"\r\n"
+    data = b"HTTP/1.1 103 Early Hints\r\n" + half + b"\r\nHTTP/1.1 200 OK\r\n" + half + b"Content-Length: 0\r\n\r\n"
+    assert f"over {MAX_HEAD_BYTES} bytes" in refused(data)
+
+
+# ----------------------------------------------------------------- framing
+
+
+def test_chunked() -> None:
+    framer = framed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
+    )
+    assert framer.complete and framer.reusable
+    assert framer.take_body() == b"hello world"
+    assert framer.headers == [(b"Transfer-Encoding", b"chunked")]
+
+
+def test_trailers_are_not_headers() -> None:
+    framer = framed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: 1\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nX-Other: 2\r\n\r\n"
+    )
+    assert framer.complete and framer.reusable
+    assert framer.headers == [(b"Transfer-Encoding", b"chunked"), (b"X-Head", b"1")]
+    assert framer.take_body() == b"hello"
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"chunked, gzip", b"identity", b"chunked, chunked"])
+def test_only_chunked_is_a_transfer_coding(coding: bytes) -> None:
+    message = refused(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n", eof=True)
+    assert "unsupported Transfer-Encoding" in message
+
+
+def test_chunked_twice_in_two_fields() -> None:
+    refused(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("order", ["length first", "coding first"])
+def test_content_length_beside_chunked(order: str) -> None:
+    fields = [b"Content-Length: 3", b"Transfer-Encoding: chunked", b"X-Other: 1"]
+    if order == "coding first":
+        fields[0], fields[1] = fields[1], fields[0]
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(field + b"\r\n" for field in fields) + b"\r\n"
+    framer = framed(head + b"5\r\nhello\r\n0\r\n\r\n")
+    # The coding frames the body, the length is never relayed, and the
+    # connection is closed afterwards.
+    assert framer.complete and framer.take_body() == b"hello"
+    assert framer.close_after and not framer.reusable
+    assert all(name.lower() != b"content-length" for name, _ in framer.headers)
+    assert (b"X-Other", b"1") in framer.headers
+
+
+def test_an_invalid_chunk() -> None:
+    refused(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloX0\r\n\r\n")
+
+
+# ------------------------------------------------------- bodyless responses
+
+
+def test_head_ends_with_its_head() -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"HEAD")
+    assert framer.complete and framer.reusable
+    assert framer.take_body() == b""
+    assert framer.headers == [(b"Content-Length", b"1000")]
+
+
+def test_head_with_a_body_anyway() -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"HEAD")
+    assert framer.complete and framer.take_body() == b""
+    assert framer.trailing and not framer.reusable
+
+
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+def test_204_and_304_end_with_their_head(status: bytes) -> None:
+    framer = framed(b"HTTP/1.1 " + status + b"\r\nContent-Length: 100\r\n\r\n")
+    assert framer.complete and framer.reusable and framer.take_body() == b""
+    framer.feed(b"hello")
+    assert framer.trailing and not framer.reusable and framer.take_body() == b""
+
+
+# ------------------------------------------------------- interim responses
+
+
+@pytest.mark.parametrize("interim", [b"100 Continue", b"102 Processing", b"103 Early Hints"])
+def test_interim_responses_are_skipped(interim: bytes) -> None:
+    framer = ResponseFramer(b"GET")
+    framer.feed(b"HTTP/1.1 " + interim + b"\r\nLink: </a.css>; rel=preload\r\n\r\n")
+    assert not framer.head_done
+    framer.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert framer.head_done and framer.complete and framer.reusable
+    assert framer.status == 200
+    assert framer.headers == [(b"Content-Length", b"2")]
+    assert framer.take_body() == b"hi"
+
+
+def test_101_is_refused() -> None:
+    message = refused(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+    assert "switched protocols" in message
+    assert "switched protocols" in refused(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+
+
+# -------------------------------------------------------------- keep-alive
+
+
+@pytest.mark.parametrize(
+    ("connection", "reusable"),
+    [
+        (b"", True),
+        (b"Connection: keep-alive\r\n", True),
+        (b"Connection: close\r\n", False),
+        (b"Connection: Close\r\n", False),
+        (b"Connection: keep-alive, close\r\n", False),
+    ],
+)
+def test_keep_alive_in_http_1_1(connection: bytes, reusable: bool) -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\n" + connection + b"Content-Length: 2\r\n\r\nhi")
+    assert framer.complete and framer.reusable is reusable
+
+
+def test_http_1_0_with_connection_close() -> None:
+    assert not framed(b"HTTP/1.0 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi").reusable
+
+
+# --------------------------------------------------------- reuse, trailing
+
+
+def test_bytes_after_a_complete_response_make_it_trailing() -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert framer.reusable
+    framer.feed(b"")
+    assert framer.reusable  # nothing arrived
+    framer.feed(b"X")
+    assert framer.complete and framer.trailing and not framer.reusable
+    assert framer.take_body() == b"hi"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b"garbage", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nho", b"\x00\x01"],
+    ids=["garbage", "a second response", "binary"],
+)
+def test_bytes_after_the_response_in_the_same_read(extra: bytes) -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi" + extra)
+    assert framer.complete and framer.trailing and not framer.reusable
+    assert framer.status == 200 and framer.take_body() == b"hi"
+    assert framer.headers == [(b"Content-Length", b"2")]
+
+
+def test_trailing_after_connection_close() -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhiX")
+    assert framer.complete and framer.trailing and not framer.reusable
+
+
+def test_close_after_and_trailing_together() -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\nX")
+    assert framer.complete and framer.close_after and framer.trailing and not framer.reusable
+
+
+def test_reusable_only_once_complete() -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nh")
+    assert framer.head_done and not framer.complete and not framer.reusable
+
+
+# ----------------------------------------------------------------------- EOF
+
+
+def test_a_body_framed_by_eof() -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\n\r\nhello")
+    assert framer.head_done and not framer.complete
+    framer.feed(b" world")
+    framer.feed_eof()
+    assert framer.complete and not framer.reusable
+    assert framer.take_body() == b"hello world"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_a_body_cut_short_by_eof(data: bytes) -> None:
+    assert "before the end of the response body" in refused(data, eof=True)
+
+
+@pytest.mark.parametrize("data", [b"", b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 100 Continue\r\n\r\n"])
+def test_eof_before_a_final_head(data: bytes) -> None:
+    assert "without sending a response" in refused(data, eof=True)
+
+
+def test_head_framed_response_at_eof() -> None:
+    # A HEAD response without a length is complete with its head, not at EOF.
+    framer = framed(b"HTTP/1.1 200 OK\r\n\r\n", b"HEAD")
+    assert framer.complete
+    framer.feed_eof()
+    assert framer.complete
+
+
+# ------------------------------------------------------------------ property
+
+
+def random_response(rng: random.Random) -> tuple[bytes, bytes]:
+    """A valid response with a random body, framed by length or by chunks; (bytes, body)."""
+    body = rng.randbytes(rng.choice([0, 1, 2, 17, 300, 5000]))
+    if rng.random() < 0.5:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body, body
+    chunks, rest = [], body
+    while rest:
+        size = rng.randint(1, 700)
+        piece, rest = rest[:size], rest[size:]
+        extension = rng.choice([b"", b";a=b", b';q="x y"'])
+        size_text = (b"%x" % len(piece)).upper() if rng.random() < 0.5 else b"%x" % len(piece)
+        chunks.append(size_text + extension + b"\r\n" + piece + b"\r\n")
+    trailers = rng.choice([b"", b"X-Sum: 1\r\n"])
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"".join(chunks) + b"0\r\n" + trailers + b"\r\n", body
+
+
+def test_random_splits_give_the_same_body() -> None:
+    # hypothesis is not a dependency of the project: a seeded generator instead.
+    rng = random.Random(1729)
+    for _ in range(300):
+        data, body = random_response(rng)
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(1, 12))))
+        pieces = [data[i:j] for i, j in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        framer = ResponseFramer(b"GET")
+        received = []
+        for piece in pieces:
+            framer.feed(piece)
+            received.append(framer.take_body())
+        assert framer.complete and framer.reusable, data[:200]
+        assert b"".join(received) == body
