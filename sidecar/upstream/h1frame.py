@@ -11,8 +11,9 @@ request (see docs/http1-upstream.md):
   beside it the coding frames the body, the length is dropped, and the
   connection is closed afterwards (RFC 9112 §6.3);
 * a duplicate or conflicting ``Content-Length``, an invalid chunk, obs-fold,
-  a bare LF, a version other than 1.x or a status outside 100-599 is a
-  :class:`FramingError` (the caller gets 502);
+  a bare LF, an empty line before a status line, a version other than 1.x
+  or a status outside 100-599 is a :class:`FramingError` (the caller gets
+  502);
 * a HEAD response, a ``204`` and a ``304`` end with their head; any byte
   after the end of a response (a body sent anyway, a second response) marks
   the connection ``trailing``: it is closed, never reused;
@@ -35,6 +36,8 @@ MAX_HEAD_BYTES = 100 * 1024
 _CHUNKED = b"chunked"
 _CONTENT_LENGTH = b"content-length"
 _TRANSFER_ENCODING = b"transfer-encoding"
+_END_OF_HEAD = b"\r\n\r\n"
+_CR, _LF = 13, 10
 
 
 class FramingError(Exception):
@@ -53,6 +56,8 @@ class ResponseFramer:
     __slots__ = (
         "_parser",
         "_head_request",
+        "_head",
+        "_message_start",
         "_fields",
         "_field_bytes",
         "_eof_framed",
@@ -74,6 +79,11 @@ class ResponseFramer:
         # connection is closed afterwards (see close_after).
         self._parser.set_dangerous_leniencies(lenient_chunked_length=True)  # type: ignore[attr-defined]  # missing from its stubs
         self._head_request = method == b"HEAD"
+        # The bytes fed until the final head is in, and where the status
+        # line of the message being read starts in them (past any interim
+        # response): llhttp reports no offsets, and some rules need them.
+        self._head: list[bytes] = []
+        self._message_start = 0
         self._fields: list[tuple[bytes, bytes]] = []
         self._field_bytes = 0
         self._eof_framed = False
@@ -100,6 +110,8 @@ class ResponseFramer:
             if data:
                 self.trailing = True  # bytes beyond the response: never reuse
             return
+        if not self.head_done and data:
+            self._head.append(data)
         try:
             self._parser.feed_data(data)
         except HttpParserCallbackError as error:
@@ -141,6 +153,11 @@ class ResponseFramer:
     def on_message_begin(self) -> None:
         if self.complete:
             self.trailing = True  # a second response where only one was asked for
+            return
+        # llhttp skips empty lines before a message (a server's leniency for
+        # requests); a response has none, and h11 refuses them too.
+        if self._head_bytes()[self._message_start] in (_CR, _LF):
+            raise FramingError("an empty line before the status line")
         self._fields = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -166,7 +183,10 @@ class ResponseFramer:
         if status < 200:
             if status == 101:
                 raise FramingError("the upstream switched protocols without being asked to")
-            self._fields = []  # an interim response: the final one follows
+            # An interim response: the final one follows. Its head ends at
+            # the first empty line (llhttp accepts no bare CR or LF in a head).
+            self._message_start = self._head_bytes().index(_END_OF_HEAD, self._message_start) + 4
+            self._fields = []
             return
         fields = self._fields
         chunked, length = _framing_fields(fields)
@@ -180,12 +200,19 @@ class ResponseFramer:
         self.http_version = "HTTP/1.0" if version == "1.0" else "HTTP/1.1"
         self.keep_alive = parser.should_keep_alive()
         self.head_done = True
+        self._head = []
         bodyless = self._head_request or status == 204 or status == 304
         self._eof_framed = not bodyless and not chunked and not length
         if self._head_request:
             # llhttp does not know the request was HEAD: the response ends
             # here, and whatever it parses as a body is beyond it.
             self.complete = True
+
+    def _head_bytes(self) -> bytes:
+        head = self._head
+        if len(head) > 1:
+            head[:] = [b"".join(head)]
+        return head[0]
 
     def on_body(self, body: bytes) -> None:
         if self.complete:

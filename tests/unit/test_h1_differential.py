@@ -176,6 +176,8 @@ CASES = [
     ),
     Case("100 to a HEAD", response(status=b"HTTP/1.1 100 Continue") + response(b"Content-Length: 9"), method=b"HEAD"),
     Case("100 then EOF", response(status=b"HTTP/1.1 100 Continue"), eof=True),
+    Case("100, empty line, 200", response(status=b"HTTP/1.1 100 Continue") + b"\r\n" + OK),
+    Case("100, bare LF, 200", response(status=b"HTTP/1.1 100 Continue") + b"\n" + OK),
     Case("100 with content-length", response(b"Content-Length: 5", status=b"HTTP/1.1 100 Continue") + OK),
     Case(
         "101 unasked",
@@ -183,6 +185,8 @@ CASES = [
     ),
     Case("101 unasked, no Upgrade field", response(status=b"HTTP/1.1 101 Switching Protocols")),
     # ---- the status line
+    Case("empty line before the status line", b"\r\n" + OK),
+    Case("bare LF before the status line", b"\n" + OK),
     Case("no reason phrase", b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"),
     Case("empty reason phrase", b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n"),
     Case("reason phrase with obs-text", b"HTTP/1.1 200 \xe9t\xe9\r\nContent-Length: 0\r\n\r\n"),

@@ -207,6 +207,26 @@ def test_interim_responses_are_skipped(interim: bytes) -> None:
     assert framer.take_body() == b"hi"
 
 
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+        [b"\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+        [b"\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+        [b"HTTP/1.1 100 Continue\r\n\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+        [b"HTTP/1.1 100 Continue\r\n\r\n", b"\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+        [b"HTTP/1.1 100 Continue\r\n\r", b"\n\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+    ],
+    ids=["at the start", "at the start, alone", "a bare LF", "after a 100", "after a 100, alone", "after a 100, split"],
+)
+def test_an_empty_line_before_a_status_line(pieces: list[bytes]) -> None:
+    # llhttp skips empty lines before a message; a response has none (h11 refuses them too).
+    framer = ResponseFramer(b"GET")
+    with pytest.raises(FramingError, match="empty line before the status line"):
+        for piece in pieces:
+            framer.feed(piece)
+
+
 def test_101_is_refused() -> None:
     message = refused(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
     assert "switched protocols" in message
