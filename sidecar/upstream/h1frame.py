@@ -15,8 +15,8 @@ request (see docs/http1-upstream.md):
   or a status outside 100-599 is a :class:`FramingError` (the caller gets
   502);
 * a HEAD response, a ``204`` and a ``304`` end with their head; any byte
-  after the end of a response (a body sent anyway, a second response) marks
-  the connection ``trailing``: it is closed, never reused;
+  after the end of a response (a body sent anyway, a second response, an
+  empty line) marks the connection ``trailing``: it is closed, never reused;
 * a response framed by the end of the connection is complete at EOF, any
   other one cut short there is a :class:`FramingError`.
 
@@ -110,10 +110,25 @@ class ResponseFramer:
             if data:
                 self.trailing = True  # bytes beyond the response: never reuse
             return
-        if not self.head_done and data:
+        if not data:
+            return
+        if not self.head_done:
             self._head.append(data)
+        parser = self._parser
         try:
-            self._parser.feed_data(data)
+            if data[-1] in (_LF, _CR):
+                # After a complete response llhttp skips CR and LF without a
+                # callback (any other byte starts a message, or is an error,
+                # and either marks it trailing). Holding the last byte back
+                # tells whether the response ended before it.
+                view = memoryview(data)
+                parser.feed_data(view[:-1])
+                if self.complete:
+                    self.trailing = True
+                    return
+                parser.feed_data(view[-1:])
+            else:
+                parser.feed_data(data)
         except HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, FramingError):
@@ -200,13 +215,17 @@ class ResponseFramer:
         self.http_version = "HTTP/1.0" if version == "1.0" else "HTTP/1.1"
         self.keep_alive = parser.should_keep_alive()
         self.head_done = True
+        head = self._head_bytes()
         self._head = []
         bodyless = self._head_request or status == 204 or status == 304
         self._eof_framed = not bodyless and not chunked and not length
         if self._head_request:
             # llhttp does not know the request was HEAD: the response ends
-            # here, and whatever it parses as a body is beyond it.
+            # here, and whatever it parses as a body is beyond it (chunk
+            # framing would not even reach a callback).
             self.complete = True
+            if len(head) > head.index(_END_OF_HEAD, self._message_start) + 4:
+                self.trailing = True
 
     def _head_bytes(self) -> bytes:
         head = self._head

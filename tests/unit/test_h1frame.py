@@ -280,6 +280,46 @@ def test_bytes_after_the_response_in_the_same_read(extra: bytes) -> None:
     assert framer.headers == [(b"Content-Length", b"2")]
 
 
+@pytest.mark.parametrize(
+    ("method", "response"),
+    [
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"),
+        (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
+    ],
+    ids=["content-length", "chunked", "204", "HEAD"],
+)
+@pytest.mark.parametrize("extra", [b"\r\n", b"\n", b"\r", b"\r\n\r\n"], ids=["CRLF", "LF", "CR", "two CRLF"])
+@pytest.mark.parametrize("delivery", ["same read", "next read"])
+def test_line_ends_after_the_response_make_it_trailing(
+    method: bytes, response: bytes, extra: bytes, delivery: str
+) -> None:
+    # llhttp skips them silently, as it skips empty lines before a message.
+    framer = ResponseFramer(method)
+    if delivery == "same read":
+        framer.feed(response + extra)
+    else:
+        framer.feed(response)
+        assert framer.complete and framer.reusable
+        framer.feed(extra)
+    assert framer.complete and framer.trailing and not framer.reusable
+
+
+@pytest.mark.parametrize("body", [b"\r\n", b"\n", b"\r", b"hi\r\n"])
+def test_a_body_ending_with_line_ends_is_not_trailing(body: bytes) -> None:
+    framer = framed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert framer.complete and framer.reusable and not framer.trailing
+    assert framer.take_body() == body
+
+
+def test_head_with_chunk_framing_after_it() -> None:
+    # Parsed as a chunked body by llhttp, this would call no callback at all.
+    framer = framed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"HEAD")
+    assert framer.complete and framer.trailing and not framer.reusable
+    assert framer.take_body() == b""
+
+
 def test_trailing_after_connection_close() -> None:
     framer = framed(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhiX")
     assert framer.complete and framer.trailing and not framer.reusable
