@@ -135,6 +135,9 @@ class ResponseFramer:
                 raise cause from None
             raise FramingError(str(error)) from cause
         except HttpParserUpgrade:
+            if self.complete:
+                self.trailing = True  # a 101 after the response is only bytes beyond it
+                return
             raise FramingError("the upstream switched protocols without being asked to") from None
         except HttpParserError as error:
             if self.complete:

@@ -108,6 +108,10 @@ CASES = [
         "second response after the body",
         response(b"Content-Length: 2", body=b"hi") + response(b"Content-Length: 2", body=b"ho"),
     ),
+    Case(
+        "101 response after the body",
+        OK + response(b"Upgrade: x", b"Connection: upgrade", status=b"HTTP/1.1 101 Switching") + b"\x81\x00",
+    ),
     Case("empty line after the body", response(b"Content-Length: 5", body=b"hello\r\n")),
     Case("bare LF after the body", response(b"Content-Length: 5", body=b"hello\n")),
     Case("empty line after a chunked body", chunked(b"1\r\na\r\n0\r\n\r\n\r\n")),

@@ -270,8 +270,13 @@ def test_bytes_after_a_complete_response_make_it_trailing() -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [b"garbage", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nho", b"\x00\x01"],
-    ids=["garbage", "a second response", "binary"],
+    [
+        b"garbage",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nho",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x00",
+        b"\x00\x01",
+    ],
+    ids=["garbage", "a second response", "a 101 response", "binary"],
 )
 def test_bytes_after_the_response_in_the_same_read(extra: bytes) -> None:
     framer = framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi" + extra)
