@@ -29,9 +29,11 @@ from __future__ import annotations
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 from httptools.parser.parser import HttpResponseParser
 
-# The response head (interim heads included) may hold at most this many
-# bytes of field names and values; past it the upstream is answered with 502.
+# The response head may be at most this many bytes, from its first byte to
+# the empty line that ends it, interim responses included (httpcore gave h11
+# the same limit); past it the upstream is answered with 502.
 MAX_HEAD_BYTES = 100 * 1024
+_HEAD_TOO_LARGE = f"response head over {MAX_HEAD_BYTES} bytes"
 
 _CHUNKED = b"chunked"
 _CONTENT_LENGTH = b"content-length"
@@ -59,7 +61,6 @@ class ResponseFramer:
         "_head",
         "_message_start",
         "_fields",
-        "_field_bytes",
         "_eof_framed",
         "status",
         "headers",
@@ -82,10 +83,9 @@ class ResponseFramer:
         # The bytes fed until the final head is in, and where the status
         # line of the message being read starts in them (past any interim
         # response): llhttp reports no offsets, and some rules need them.
-        self._head: list[bytes] = []
+        self._head: bytes | bytearray = b""
         self._message_start = 0
         self._fields: list[tuple[bytes, bytes]] = []
-        self._field_bytes = 0
         self._eof_framed = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -113,7 +113,13 @@ class ResponseFramer:
         if not data:
             return
         if not self.head_done:
-            self._head.append(data)
+            head = self._head
+            if not head:
+                self._head = data  # the usual case: the head arrives in one read
+            elif isinstance(head, bytearray):
+                head.extend(data)
+            else:
+                self._head = bytearray(head) + data
         parser = self._parser
         try:
             if data[-1] in (_LF, _CR):
@@ -144,6 +150,9 @@ class ResponseFramer:
                 self.trailing = True  # garbage after a complete response
                 return
             raise FramingError(f"malformed response: {error}") from None
+        if not self.head_done and len(self._head) > MAX_HEAD_BYTES:
+            # Every byte so far belongs to the head, and it has not ended.
+            raise FramingError(_HEAD_TOO_LARGE)
 
     def feed_eof(self) -> None:
         """The upstream closed its side of the connection."""
@@ -174,7 +183,7 @@ class ResponseFramer:
             return
         # llhttp skips empty lines before a message (a server's leniency for
         # requests); a response has none, and h11 refuses them too.
-        if self._head_bytes()[self._message_start] in (_CR, _LF):
+        if self._head[self._message_start] in (_CR, _LF):
             raise FramingError("an empty line before the status line")
         self._fields = []
 
@@ -183,9 +192,6 @@ class ResponseFramer:
             return
         if self.head_done:
             return  # a trailer field of a chunked body: not relayed
-        self._field_bytes += len(name) + len(value)
-        if self._field_bytes > MAX_HEAD_BYTES:
-            raise FramingError(f"response head over {MAX_HEAD_BYTES} bytes")
         self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -198,12 +204,16 @@ class ResponseFramer:
             raise FramingError(f"the upstream answered in HTTP/{version}")
         if status < 100 or status > 599:
             raise FramingError(f"status {status} is outside 100-599")
+        if status == 101:
+            raise FramingError("the upstream switched protocols without being asked to")
+        # This head ends at its first empty line (llhttp accepts no bare CR
+        # or LF in a head); the offset counts the interim heads before it.
+        head = self._head
+        end = head.index(_END_OF_HEAD, self._message_start) + 4
+        if end > MAX_HEAD_BYTES:
+            raise FramingError(_HEAD_TOO_LARGE)
         if status < 200:
-            if status == 101:
-                raise FramingError("the upstream switched protocols without being asked to")
-            # An interim response: the final one follows. Its head ends at
-            # the first empty line (llhttp accepts no bare CR or LF in a head).
-            self._message_start = self._head_bytes().index(_END_OF_HEAD, self._message_start) + 4
+            self._message_start = end  # an interim response: the final one follows
             self._fields = []
             return
         fields = self._fields
@@ -218,8 +228,7 @@ class ResponseFramer:
         self.http_version = "HTTP/1.0" if version == "1.0" else "HTTP/1.1"
         self.keep_alive = parser.should_keep_alive()
         self.head_done = True
-        head = self._head_bytes()
-        self._head = []
+        self._head = b""
         bodyless = self._head_request or status == 204 or status == 304
         self._eof_framed = not bodyless and not chunked and not length
         if self._head_request:
@@ -227,14 +236,8 @@ class ResponseFramer:
             # here, and whatever it parses as a body is beyond it (chunk
             # framing would not even reach a callback).
             self.complete = True
-            if len(head) > head.index(_END_OF_HEAD, self._message_start) + 4:
+            if len(head) > end:
                 self.trailing = True
-
-    def _head_bytes(self) -> bytes:
-        head = self._head
-        if len(head) > 1:
-            head[:] = [b"".join(head)]
-        return head[0]
 
     def on_body(self, body: bytes) -> None:
         if self.complete:

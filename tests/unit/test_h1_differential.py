@@ -238,6 +238,9 @@ CASES = [
     Case("a large head", response(*LARGE_FIELDS, CL0), stride=997),
     Case("an oversized head: many fields", response(*BIG_FIELDS, CL0), stride=1999),
     Case("an oversized head: one field", response(b"X-Big: " + BIG_VALUE, CL0), stride=1999),
+    Case("an oversized head: many empty fields", response(*[b"a:"] * 30000, CL0), stride=9973),
+    Case("an oversized head, never ending", b"HTTP/1.1 200 OK\r\nX-Big: " + BIG_VALUE, stride=1999),
+    Case("an oversized head of interim responses", response(status=b"HTTP/1.1 100 Continue") * 5000 + OK, stride=9973),
     # ---- keep-alive
     Case("HTTP/1.1 keep-alive by default", response(b"Content-Length: 2", body=b"hi")),
     Case("HTTP/1.1 Connection: close", response(b"Connection: close", b"Content-Length: 2", body=b"hi")),
@@ -307,6 +310,10 @@ STRICTER = {
         "so a head over MAX_HEAD_BYTES passes there when it arrives in one piece"
     ),
     "an oversized head: one field": "RFC 9110 §21.5: the same",
+    "an oversized head: many empty fields": "RFC 9110 §21.5: the same",
+    "an oversized head of interim responses": (
+        "RFC 9110 §21.5: the same; h11 limits each interim head alone, we count them into the final one's"
+    ),
 }
 
 # Cases where we accept and h11 refuses.

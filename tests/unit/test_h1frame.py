@@ -117,6 +117,45 @@ def test_interim_heads_count_towards_the_limit() -> None:
     assert f"over {MAX_HEAD_BYTES} bytes" in refused(data)
 
 
+@pytest.mark.parametrize("piece", [4096, 65536, MAX_HEAD_BYTES + 1])
+def test_a_head_that_never_ends_is_refused_past_the_limit(piece: int) -> None:
+    framer = ResponseFramer(b"GET")
+    framer.feed(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+    fed = 0
+    with pytest.raises(FramingError, match=f"over {MAX_HEAD_BYTES} bytes"):
+        while fed <= 2 * MAX_HEAD_BYTES:
+            framer.feed(b"v" * piece)
+            fed += piece
+    assert fed <= MAX_HEAD_BYTES + piece
+
+
+def test_the_limit_is_on_the_bytes_of_the_head() -> None:
+    # Field lines without a value: few bytes of names, many of the head.
+    fields = b"a:\r\n" * (MAX_HEAD_BYTES // 4 + 10)
+    assert f"over {MAX_HEAD_BYTES} bytes" in refused(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n")
+
+
+def test_many_interim_responses_count_towards_the_limit() -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    framer = ResponseFramer(b"GET")
+    with pytest.raises(FramingError, match=f"over {MAX_HEAD_BYTES} bytes"):
+        for _ in range(MAX_HEAD_BYTES // len(interim) + 10):
+            framer.feed(interim)
+
+
+def test_a_head_exactly_at_the_limit() -> None:
+    start = b"HTTP/1.1 200 OK\r\nX-Pad: "
+    end = b"\r\nContent-Length: 0\r\n\r\n"
+    exact = start + b"p" * (MAX_HEAD_BYTES - len(start) - len(end)) + end
+    assert len(exact) == MAX_HEAD_BYTES
+    for pieces in ([exact], [exact[:-1], exact[-1:]]):
+        framer = ResponseFramer(b"GET")
+        for piece in pieces:
+            framer.feed(piece)
+        assert framer.complete
+    refused(start + b"p" * (MAX_HEAD_BYTES - len(start) - len(end) + 1) + end)
+
+
 # ----------------------------------------------------------------- framing
 
 
