@@ -34,6 +34,11 @@ from httptools.parser.parser import HttpResponseParser
 # the same limit); past it the upstream is answered with 502.
 MAX_HEAD_BYTES = 100 * 1024
 _HEAD_TOO_LARGE = f"response head over {MAX_HEAD_BYTES} bytes"
+# The same bound holds for the trailer section of a chunked body (its field
+# names and values), and for the bytes in a row that carry no body after the
+# head (chunk framing, trailers): httptools holds an unfinished field whole.
+_TRAILERS_TOO_LARGE = f"trailer section over {MAX_HEAD_BYTES} bytes"
+_FRAMING_TOO_LARGE = f"chunk framing or trailer section over {MAX_HEAD_BYTES} bytes"
 
 _CHUNKED = b"chunked"
 _CONTENT_LENGTH = b"content-length"
@@ -62,6 +67,8 @@ class ResponseFramer:
         "_message_start",
         "_fields",
         "_eof_framed",
+        "_since_body",
+        "_trailer_size",
         "status",
         "headers",
         "http_version",
@@ -87,6 +94,8 @@ class ResponseFramer:
         self._message_start = 0
         self._fields: list[tuple[bytes, bytes]] = []
         self._eof_framed = False
+        self._since_body = 0
+        self._trailer_size = 0
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.http_version = "HTTP/1.1"
@@ -112,7 +121,8 @@ class ResponseFramer:
             return
         if not data:
             return
-        if not self.head_done:
+        head_done = self.head_done
+        if not head_done:
             head = self._head
             if not head:
                 self._head = data  # the usual case: the head arrives in one read
@@ -121,6 +131,8 @@ class ResponseFramer:
             else:
                 self._head = bytearray(head) + data
         parser = self._parser
+        body = self.body
+        taken = len(body)
         try:
             if data[-1] in (_LF, _CR):
                 # After a complete response llhttp skips CR and LF without a
@@ -150,9 +162,19 @@ class ResponseFramer:
                 self.trailing = True  # garbage after a complete response
                 return
             raise FramingError(f"malformed response: {error}") from None
-        if not self.head_done and len(self._head) > MAX_HEAD_BYTES:
-            # Every byte so far belongs to the head, and it has not ended.
-            raise FramingError(_HEAD_TOO_LARGE)
+        if self.complete:
+            return
+        if not self.head_done:
+            if len(self._head) > MAX_HEAD_BYTES:
+                # Every byte so far belongs to the head, and it has not ended.
+                raise FramingError(_HEAD_TOO_LARGE)
+        elif len(body) != taken:
+            self._since_body = 0
+        else:
+            if head_done:  # else on_headers_complete counted the bytes after the head
+                self._since_body += len(data)
+            if self._since_body > MAX_HEAD_BYTES:
+                raise FramingError(_FRAMING_TOO_LARGE)
 
     def feed_eof(self) -> None:
         """The upstream closed its side of the connection."""
@@ -191,7 +213,11 @@ class ResponseFramer:
         if self.complete:
             return
         if self.head_done:
-            return  # a trailer field of a chunked body: not relayed
+            # A trailer field of a chunked body: not relayed, but bounded.
+            self._trailer_size += len(name) + len(value)
+            if self._trailer_size > MAX_HEAD_BYTES:
+                raise FramingError(_TRAILERS_TOO_LARGE)
+            return
         self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -229,6 +255,7 @@ class ResponseFramer:
         self.keep_alive = parser.should_keep_alive()
         self.head_done = True
         self._head = b""
+        self._since_body = len(head) - end
         bodyless = self._head_request or status == 204 or status == 304
         self._eof_framed = not bodyless and not chunked and not length
         if self._head_request:

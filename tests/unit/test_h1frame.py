@@ -178,6 +178,37 @@ def test_trailers_are_not_headers() -> None:
     assert framer.take_body() == b"hello"
 
 
+def test_a_trailer_section_over_the_limit() -> None:
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"t" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 5))
+    message = refused(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n" + trailers + b"\r\n")
+    assert f"trailer section over {MAX_HEAD_BYTES} bytes" in message
+
+
+@pytest.mark.parametrize("piece", [4096, 65536])
+def test_a_trailer_field_that_never_ends_is_refused_past_the_limit(piece: int) -> None:
+    # httptools holds a field until it ends: the bytes between two pieces of
+    # body are bounded like a head.
+    framer = ResponseFramer(b"GET")
+    framer.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Endless: ")
+    fed = 0
+    with pytest.raises(FramingError, match=f"over {MAX_HEAD_BYTES} bytes"):
+        while fed <= 2 * MAX_HEAD_BYTES:
+            framer.feed(b"v" * piece)
+            fed += piece
+    assert fed <= MAX_HEAD_BYTES + piece
+
+
+def test_chunk_framing_between_body_bytes_is_not_limited_across_a_body() -> None:
+    # Tiny chunks: far more framing than body, in reads that each carry body.
+    chunks = b"1\r\nx\r\n" * 60000
+    framer = ResponseFramer(b"GET")
+    framer.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for i in range(0, len(chunks), 256 * 1024):
+        framer.feed(chunks[i : i + 256 * 1024])
+    framer.feed(b"0\r\n\r\n")
+    assert framer.complete and framer.take_body() == b"x" * 60000
+
+
 @pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"chunked, gzip", b"identity", b"chunked, chunked"])
 def test_only_chunked_is_a_transfer_coding(coding: bytes) -> None:
     message = refused(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n", eof=True)
