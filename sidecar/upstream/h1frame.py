@@ -18,7 +18,10 @@ request (see docs/http1-upstream.md):
   after the end of a response (a body sent anyway, a second response, an
   empty line) marks the connection ``trailing``: it is closed, never reused;
 * a response framed by the end of the connection is complete at EOF, any
-  other one cut short there is a :class:`FramingError`.
+  other one cut short there is a :class:`FramingError`;
+* the connection may carry another request only after an HTTP/1.1 response
+  without ``Connection: close`` whose body is not framed by EOF (HTTP/1.0
+  "keep-alive" is not honoured: the request never offered it).
 
 No I/O here: the connection (``h1conn.py``) feeds bytes in and reads the
 outcome, and the differential tests feed the same bytes to h11.
@@ -43,6 +46,8 @@ _FRAMING_TOO_LARGE = f"chunk framing or trailer section over {MAX_HEAD_BYTES} by
 _CHUNKED = b"chunked"
 _CONTENT_LENGTH = b"content-length"
 _TRANSFER_ENCODING = b"transfer-encoding"
+_CONNECTION = b"connection"
+_CLOSE = b"close"
 _END_OF_HEAD = b"\r\n\r\n"
 _CR, _LF = 13, 10
 
@@ -243,7 +248,7 @@ class ResponseFramer:
             self._fields = []
             return
         fields = self._fields
-        chunked, length = _framing_fields(fields)
+        chunked, length, close = _framing_fields(fields)
         if chunked and length:
             # The coding frames the body; a length beside it is never relayed,
             # and the connection is not trusted with another request.
@@ -252,12 +257,16 @@ class ResponseFramer:
         self.status = status
         self.headers = fields
         self.http_version = "HTTP/1.0" if version == "1.0" else "HTTP/1.1"
-        self.keep_alive = parser.should_keep_alive()
         self.head_done = True
         self._head = b""
         self._since_body = len(head) - end
         bodyless = self._head_request or status == 204 or status == 304
         self._eof_framed = not bodyless and not chunked and not length
+        # Not llhttp's should_keep_alive(): it takes a HEAD response without
+        # a length for one read to EOF, and honours HTTP/1.0 "keep-alive",
+        # which the request (HTTP/1.1, no keep-alive) never offered. As h11:
+        # HTTP/1.1 without "close", and a body not framed by EOF.
+        self.keep_alive = version == "1.1" and not close and not self._eof_framed
         if self._head_request:
             # llhttp does not know the request was HEAD: the response ends
             # here, and whatever it parses as a body is beyond it (chunk
@@ -277,11 +286,12 @@ class ResponseFramer:
             self.complete = True
 
 
-def _framing_fields(fields: list[tuple[bytes, bytes]]) -> tuple[bool, bool]:
-    """(framed by chunked coding, has a Content-Length); a Transfer-Encoding
-    other than a single ``chunked`` is refused: a response read to the end
-    of the connection under an unknown coding could be cut anywhere."""
-    chunked = length = False
+def _framing_fields(fields: list[tuple[bytes, bytes]]) -> tuple[bool, bool, bool]:
+    """(framed by chunked coding, has a Content-Length, says Connection:
+    close); a Transfer-Encoding other than a single ``chunked`` is refused:
+    a response read to the end of the connection under an unknown coding
+    could be cut anywhere."""
+    chunked = length = close = False
     for name, value in fields:
         lowered = name.lower()
         if lowered == _TRANSFER_ENCODING:
@@ -290,4 +300,6 @@ def _framing_fields(fields: list[tuple[bytes, bytes]]) -> tuple[bool, bool]:
             chunked = True
         elif lowered == _CONTENT_LENGTH:
             length = True
-    return chunked, length
+        elif lowered == _CONNECTION:
+            close = close or any(token.strip().lower() == _CLOSE for token in value.split(b","))
+    return chunked, length, close

@@ -169,6 +169,7 @@ CASES = [
     # ---- bodyless responses
     Case("HEAD with content-length", response(b"Content-Length: 10"), method=b"HEAD"),
     Case("HEAD with chunked", response(TE), method=b"HEAD"),
+    Case("HEAD without framing", response(), method=b"HEAD"),
     Case("HEAD without framing, Connection: close", response(b"Connection: close"), method=b"HEAD"),
     Case("HEAD with a body anyway", response(b"Content-Length: 5", body=b"hello"), method=b"HEAD"),
     Case("HEAD with a chunked body anyway", response(TE, body=b"0\r\n\r\n"), method=b"HEAD"),
@@ -263,6 +264,19 @@ CASES = [
     Case("HTTP/1.1 Connection: closer", response(b"Connection: closer", CL0)),
     Case("HTTP/1.1 two Connection fields", response(b"Connection: keep-alive", b"Connection: close", CL0)),
     Case("HTTP/1.0 with content-length", response(b"Content-Length: 2", body=b"hi", status=b"HTTP/1.0 200 OK")),
+    Case(
+        "HTTP/1.0 keep-alive",
+        response(b"Connection: keep-alive", b"Content-Length: 2", body=b"hi", status=b"HTTP/1.0 200 OK"),
+    ),
+    Case(
+        "HTTP/1.0 keep-alive, chunked",
+        chunked(b"2\r\nhi\r\n0\r\n\r\n", b"Connection: keep-alive", status=b"HTTP/1.0 200 OK"),
+    ),
+    Case(
+        "HTTP/1.0 keep-alive, HEAD",
+        response(b"Connection: keep-alive", b"Content-Length: 2", status=b"HTTP/1.0 200 OK"),
+        method=b"HEAD",
+    ),
     Case("HTTP/1.0 close", response(b"Connection: close", b"Content-Length: 2", body=b"hi", status=b"HTTP/1.0 200 OK")),
     # ---- bodies framed by the end of the connection
     Case("read until close", response(body=b"hello world"), eof=True),

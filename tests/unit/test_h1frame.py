@@ -321,8 +321,29 @@ def test_keep_alive_in_http_1_1(connection: bytes, reusable: bool) -> None:
     assert framer.complete and framer.reusable is reusable
 
 
-def test_http_1_0_with_connection_close() -> None:
-    assert not framed(b"HTTP/1.0 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi").reusable
+@pytest.mark.parametrize("connection", [b"", b"Connection: close\r\n", b"Connection: keep-alive\r\n"])
+def test_http_1_0_is_never_reused(connection: bytes) -> None:
+    # The request went out as HTTP/1.1 without "keep-alive": an HTTP/1.0
+    # server that answers "keep-alive" anyway is not trusted with another
+    # (h11, and so httpcore, closed it too).
+    framer = framed(b"HTTP/1.0 200 OK\r\n" + connection + b"Content-Length: 2\r\n\r\nhi")
+    assert framer.complete and not framer.reusable
+
+
+@pytest.mark.parametrize(
+    ("connection", "reusable"),
+    [(b"", True), (b"Connection: close\r\n", False), (b"Connection: keep-alive\r\nConnection: close\r\n", False)],
+)
+def test_a_head_response_without_a_length(connection: bytes, reusable: bool) -> None:
+    # llhttp would read its body to EOF and calls it not keep-alive; it has
+    # no body, and the connection stays usable.
+    framer = framed(b"HTTP/1.1 200 OK\r\n" + connection + b"\r\n", b"HEAD")
+    assert framer.complete and framer.reusable is reusable
+
+
+def test_connection_tokens_are_whole_words() -> None:
+    assert framed(b"HTTP/1.1 200 OK\r\nConnection: closer\r\nContent-Length: 0\r\n\r\n").reusable
+    assert not framed(b"HTTP/1.1 200 OK\r\nConnection: upgrade , CLOSE \r\nContent-Length: 0\r\n\r\n").reusable
 
 
 # --------------------------------------------------------- reuse, trailing
