@@ -184,6 +184,7 @@ class ResponseFramer:
     def feed_eof(self) -> None:
         """The upstream closed its side of the connection."""
         if self.complete:
+            self.keep_alive = False  # a closed connection carries nothing more
             return
         if self.head_done and self._eof_framed:
             self.complete = True

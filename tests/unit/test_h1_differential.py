@@ -100,6 +100,8 @@ CASES = [
     Case("content-length huge", response(b"Content-Length: 99999999999999999999999", body=b"hello")),
     Case("content-length body short", response(b"Content-Length: 10", body=b"hello")),
     Case("content-length body short then EOF", response(b"Content-Length: 10", body=b"hello"), eof=True),
+    Case("content-length then EOF", response(b"Content-Length: 5", body=b"hello"), eof=True),
+    Case("chunked then EOF", chunked(b"5\r\nhello\r\n0\r\n\r\n"), eof=True),
     # ---- bytes beyond the declared length
     Case("garbage after the body", response(b"Content-Length: 5", body=b"helloXYZ")),
     Case(
@@ -174,6 +176,7 @@ CASES = [
     Case("HEAD with a body anyway", response(b"Content-Length: 5", body=b"hello"), method=b"HEAD"),
     Case("HEAD with a chunked body anyway", response(TE, body=b"0\r\n\r\n"), method=b"HEAD"),
     Case("HEAD with an empty line after", response(b"Content-Length: 5") + b"\r\n", method=b"HEAD"),
+    Case("HEAD then EOF", response(b"Content-Length: 10"), method=b"HEAD", eof=True),
     Case("204", response(status=b"HTTP/1.1 204 No Content")),
     Case("204 with a body anyway", response(b"Content-Length: 5", body=b"hello", status=b"HTTP/1.1 204 No Content")),
     Case("204 with chunked", response(TE, status=b"HTTP/1.1 204 No Content")),

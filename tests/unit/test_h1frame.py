@@ -460,6 +460,22 @@ def test_eof_before_a_final_head(data: bytes) -> None:
     assert "without sending a response" in refused(data, eof=True)
 
 
+@pytest.mark.parametrize(
+    ("method", "data"),
+    [
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
+    ],
+    ids=["content-length", "chunked", "HEAD"],
+)
+def test_eof_after_a_complete_response_ends_reuse(method: bytes, data: bytes) -> None:
+    framer = framed(data, method)
+    assert framer.reusable
+    framer.feed_eof()
+    assert framer.complete and not framer.reusable and not framer.trailing
+
+
 def test_head_framed_response_at_eof() -> None:
     # A HEAD response without a length is complete with its head, not at EOF.
     framer = framed(b"HTTP/1.1 200 OK\r\n\r\n", b"HEAD")
