@@ -244,12 +244,13 @@ class ResponseFramer:
         end = head.index(_END_OF_HEAD, self._message_start) + 4
         if end > MAX_HEAD_BYTES:
             raise FramingError(_HEAD_TOO_LARGE)
+        fields = self._fields
+        # Checked on an interim head too: h11 refused such a field anywhere.
+        chunked, length, close = _framing_fields(fields)
         if status < 200:
             self._message_start = end  # an interim response: the final one follows
             self._fields = []
             return
-        fields = self._fields
-        chunked, length, close = _framing_fields(fields)
         if chunked and length:
             # The coding frames the body; a length beside it is never relayed,
             # and the connection is not trusted with another request.

@@ -297,6 +297,16 @@ def test_an_empty_line_before_a_status_line(pieces: list[bytes]) -> None:
             framer.feed(piece)
 
 
+@pytest.mark.parametrize("coding", [b"gzip", b"chunked\r\nTransfer-Encoding: chunked"])
+def test_an_interim_response_with_a_coding_the_final_one_could_not_have(coding: bytes) -> None:
+    data = (
+        b"HTTP/1.1 100 Continue\r\nTransfer-Encoding: "
+        + coding
+        + b"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert "unsupported Transfer-Encoding" in refused(data)
+
+
 def test_101_is_refused() -> None:
     message = refused(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
     assert "switched protocols" in message
