@@ -29,6 +29,8 @@ outcome, and the differential tests feed the same bytes to h11.
 
 from __future__ import annotations
 
+import re
+
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 from httptools.parser.parser import HttpResponseParser
 
@@ -50,6 +52,9 @@ _CONNECTION = b"connection"
 _CLOSE = b"close"
 _END_OF_HEAD = b"\r\n\r\n"
 _CR, _LF = 13, 10
+# A reason phrase is tabs, spaces, visible characters and obs-text; llhttp
+# lets the other controls (NUL among them) through.
+_REASON_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class FramingError(Exception):
@@ -214,6 +219,10 @@ class ResponseFramer:
         if self._head[self._message_start] in (_CR, _LF):
             raise FramingError("an empty line before the status line")
         self._fields = []
+
+    def on_status(self, reason: bytes) -> None:
+        if not self.complete and _REASON_CONTROL.search(reason) is not None:
+            raise FramingError("a control character in the reason phrase")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.complete:

@@ -79,6 +79,18 @@ def test_a_status_line_this_proxy_cannot_relay(status: bytes) -> None:
     assert "HTTP/" in message or "outside 100-599" in message
 
 
+@pytest.mark.parametrize("char", [b"\x00", b"\x01", b"\x0b", b"\x0c", b"\x1f", b"\x7f"])
+@pytest.mark.parametrize("status", [b"200", b"103"])
+def test_a_control_character_in_the_reason_phrase(char: bytes, status: bytes) -> None:
+    data = b"HTTP/1.1 " + status + b" O" + char + b"K\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert "reason phrase" in refused(data)
+
+
+def test_a_reason_phrase_with_tabs_and_obs_text() -> None:
+    framer = framed(b"HTTP/1.1 200 \tOK \xe9t\xe9\r\nContent-Length: 0\r\n\r\n")
+    assert framer.complete and framer.status == 200
+
+
 def test_the_framers_own_message_reaches_the_caller() -> None:
     assert refused(b"HTTP/1.1 600 Odd\r\n\r\n") == "status 600 is outside 100-599"
 
