@@ -51,7 +51,6 @@ _TRANSFER_ENCODING = b"transfer-encoding"
 _CONNECTION = b"connection"
 _CLOSE = b"close"
 _END_OF_HEAD = b"\r\n\r\n"
-_CR, _LF = 13, 10
 # A reason phrase is tabs, spaces, visible characters and obs-text; llhttp
 # lets the other controls (NUL among them) through.
 _REASON_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -77,6 +76,7 @@ class ResponseFramer:
         "_message_start",
         "_fields",
         "_eof_framed",
+        "_chunked",
         "_since_body",
         "_trailer_size",
         "status",
@@ -104,6 +104,7 @@ class ResponseFramer:
         self._message_start = 0
         self._fields: list[tuple[bytes, bytes]] = []
         self._eof_framed = False
+        self._chunked = False
         self._since_body = 0
         self._trailer_size = 0
         self.status = 0
@@ -141,10 +142,9 @@ class ResponseFramer:
             else:
                 self._head = bytearray(head) + data
         parser = self._parser
-        body = self.body
-        taken = len(body)
+        taken = len(self.body)
         try:
-            if data[-1] in (_LF, _CR):
+            if data[-1] in (10, 13):  # LF, CR
                 # After a complete response llhttp skips CR and LF without a
                 # callback (any other byte starts a message, or is an error,
                 # and either marks it trailing). Holding the last byte back
@@ -178,13 +178,15 @@ class ResponseFramer:
             if len(self._head) > MAX_HEAD_BYTES:
                 # Every byte so far belongs to the head, and it has not ended.
                 raise FramingError(_HEAD_TOO_LARGE)
-        elif len(body) != taken:
-            self._since_body = 0
-        else:
-            if head_done:  # else on_headers_complete counted the bytes after the head
-                self._since_body += len(data)
-            if self._since_body > MAX_HEAD_BYTES:
-                raise FramingError(_FRAMING_TOO_LARGE)
+        elif self._chunked:
+            # Only a chunked body has bytes that are not body after its head.
+            if len(self.body) != taken:
+                self._since_body = 0
+            else:
+                if head_done:  # else on_headers_complete counted the bytes after the head
+                    self._since_body += len(data)
+                if self._since_body > MAX_HEAD_BYTES:
+                    raise FramingError(_FRAMING_TOO_LARGE)
 
     def feed_eof(self) -> None:
         """The upstream closed its side of the connection."""
@@ -216,7 +218,7 @@ class ResponseFramer:
             return
         # llhttp skips empty lines before a message (a server's leniency for
         # requests); a response has none, and h11 refuses them too.
-        if self._head[self._message_start] in (_CR, _LF):
+        if self._head[self._message_start] in (10, 13):  # LF, CR
             raise FramingError("an empty line before the status line")
         self._fields = []
 
@@ -270,6 +272,7 @@ class ResponseFramer:
         self.http_version = "HTTP/1.0" if version == "1.0" else "HTTP/1.1"
         self.head_done = True
         self._head = b""
+        self._chunked = chunked
         self._since_body = len(head) - end
         bodyless = self._head_request or status == 204 or status == 304
         self._eof_framed = not bodyless and not chunked and not length
@@ -312,5 +315,7 @@ def _framing_fields(fields: list[tuple[bytes, bytes]]) -> tuple[bool, bool, bool
         elif lowered == _CONTENT_LENGTH:
             length = True
         elif lowered == _CONNECTION:
-            close = close or any(token.strip().lower() == _CLOSE for token in value.split(b","))
+            tokens = value.lower()
+            if _CLOSE in tokens:  # before splitting: the usual value is "keep-alive"
+                close = close or any(token.strip() == _CLOSE for token in tokens.split(b","))
     return chunked, length, close
