@@ -313,6 +313,10 @@ def _framing_fields(fields: list[tuple[bytes, bytes]]) -> tuple[bool, bool, bool
                 raise FramingError(f"unsupported Transfer-Encoding {value.decode('latin-1')!r}")
             chunked = True
         elif lowered == _CONTENT_LENGTH:
+            # llhttp checks the digits and the value; zeros in front could
+            # make the field any length (h11 refused more than 20 digits).
+            if len(value.rstrip(b" \t")) > 20:
+                raise FramingError("a Content-Length of more than 20 digits")
             length = True
         elif lowered == _CONNECTION:
             tokens = value.lower()

@@ -82,6 +82,11 @@ CASES = [
     Case("content-length with a trailing tab", response(b"Content-Length: 5\t", body=b"hello")),
     Case("content-length leading zeros", response(b"Content-Length: 005", body=b"hello")),
     Case("content-length 20 digits", response(b"Content-Length: 00000000000000000005", body=b"hello")),
+    Case("content-length 21 digits", response(b"Content-Length: 000000000000000000005", body=b"hello")),
+    Case(
+        "content-length 21 digits and chunked",
+        response(b"Content-Length: 000000000000000000005", TE, body=b"0\r\n\r\n"),
+    ),
     Case("content-length duplicate identical", response(b"Content-Length: 5", b"Content-Length: 5", body=b"hello")),
     Case("content-length list identical", response(b"Content-Length: 5, 5", body=b"hello")),
     Case("content-length conflicting", response(b"Content-Length: 5", b"Content-Length: 6", body=b"hello!")),

@@ -112,6 +112,16 @@ def test_malformed_heads(data: bytes) -> None:
     refused(data)
 
 
+@pytest.mark.parametrize("coding", [b"", b"Transfer-Encoding: chunked\r\n"], ids=["alone", "beside chunked"])
+def test_a_content_length_of_more_than_20_digits(coding: bytes) -> None:
+    # Zeros in front keep the value small for llhttp; h11 refused a length
+    # longer than any 64-bit number is written.
+    length = b"Content-Length: " + b"0" * 20 + b"5\r\n"
+    assert "Content-Length" in refused(b"HTTP/1.1 200 OK\r\n" + length + coding + b"\r\n0\r\n\r\n")
+    twenty = framed(b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 19 + b"5\r\n\r\nhello")
+    assert twenty.complete and twenty.take_body() == b"hello"
+
+
 def test_a_head_just_under_the_limit() -> None:
     value = b"v" * (MAX_HEAD_BYTES - 2000)
     framer = framed(b"HTTP/1.1 200 OK\r\nX-Big: " + value + b"\r\nContent-Length: 0\r\n\r\n")
