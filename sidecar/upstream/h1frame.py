@@ -235,6 +235,9 @@ class ResponseFramer:
             if self._trailer_size > MAX_HEAD_BYTES:
                 raise FramingError(_TRAILERS_TOO_LARGE)
             return
+        if value and value[-1] in (32, 9):  # SP, HTAB
+            # llhttp skips the whitespace before a value, not after it.
+            value = value.rstrip(b" \t")
         self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -315,7 +318,7 @@ def _framing_fields(fields: list[tuple[bytes, bytes]]) -> tuple[bool, bool, bool
         elif lowered == _CONTENT_LENGTH:
             # llhttp checks the digits and the value; zeros in front could
             # make the field any length (h11 refused more than 20 digits).
-            if len(value.rstrip(b" \t")) > 20:
+            if len(value) > 20:
                 raise FramingError("a Content-Length of more than 20 digits")
             length = True
         elif lowered == _CONNECTION:

@@ -67,6 +67,14 @@ def test_header_names_keep_their_case_and_repeats_their_order() -> None:
     ]
 
 
+def test_values_lose_the_whitespace_around_them() -> None:
+    # llhttp drops it in front of a value and keeps it behind; it is not part
+    # of the value (RFC 9110 §5.5), and h11 dropped both.
+    framer = framed(b"HTTP/1.1 200 OK\r\nX-Pad: \t a b \t \r\nX-Empty:  \r\nContent-Length: 2  \r\n\r\nhi")
+    assert framer.headers == [(b"X-Pad", b"a b"), (b"X-Empty", b""), (b"Content-Length", b"2")]
+    assert framer.take_body() == b"hi"
+
+
 def test_http_1_0() -> None:
     framer = framed(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi")
     assert framer.http_version == "HTTP/1.0" and framer.complete
