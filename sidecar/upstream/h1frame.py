@@ -79,6 +79,7 @@ class ResponseFramer:
         "_chunked",
         "_since_body",
         "_trailer_size",
+        "_trailer_framing",
         "status",
         "headers",
         "http_version",
@@ -107,6 +108,7 @@ class ResponseFramer:
         self._chunked = False
         self._since_body = 0
         self._trailer_size = 0
+        self._trailer_framing: list[tuple[bytes, bytes]] = []
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.http_version = "HTTP/1.1"
@@ -229,16 +231,25 @@ class ResponseFramer:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.complete:
             return
-        if self.head_done:
-            # A trailer field of a chunked body: not relayed, but bounded.
-            self._trailer_size += len(name) + len(value)
-            if self._trailer_size > MAX_HEAD_BYTES:
-                raise FramingError(_TRAILERS_TOO_LARGE)
-            return
         if value and value[-1] in (32, 9):  # SP, HTAB
             # llhttp skips the whitespace before a value, not after it.
             value = value.rstrip(b" \t")
+        if self.head_done:
+            self._on_trailer(name, value)
+            return
         self._fields.append((name, value))
+
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field of a chunked body: not relayed, but bounded, and a
+        framing field there is held to the head's rules (h11 refused a
+        Transfer-Encoding other than one ``chunked`` in trailers too)."""
+        self._trailer_size += len(name) + len(value)
+        if self._trailer_size > MAX_HEAD_BYTES:
+            raise FramingError(_TRAILERS_TOO_LARGE)
+        lowered = name.lower()
+        if lowered in (_TRANSFER_ENCODING, _CONTENT_LENGTH):
+            self._trailer_framing.append((name, value))
+            _framing_fields(self._trailer_framing)
 
     def on_headers_complete(self) -> None:
         if self.complete:

@@ -158,6 +158,18 @@ CASES = [
     Case("chunked trailer obs-fold", chunked(b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\n def\r\n\r\n")),
     Case("chunked trailer bare LF", chunked(b"5\r\nhello\r\n0\r\nX-Checksum: abc\n\r\n")),
     Case("chunked trailer without colon", chunked(b"5\r\nhello\r\n0\r\nX-Checksum\r\n\r\n")),
+    Case("content-length in the trailers", chunked(b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n")),
+    Case("invalid content-length in the trailers", chunked(b"5\r\nhello\r\n0\r\nContent-Length: x\r\n\r\n")),
+    Case(
+        "content-length 21 digits in the trailers",
+        chunked(b"5\r\nhello\r\n0\r\nContent-Length: 000000000000000000005\r\n\r\n"),
+    ),
+    Case("chunked in the trailers", chunked(b"5\r\nhello\r\n0\r\nTransfer-Encoding: chunked\r\n\r\n")),
+    Case(
+        "chunked twice in the trailers",
+        chunked(b"5\r\nhello\r\n0\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    ),
+    Case("gzip in the trailers", chunked(b"5\r\nhello\r\n0\r\nTransfer-Encoding: gzip\r\n\r\n")),
     Case("chunked without the last chunk then EOF", chunked(b"5\r\nhello\r\n"), eof=True),
     Case("chunked without the final CRLF then EOF", chunked(b"5\r\nhello\r\n0\r\n"), eof=True),
     Case("chunked upper case coding", response(b"Transfer-Encoding: Chunked", body=b"0\r\n\r\n")),

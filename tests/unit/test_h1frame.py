@@ -208,6 +208,20 @@ def test_trailers_are_not_headers() -> None:
     assert framer.take_body() == b"hello"
 
 
+@pytest.mark.parametrize(
+    "trailers",
+    [
+        b"Transfer-Encoding: gzip\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        b"Content-Length: 000000000000000000005\r\n",
+    ],
+    ids=["gzip", "chunked twice", "21 digits"],
+)
+def test_framing_fields_in_the_trailers_follow_the_head_rules(trailers: bytes) -> None:
+    # Not relayed, and meaningless there, but h11 refused them: so do we.
+    refused(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n" + trailers + b"\r\n")
+
+
 def test_a_trailer_section_over_the_limit() -> None:
     trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"t" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 5))
     message = refused(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n" + trailers + b"\r\n")
