@@ -96,7 +96,15 @@ class ResponseFramer:
         # A Content-Length beside Transfer-Encoding: llhttp refuses it
         # outright; RFC 9112 lets the coding frame the body, and the
         # connection is closed afterwards (see close_after).
-        self._parser.set_dangerous_leniencies(lenient_chunked_length=True)  # type: ignore[attr-defined]  # missing from its stubs
+        #
+        # After a message that says close (Connection: close, HTTP/1.0)
+        # llhttp refuses any further message: right for the final response,
+        # wrong after an interim one. Lenient, it parses on; nothing after
+        # the final response is ever read as one here (it is only trailing),
+        # and the connection's reuse is decided by this module, not llhttp.
+        self._parser.set_dangerous_leniencies(  # type: ignore[attr-defined]  # missing from its stubs
+            lenient_chunked_length=True, lenient_keep_alive=True
+        )
         self._head_request = method == b"HEAD"
         # The bytes fed until the final head is in, and where the status
         # line of the message being read starts in them (past any interim

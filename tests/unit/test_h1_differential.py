@@ -213,6 +213,13 @@ CASES = [
     Case("100 with gzip coding", response(b"Transfer-Encoding: gzip", status=b"HTTP/1.1 100 Continue") + OK),
     Case("100 with chunked coding", response(TE, status=b"HTTP/1.1 100 Continue") + OK),
     Case("100 with chunked twice", response(TE, TE, status=b"HTTP/1.1 100 Continue") + OK),
+    Case("100 with Connection: close", response(b"Connection: close", status=b"HTTP/1.1 100 Continue") + OK),
+    Case("100 in HTTP/1.0, then 200", response(status=b"HTTP/1.0 100 Continue") + OK),
+    Case(
+        "100, then 200 in HTTP/1.0",
+        response(status=b"HTTP/1.1 100 Continue") + response(CL0, status=b"HTTP/1.0 200 OK"),
+    ),
+    Case("100, then 204", response(status=b"HTTP/1.1 100 Continue") + response(status=b"HTTP/1.1 204 No Content")),
     Case("100, empty line, 200", response(status=b"HTTP/1.1 100 Continue") + b"\r\n" + OK),
     Case("100, bare LF, 200", response(status=b"HTTP/1.1 100 Continue") + b"\n" + OK),
     Case("100 with content-length", response(b"Content-Length: 5", status=b"HTTP/1.1 100 Continue") + OK),

@@ -351,6 +351,19 @@ def test_an_interim_response_with_a_coding_the_final_one_could_not_have(coding: 
     assert "unsupported Transfer-Encoding" in refused(data)
 
 
+@pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 100 Continue\r\nConnection: close\r\n\r\n", b"HTTP/1.0 100 Continue\r\n\r\n"],
+    ids=["Connection: close", "HTTP/1.0"],
+)
+def test_an_interim_response_that_says_close(interim: bytes) -> None:
+    # llhttp would take it for the last message on the connection and refuse
+    # the final response after it; the final response decides.
+    framer = framed(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert framer.complete and framer.status == 200 and framer.take_body() == b"hi"
+    assert framer.reusable
+
+
 def test_101_is_refused() -> None:
     message = refused(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
     assert "switched protocols" in message
