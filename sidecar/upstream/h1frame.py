@@ -10,10 +10,12 @@ request (see docs/http1-upstream.md):
 * ``Transfer-Encoding`` must be exactly ``chunked``; with a ``Content-Length``
   beside it the coding frames the body, the length is dropped, and the
   connection is closed afterwards (RFC 9112 §6.3);
-* a duplicate or conflicting ``Content-Length``, an invalid chunk, obs-fold,
-  a bare LF, an empty line before a status line, a version other than 1.x
-  or a status outside 100-599 is a :class:`FramingError` (the caller gets
-  502);
+* a duplicate or conflicting ``Content-Length`` (or one of more than 20
+  digits), an invalid chunk, obs-fold, a bare LF, an empty line before a
+  status line, a control character in the reason phrase, a version other
+  than 1.x, a status outside 100-599, or a head or trailer section over
+  ``MAX_HEAD_BYTES`` is a :class:`FramingError` (the caller gets 502); the
+  framing fields of interim heads and trailers are held to the same rules;
 * a HEAD response, a ``204`` and a ``304`` end with their head; any byte
   after the end of a response (a body sent anyway, a second response, an
   empty line) marks the connection ``trailing``: it is closed, never reused;
@@ -21,7 +23,11 @@ request (see docs/http1-upstream.md):
   other one cut short there is a :class:`FramingError`;
 * the connection may carry another request only after an HTTP/1.1 response
   without ``Connection: close`` whose body is not framed by EOF (HTTP/1.0
-  "keep-alive" is not honoured: the request never offered it).
+  "keep-alive" is not honoured: the request never offered it), and not
+  once the upstream has closed its side.
+
+Header values come without the whitespace around them; trailers are read
+and dropped.
 
 No I/O here: the connection (``h1conn.py``) feeds bytes in and reads the
 outcome, and the differential tests feed the same bytes to h11.
