@@ -499,6 +499,11 @@ async def test_http2_over_tls_that_falls_back_to_http1_admits_one_per_connection
             assert pool.admission.capacity == 200
             outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
             assert outcome.status == 200
+            assert pool.admission.capacity == 2
+            # The first connection (opened offering h2) is replaced, once free,
+            # by one of the sidecar's own HTTP/1.1 connections.
+            outcome = await timed_get(session, proxy_url(sidecar) + "/api/x")
+            assert outcome.status == 200
             assert pool.stats().http_versions == {"HTTP/1.1": 1}
             assert pool.admission.capacity == 2
 
