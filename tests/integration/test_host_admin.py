@@ -292,14 +292,22 @@ async def test_the_shipped_config_with_two_workers_leaves_the_port_after_admin_a
 
 
 async def _upstream_after_a_free_port() -> tuple[Upstream, int]:
-    """A started upstream on port P + 1 where P is free (P is returned)."""
-    for _ in range(50):
-        upstream = await Upstream().start()
+    """A started upstream on port P + 1 where P is free (P is returned).
+
+    P comes from the kernel (port 0); P + 1 is bound before P is let go, so
+    another process on the machine can only take P in between, not P + 1."""
+    for _ in range(200):
         with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", upstream.port - 1))
-            except OSError:
-                await upstream.stop()
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+            if free >= 65535:
                 continue
-        return upstream, upstream.port - 1
+            neighbour = socket.socket()
+            try:
+                neighbour.bind(("127.0.0.1", free + 1))
+            except OSError:
+                neighbour.close()
+                continue
+        neighbour.listen(128)
+        return await Upstream().start(neighbour), free
     raise AssertionError("no free port below an upstream's")

@@ -91,12 +91,15 @@ class Upstream:
         self.requests.append(Recorded(request.method, request.raw_path, headers, body, (peer[0], peer[1])))
         return await self.handler(request)
 
-    async def start(self) -> Self:
+    async def start(self, sock: socket.socket | None = None) -> Self:
+        """Listen on 127.0.0.1:0, or on ``sock`` (bound by the caller)."""
         app = web.Application(client_max_size=1024**4)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, auto_decompress=False, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, LOOPBACK, 0)
+        site: web.BaseSite = (
+            web.SockSite(self._runner, sock) if sock is not None else web.TCPSite(self._runner, LOOPBACK, 0)
+        )
         await site.start()
         server = site._server
         assert server is not None
