@@ -138,7 +138,7 @@ class TLSUpstream(Upstream):
         self.client_certs.append(transport.get_extra_info("peercert") if transport else None)
         return await super()._dispatch(request)
 
-    async def start(self) -> Self:
+    async def start(self, sock: socket.socket | None = None) -> Self:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None)
