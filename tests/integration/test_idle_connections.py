@@ -1,0 +1,44 @@
+"""What an idle keep-alive caller costs: the connection, not its last exchange.
+
+A sidecar in front of many services holds thousands of kept-alive caller
+connections that are idle most of the time (bench/memory.py holds 10,000).
+aiohttp keeps a connection's last request and response objects until the next
+request arrives; these tests pin down that they no longer hold the response's
+headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+from sidecar.compat.aiohttp import RelayedResponse
+from sidecar.server import Sidecar
+from tests.support import LOOPBACK
+from tests.support.rest import assert_at_rest
+from tests.support.upstreams import Upstream
+from tests.support.wire import read_response, request_bytes
+
+
+def _relayed_responses_alive() -> list[RelayedResponse]:
+    gc.collect()
+    return [obj for obj in gc.get_objects() if isinstance(obj, RelayedResponse)]
+
+
+async def test_an_idle_keep_alive_caller_holds_no_response_headers(api_sidecar: Sidecar, upstream: Upstream) -> None:
+    reader, writer = await asyncio.open_connection(LOOPBACK, api_sidecar.proxy_port)
+    try:
+        for path in ("/api/first", "/api/second"):
+            writer.write(request_bytes(path, host="api.internal"))
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert response.status == 200
+            assert response.header("X-Request-Id")
+            # The connection is idle and kept alive: whatever aiohttp still
+            # holds of the exchange just answered carries no headers.
+            held = _relayed_responses_alive()
+            assert held, "the test no longer sees the last response"
+            assert all(len(relayed.headers) == 0 for relayed in held), [dict(r.headers) for r in held]
+            assert not writer.is_closing()
+    finally:
+        writer.close()
+    await assert_at_rest(api_sidecar)
