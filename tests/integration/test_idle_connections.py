@@ -4,7 +4,8 @@ A sidecar in front of many services holds thousands of kept-alive caller
 connections that are idle most of the time (bench/memory.py holds 10,000).
 aiohttp keeps a connection's last request and response objects until the next
 request arrives; these tests pin down that they no longer hold the response's
-headers.
+headers, that a connection's queue of parsed requests is the lighter one, and
+that pipelined requests still go through that queue in order.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from sidecar.compat.aiohttp import RelayedResponse
+from sidecar.compat.aiohttp import MessageQueue, RelayedResponse
 from sidecar.server import Sidecar
 from tests.support import LOOPBACK
 from tests.support.rest import assert_at_rest
@@ -41,4 +42,33 @@ async def test_an_idle_keep_alive_caller_holds_no_response_headers(api_sidecar: 
             assert not writer.is_closing()
     finally:
         writer.close()
+    await assert_at_rest(api_sidecar)
+
+
+async def test_each_caller_connection_queues_its_requests_in_a_list(api_sidecar: Sidecar) -> None:
+    reader, writer = await asyncio.open_connection(LOOPBACK, api_sidecar.proxy_port)
+    try:
+        writer.write(request_bytes("/api/x", host="api.internal"))
+        assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+        server = api_sidecar._proxy_runner.server if api_sidecar._proxy_runner is not None else None
+        assert server is not None
+        (connection,) = server.connections
+        messages: object = connection._messages
+        assert type(messages) is MessageQueue
+    finally:
+        writer.close()
+    await assert_at_rest(api_sidecar)
+
+
+async def test_pipelined_requests_are_answered_in_order(api_sidecar: Sidecar, upstream: Upstream) -> None:
+    paths = [f"/api/p{index}" for index in range(8)]
+    reader, writer = await asyncio.open_connection(LOOPBACK, api_sidecar.proxy_port)
+    try:
+        # All in one write: the parser queues several heads before the first is handled.
+        writer.write(b"".join(request_bytes(path, host="api.internal") for path in paths))
+        for _ in paths:
+            assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+    finally:
+        writer.close()
+    assert [request.path for request in upstream.requests] == [f"/base/api/p{index}" for index in range(8)]
     await assert_at_rest(api_sidecar)
