@@ -5,13 +5,18 @@ connections that are idle most of the time (bench/memory.py holds 10,000).
 aiohttp keeps a connection's last request and response objects until the next
 request arrives; these tests pin down that they no longer hold the response's
 headers, that a connection's queue of parsed requests is the lighter one, and
-that pipelined requests still go through that queue in order.
+that pipelined requests still go through that queue in order.  The last test
+is about the cost of the process itself: no Redis client library unless the
+config asks for shared limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
+from pathlib import Path
 
 from sidecar.compat.aiohttp import MessageQueue, RelayedResponse
 from sidecar.server import Sidecar
@@ -72,3 +77,23 @@ async def test_pipelined_requests_are_answered_in_order(api_sidecar: Sidecar, up
         writer.close()
     assert [request.path for request in upstream.requests] == [f"/base/api/p{index}" for index in range(8)]
     await assert_at_rest(api_sidecar)
+
+
+def test_redis_is_not_imported_without_a_shared_section(tmp_path: Path) -> None:
+    """redis-py costs every process about 5 MiB: only a ``shared:`` section loads it."""
+    config = tmp_path / "upstreams.yaml"
+    config.write_text(f"listen: {LOOPBACK}:0\nadmin: off\nupstreams:\n  api:\n    url: http://{LOOPBACK}:9\n")
+    script = (
+        "import asyncio, sys\n"
+        "import sidecar.cli, sidecar.runtime\n"
+        "from sidecar.config import load_config\n"
+        "from sidecar.server import Sidecar\n"
+        "async def main():\n"
+        f"    sidecar = Sidecar(load_config({str(config)!r}))\n"
+        "    await sidecar.start()\n"
+        "    await sidecar.shutdown()\n"
+        "asyncio.run(main())\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'redis'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
