@@ -123,6 +123,14 @@ class Http11Response(web.Response):
         if getattr(self, "_send_headers_immediately", True):
             writer.send_headers()
 
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        # Sent (aiohttp writes it after the handler returned).  aiohttp keeps a
+        # connection's last response until the next request arrives: an idle
+        # caller that was refused keeps the object, not its headers and body.
+        self.headers.clear()
+        self.body = None
+
 
 # ------------------------------------------------------- connection handler
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sidecar.compat.aiohttp import MessageQueue, RelayedResponse
+from sidecar.compat.aiohttp import Http11Response, MessageQueue, RelayedResponse
 from sidecar.server import Sidecar
 from tests.support import LOOPBACK
 from tests.support.rest import assert_at_rest
@@ -97,3 +97,23 @@ def test_redis_is_not_imported_without_a_shared_section(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+async def test_an_idle_caller_answered_with_an_error_holds_no_error_response(api_sidecar: Sidecar) -> None:
+    reader, writer = await asyncio.open_connection(LOOPBACK, api_sidecar.proxy_port)
+    try:
+        writer.write(request_bytes("/nowhere", host="elsewhere.internal"))
+        response = await asyncio.wait_for(read_response(reader), 10)
+        assert response.status == 404
+        assert response.header("X-Sidecar-Error")
+        assert response.json()["error"]
+        gc.collect()
+        held = [obj for obj in gc.get_objects() if isinstance(obj, Http11Response)]
+        assert held, "the test no longer sees the last response"
+        assert all(len(error.headers) == 0 and error.body is None for error in held), [dict(e.headers) for e in held]
+        # Still kept alive, and still answering.
+        writer.write(request_bytes("/api/x", host="api.internal"))
+        assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+    finally:
+        writer.close()
+    await assert_at_rest(api_sidecar)
