@@ -33,7 +33,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from .compat.aiohttp import handler_arguments, last_parsed_payload, parsed_request_count, queue_parse_error
+from .compat.aiohttp import (
+    handler_arguments,
+    last_parsed_payload,
+    lighten_message_queue,
+    parsed_request_count,
+    queue_parse_error,
+)
 from .errors import InternalError, SidecarError, error_response, from_parser_error
 from .headers import new_request_id
 from .logs import get_logger
@@ -69,6 +75,7 @@ class GuardedRequestHandler(RequestHandler):
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
+        lighten_message_queue(self)  # idle keep-alive connections are many: see MessageQueue
         self._header_timeout = header_timeout
         self._on_client_error = on_client_error
         self._head_timer: asyncio.TimerHandle | None = None

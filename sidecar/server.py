@@ -229,11 +229,17 @@ class Sidecar:
         self._handling += 1
         self._quiet.clear()
         try:
-            return await self.forwarder(request)
+            response = await self.forwarder(request)
         finally:
             self._handling -= 1
             if self._handling == 0:
                 self._quiet.set()
+        if response.prepared:
+            # Its head is on the wire.  aiohttp keeps a connection's last
+            # response until the next request arrives, so every idle
+            # keep-alive caller would hold its headers (about 2 KiB).
+            response.headers.clear()
+        return response
 
 
 def bind_listener(address: HostPort, *, reuse_port: bool = False) -> socket.socket:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterator
 
 import aiohttp
@@ -12,6 +13,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.compat import aiohttp as compat
+from sidecar.compat import registered
 from sidecar.compat.aiohttp import Failure, self_check
 
 
@@ -166,3 +168,51 @@ def test_handler_arguments_are_the_servers(handler: RequestHandler) -> None:
         assert compat.handler_arguments(server) == {"loop": loop, "max_line_size": 123}
     finally:
         loop.close()
+
+
+# ------------------------------------------------------- the request queue
+
+
+def test_a_deque_only_operation_on_the_queue_is_reported_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    def requeue(self: RequestHandler, message: object) -> None:
+        self._messages.appendleft(message)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RequestHandler, "_requeue", requeue, raising=False)
+    failure = only_failure("RequestHandler._requeue uses appendleft")
+    assert not failure.fatal
+    assert "deque" in failure
+
+
+def test_the_queue_check_looks_into_properties_and_nested_functions(monkeypatch: pytest.MonkeyPatch) -> None:
+    def oldest(self: RequestHandler) -> object:
+        def turn() -> None:
+            self._messages.rotate(1)
+
+        turn()
+        return self._messages[0]
+
+    monkeypatch.setattr(RequestHandler, "_oldest", property(oldest), raising=False)
+    assert not only_failure("RequestHandler._oldest uses rotate").fatal
+
+
+def test_a_handler_gets_the_light_queue_a_fifo(handler: RequestHandler) -> None:
+    compat.lighten_message_queue(handler)
+    queue: object = handler._messages
+    assert type(queue) is compat.MessageQueue
+    assert not queue
+    queue.append("first")
+    queue.append("second")
+    assert len(queue) == 2
+    assert queue[-1] == "second"
+    assert queue.popleft() == "first"
+    assert queue.popleft() == "second"
+    assert not queue
+
+
+def test_the_queue_fallback_keeps_aiohttps_deque(handler: RequestHandler, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compat, "_light_queue", True)  # restored after the test
+    (check,) = [check for check in registered() if check.guards == "message queue"]
+    assert check.fallback is not None and check.use_fallback is not None
+    check.use_fallback()
+    compat.lighten_message_queue(handler)
+    assert type(handler._messages) is deque
