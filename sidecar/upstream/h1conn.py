@@ -26,7 +26,6 @@ Errors are httpx's, as the request path expects of an ``httpx`` transport.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import ssl
 import time
@@ -201,7 +200,7 @@ class HTTP11Connection:
             while not framer.head_done:
                 _feed(framer, await stream.read(_READ_SIZE, None))
             return
-        loop = asyncio.get_running_loop()
+        loop = stream.loop  # not asyncio.get_running_loop(): a getpid() system call on Python 3.11
         deadline = loop.time() + read
         while not framer.head_done:
             remaining = deadline - loop.time()

@@ -154,6 +154,11 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     async def aclose(self) -> None:
         self._transport.close()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the connection runs on."""
+        return self._protocol._loop
+
     def close_now(self) -> None:
         """Close without waiting: what is buffered is still written, then FIN."""
         self._transport.close()

@@ -323,7 +323,6 @@ class PoolTransport(httpx.AsyncBaseTransport):
     async def _acquire(self, timeout: float | None) -> tuple[PooledConnection, bool]:
         """A connection that can take one more request now, and whether it was reused."""
         self._start_sweeper()
-        loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             choice = self._state.choose()
@@ -339,7 +338,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise httpx.PoolTimeout("no upstream connection became free in time")
-            waiter: asyncio.Future[None] = loop.create_future()
+            # Asked only here: on Python 3.11 asking for the running loop is a getpid() system call.
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             warming = choice.warming
             wait = remaining if not warming else min(_WARMUP_POLL, _WARMUP_POLL if remaining is None else remaining)
