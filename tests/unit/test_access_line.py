@@ -54,6 +54,8 @@ _SCRIPT = textwrap.dedent(
     case = exchange(path="/x/s3cr3t/y", request_id="s3cr3t-id", upstream="api")
     log_access(access_log, case, 0.5)
     log_access(pipeline, case, 0.5)
+    log_access(access_log, cases[1], 0.5)  # secrets loaded, none in this line
+    log_access(pipeline, cases[1], 0.5)
     scrubber.update(frozenset())
     print("context", flush=True)
     structlog.contextvars.bind_contextvars(worker=3, path="not this one", event="nor this", zone="eu-1")
@@ -94,7 +96,7 @@ def output() -> str:
 def test_direct_access_lines_are_the_pipelines_lines(output: str) -> None:
     blocks = _blocks(output)
     lines = [line for name in ("case", "secrets", "context") for block in blocks[name] for line in block]
-    assert len(lines) == 18
+    assert len(lines) == 20
     for direct, piped in zip(lines[::2], lines[1::2], strict=True):
         assert _TIMESTAMP.search(direct) and _TIMESTAMP.search(piped)
         assert _TIMESTAMP.sub("T", direct) == _TIMESTAMP.sub("T", piped)
