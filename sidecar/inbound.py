@@ -56,6 +56,7 @@ class GuardedRequestHandler(RequestHandler):
     __slots__ = (
         "_header_timeout",
         "_on_client_error",
+        "_event_loop",
         "_head_timer",
         "_timer_at",
         "_head_deadline",
@@ -76,6 +77,9 @@ class GuardedRequestHandler(RequestHandler):
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
+        # The loop the server hands every handler (asking asyncio for the
+        # running loop is a getpid() system call on Python 3.11).
+        self._event_loop: asyncio.AbstractEventLoop = kwargs["loop"]
         self._header_timeout = header_timeout
         self._on_client_error = on_client_error
         self._head_timer: asyncio.TimerHandle | None = None
@@ -126,7 +130,7 @@ class GuardedRequestHandler(RequestHandler):
         self._line_start = b""
         self._in_request_line = True
         self._line_too_long = False
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop
         deadline = self._head_deadline = loop.time() + self._header_timeout()
         timer = self._head_timer
         if timer is None or self._timer_at > deadline:
@@ -142,7 +146,7 @@ class GuardedRequestHandler(RequestHandler):
         deadline = self._head_deadline
         if deadline is None:
             return  # no head in progress: the next one sets a timer
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop
         if loop.time() < deadline:
             # Set for an earlier head: this one has until its own deadline.
             self._timer_at = deadline

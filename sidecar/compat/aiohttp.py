@@ -114,7 +114,9 @@ class RelayedResponse(web.StreamResponse):
         await super()._write_headers()
         writer = self._payload_writer
         if writer is not None and not self._send_headers_immediately:
-            asyncio.get_running_loop().call_soon(_send_head, writer)
+            # aiohttp's StreamWriter knows its loop (asking asyncio is a getpid() on Python 3.11).
+            loop = getattr(writer, "loop", None) or asyncio.get_running_loop()
+            loop.call_soon(_send_head, writer)
 
 
 def _send_head(writer: AbstractStreamWriter) -> None:
