@@ -18,9 +18,9 @@ def main(count: int) -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     from sidecar.config import parse_config
     from sidecar.exchange import Exchange
-    from sidecar.logs import configure_logging, get_logger
+    from sidecar.logs import configure_logging
     from sidecar.metrics import Metrics, outcome
-    from sidecar.observe import log_access
+    from sidecar.observe import access_log, log_access
     from sidecar.pools import UpstreamPool
     from sidecar.redact import scrubber
 
@@ -28,7 +28,7 @@ def main(count: int) -> None:
     scrubber.update(frozenset({"a-loaded-secret-value"}))
     pool = UpstreamPool(parse_config("upstreams:\n  api: {url: 'http://127.0.0.1:9'}\n").upstreams[0])
     metrics = Metrics(lambda: [pool])
-    access = get_logger("sidecar.access")
+    access = access_log  # the one the proxy logs with (its line is rendered directly)
     exchanges = []
     for index in range(count):
         exchange = Exchange(f"{index:032x}", "GET", "/api/v1/items", time.monotonic(), upstream="api", pool=pool)

@@ -32,6 +32,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -310,6 +311,61 @@ def sidecar_conf(work: Path, name: str, port: int, admin: int, h1: int, h2c: int
     )
 
 
+def sidecar_all_stages_conf(work: Path, name: str, port: int, admin: int, h1: int) -> Path:
+    """The sidecar with every Part II stage that needs no Redis configured on its one upstream.
+
+    Callers send ``X-Sidecar-Caller`` (two named callers, weights 9:1) and an
+    ``X-Sidecar-Timeout`` (the deadline stage) — see :data:`PART2_SCRIPT`;
+    pacing learns (the default; nginx sends no rate-limit signal), a rate
+    limit far above what a run reaches (never refuses), one retry on connect
+    errors, resets and 502-504, a circuit breaker that opens after 5 failures.
+    The adaptive limit is left off: it would change how many requests run at
+    once, not only what each costs.
+    """
+    return write(
+        work / f"{name}.yaml",
+        f"""
+        listen: {LOOPBACK}:{port}
+        admin: {LOOPBACK}:{admin}
+        workers: 1
+        callers:
+          header: X-Sidecar-Caller
+          weights: {{ checkout: 9, batch: 1 }}
+        defaults:
+          limits: {{ max_connections: 1000, max_pending: 5000 }}
+          timeouts: {{ pool: 5s }}
+        upstreams:
+          up:
+            url: http://{LOOPBACK}:{h1}
+            pacing: {{ learn: true }}
+            rate_limit: {{ rate: 10000000/s, burst: 1000000 }}
+            retries: {{ attempts: 1, retry_on: [connect_error, reset, 502, 503, 504] }}
+            circuit_breaker: {{ failures: 5 }}
+        """,
+    )
+
+
+# Two callers, alternately, each with a deadline: what the sidecar with every
+# Part II stage reads.  The Part I row of the same scenario sends headers of
+# the same sizes that nothing reads, so that wrk does the same work for both.
+PART2_SCRIPT = """
+local heads = {}
+init = function(args)
+  heads[1] = wrk.format(nil, nil, {["X-Sidecar-Caller"] = "checkout", ["X-Sidecar-Timeout"] = "5s"})
+  heads[2] = wrk.format(nil, nil, {["X-Sidecar-Caller"] = "batch", ["X-Sidecar-Timeout"] = "5s"})
+end
+local n = 0
+request = function()
+  n = n + 1
+  return heads[n % 2 + 1]
+end
+"""
+PART1_SCRIPT = PART2_SCRIPT.replace("X-Sidecar-Caller", "X-Benchmark-Tags").replace(
+    "X-Sidecar-Timeout", "X-Benchmark-Hints"
+)
+PART2_SCENARIO = "every Part II stage"
+
+
 # ----------------------------------------------------------------- load
 
 
@@ -354,14 +410,14 @@ def parse_wrk(text: str, run: Run) -> None:
     run.errors = errors
 
 
-def wrk_cmd(url: str, concurrency: int, seconds: float, latency: bool = True) -> list[str]:
+def wrk_cmd(url: str, concurrency: int, seconds: float, latency: bool = True, script: Path | None = None) -> list[str]:
     cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s"]
-    cmd += ["--timeout", "5s", *(["--latency"] if latency else []), url]
+    cmd += ["--timeout", "5s", *(["--latency"] if latency else []), *(["-s", str(script)] if script else []), url]
     return cmd
 
 
-def wrk(url: str, concurrency: int, seconds: float, latency: bool = True) -> str:
-    cmd = wrk_cmd(url, concurrency, seconds, latency)
+def wrk(url: str, concurrency: int, seconds: float, latency: bool = True, script: Path | None = None) -> str:
+    cmd = wrk_cmd(url, concurrency, seconds, latency, script)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False).stdout
 
 
@@ -380,15 +436,22 @@ def settle(pid: int | None, limit: float = 20.0) -> bool:
 
 
 def measure(
-    target: str, scenario: str, url: str, concurrency: int, seconds: float, pid: int | None, upstream_port: int
+    target: str,
+    scenario: str,
+    url: str,
+    concurrency: int,
+    seconds: float,
+    pid: int | None,
+    upstream_port: int,
+    script: Path | None = None,
 ) -> Run:
     run = Run(target, scenario, concurrency)
-    wrk(url, concurrency, max(1.0, seconds / 4), latency=False)  # warm up: connections, caches
+    wrk(url, concurrency, max(1.0, seconds / 4), latency=False, script=script)  # warm up: connections, caches
     settle(pid)
     cpu_before = cpu_seconds(pid) if pid else 0.0
     samples: list[int] = []
     proc = subprocess.Popen(
-        wrk_cmd(url, concurrency, seconds), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        wrk_cmd(url, concurrency, seconds, script=script), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.monotonic() + seconds + 60
     while proc.poll() is None and time.monotonic() < deadline:
@@ -476,6 +539,129 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------- targets
+
+MIB = 1 << 20
+STREAM_FLAT_MIB = 16  # "flat": RSS moves less than this while 1 GiB streams through
+IDLE_CALLERS = 10_000
+IDLE_CALLERS_MIB = 150
+
+
+@dataclass
+class Goal:
+    """One line of the summary: a figure measured against its target."""
+
+    name: str
+    measured: str
+    verdict: str  # met / missed / not measured (why)
+
+
+def _row(rows: list[Run], scenario: str, target: str, concurrency: int) -> Run | None:
+    return next(
+        (r for r in rows if r.scenario == scenario and r.target == target and r.concurrency == concurrency), None
+    )
+
+
+def _ratio_target(name: str, ours: Run | None, theirs: Run | None, limit: float, stretch: float | None = None) -> Goal:
+    """CPU µs per request of ``ours`` over ``theirs``, against ``limit`` (and a stretch goal)."""
+    if ours is None or theirs is None or not ours.cpu_us or not theirs.cpu_us:
+        return Goal(name, "-", "not measured (rows missing from this run)")
+    ratio = ours.cpu_us / theirs.cpu_us
+    verdict = "met" if ratio <= limit else "missed"
+    if stretch is not None:
+        verdict += f"; stretch {stretch:g}x: {'met' if ratio <= stretch else 'missed'}"
+    return Goal(name, f"{ratio:.2f}x ({ours.cpu_us:,.0f} / {theirs.cpu_us:,.0f} µs)", verdict)
+
+
+def summary(rows: list[Run], memory: Any = None) -> str:
+    """The performance targets, each with what this run measured and whether it is met."""
+    main = "GET 1 KiB"
+    sidecar = {c: _row(rows, main, "sidecar", c) for c in (50, 500, 1000)}
+    naive = {c: _row(rows, main, "naive-aiohttp", c) for c in (50, 1000)}
+    lines: list[Goal] = [
+        _ratio_target(f"sidecar CPU/req ≤ 1.5x naive-aiohttp, c={c}", sidecar[c], naive[c], 1.5, 1.2)
+        for c in (50, 1000)
+    ]
+    lines.append(
+        _ratio_target(
+            "64 KiB GET: sidecar CPU/req ≤ 1.5x naive-aiohttp",
+            _row(rows, "GET 64 KiB", "sidecar", 50),
+            _row(rows, "GET 64 KiB", "naive-aiohttp", 50),
+            1.5,
+        )
+    )
+    for c in (50, 500):
+        lines.append(
+            _ratio_target(
+                f"h2c upstream: CPU/req ≤ 1.5x the sidecar's HTTP/1.1 figure, c={c}",
+                _row(rows, "h2c upstream", "sidecar-h2c-upstream", c),
+                sidecar.get(c),
+                1.5,
+            )
+        )
+    lines.append(
+        _ratio_target(
+            "every Part II stage configured: CPU/req ≤ 1.15x Part I (same scenario)",
+            _row(rows, PART2_SCENARIO, "sidecar-all-stages", 50),
+            _row(rows, PART2_SCENARIO, "sidecar-part1", 50),
+            1.15,
+        )
+    )
+    low, high = sidecar[50], sidecar[1000]
+    if low is None or high is None or not low.rps:
+        lines.append(Goal("c=1000 req/s ≥ 85 % of c=50", "-", "not measured (rows missing from this run)"))
+    else:
+        share = high.rps / low.rps
+        lines.append(
+            Goal(
+                "c=1000 req/s ≥ 85 % of c=50",
+                f"{share:.0%} ({high.rps:,.0f} / {low.rps:,.0f} req/s)",
+                "met" if share >= 0.85 else "missed",
+            )
+        )
+    if low is None or low.p99_ms != low.p99_ms:
+        lines.append(Goal("p99 at c=50 ≤ 40 ms", "-", "not measured (rows missing from this run)"))
+    else:
+        lines.append(Goal("p99 at c=50 ≤ 40 ms", f"{low.p99_ms:.1f} ms", "met" if low.p99_ms <= 40 else "missed"))
+    if memory is None or not memory.samples:
+        lines.append(Goal(f"memory flat while streaming 1 GiB (< {STREAM_FLAT_MIB} MiB)", "-", "not measured"))
+        lines.append(Goal(f"< {IDLE_CALLERS_MIB} MiB with {IDLE_CALLERS:,} idle callers", "-", "not measured"))
+    else:
+        spread = (max(memory.samples) - min(memory.samples)) / MIB
+        streamed = memory.received / MIB
+        lines.append(
+            Goal(
+                f"memory flat while streaming 1 GiB (max - min RSS < {STREAM_FLAT_MIB} MiB)",
+                f"{spread:.1f} MiB over {streamed:,.0f} MiB streamed",
+                ("met" if spread < STREAM_FLAT_MIB else "missed")
+                if streamed >= 1024
+                else f"not judged ({streamed:,.0f} MiB streamed)",
+            )
+        )
+        held = memory.with_idle / MIB
+        lines.append(
+            Goal(
+                f"< {IDLE_CALLERS_MIB} MiB with {IDLE_CALLERS:,} idle callers",
+                f"{held:.1f} MiB with {memory.opened:,}",
+                ("met" if held < IDLE_CALLERS_MIB else "missed")
+                if memory.opened >= IDLE_CALLERS
+                else f"not judged (this run held {memory.opened:,}; bench/run without --quick holds {IDLE_CALLERS:,})",
+            )
+        )
+    table = ["| target | measured | verdict |", "| --- | --- | --- |"]
+    table += [f"| {line.name} | {line.measured} | {line.verdict} |" for line in lines]
+    return "\n".join(
+        [
+            "## Targets",
+            "",
+            "CPU figures are the proxy's CPU µs per request from the table above (medians), both sides measured "
+            "in the same run; ratios over 1 are the sidecar costing more.",
+            "",
+            *table,
+        ]
+    )
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -520,9 +706,21 @@ def main() -> int:
     started_at = datetime.datetime.now(datetime.UTC)
     load_before = load_average()
     work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
-    (h1, h2c, delay, p_nginx, p_haproxy, p_httpx, p_aiohttp, p_sidecar, a_sidecar, p_sidecar2, a_sidecar2) = pick_ports(
-        11
-    )
+    (
+        h1,
+        h2c,
+        delay,
+        p_nginx,
+        p_haproxy,
+        p_httpx,
+        p_aiohttp,
+        p_sidecar,
+        a_sidecar,
+        p_sidecar2,
+        a_sidecar2,
+        p_all,
+        a_all,
+    ) = pick_ports(13)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     sidecar_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -596,6 +794,27 @@ def main() -> int:
             work,
             sidecar_env,
         ),
+        "sidecar-all-stages": Service(
+            "sidecar-all-stages",
+            [
+                PY,
+                "-m",
+                "sidecar",
+                "run",
+                "-c",
+                str(sidecar_all_stages_conf(work, "sidecar-all-stages", p_all, a_all, h1)),
+                "--log-format",
+                "json",
+            ],
+            p_all,
+            PROXY_CPU,
+            work,
+            sidecar_env,
+        ),
+    }
+    scripts = {
+        "sidecar-part1": write(work / "part1.lua", PART1_SCRIPT),
+        "sidecar-all-stages": write(work / "part2.lua", PART2_SCRIPT),
     }
     bases = {
         "direct": (f"http://{LOOPBACK}:{h1}", None),
@@ -609,15 +828,18 @@ def main() -> int:
         "sidecar-h2c-upstream": (f"http://{LOOPBACK}:{p_sidecar}/h2", "sidecar"),
         "direct-delay": (f"http://{LOOPBACK}:{delay}", None),
         "sidecar-delay": (f"http://{LOOPBACK}:{p_sidecar}/delay", "sidecar"),
+        "sidecar-part1": (f"http://{LOOPBACK}:{p_sidecar}/up", "sidecar"),
+        "sidecar-all-stages": (f"http://{LOOPBACK}:{p_all}/up", "sidecar-all-stages"),
     }
     main_targets = tuple((args.targets or "direct,nginx,haproxy,naive-httpx,naive-aiohttp,sidecar").split(","))
     scenarios = [Scenario("GET 1 KiB", "/1k", concurrencies, main_targets)]
     if not args.no_extra:
         scenarios += [
-            Scenario("GET 64 KiB", "/64k", (50,), ("direct", "nginx", "haproxy", "sidecar")),
+            Scenario("GET 64 KiB", "/64k", (50,), ("direct", "nginx", "haproxy", "naive-aiohttp", "sidecar")),
             Scenario("workers", "/1k", (50, 500), ("direct", "sidecar", "sidecar-2w")),
             Scenario("h2c upstream", "/1k", (50, 500), ("direct-h1", "sidecar-h2c-upstream"), "h2c"),
             Scenario("10 ms upstream", "/10", (50, 500), ("direct-delay", "sidecar-delay"), "delay"),
+            Scenario(PART2_SCENARIO, "/1k", (50,), ("sidecar-part1", "sidecar-all-stages")),
         ]
     ports = {"h1": h1, "h2c": h2c, "delay": delay}
     needed = {"upstream", "delay"} | {
@@ -651,6 +873,7 @@ def main() -> int:
                             seconds,
                             pid,
                             ports[scenario.upstream],
+                            scripts.get(name),
                         )
                         sweep_runs.append(run)
                         if not run.settled and service_key:
@@ -670,11 +893,11 @@ def main() -> int:
                         if direct is not None and direct.rps:
                             run.ratio = run.rps / direct.rps
                     all_runs += sweep_runs
-        memory_report = ""
+        memory = None
         if not args.no_memory:
             from memory import memory_scenario  # type: ignore[import-not-found]
 
-            memory_report = memory_scenario(work, h1, PY, sidecar_env, quick=args.quick)
+            memory = memory_scenario(work, h1, PY, sidecar_env, quick=args.quick)
     finally:
         for service in reversed(started):
             service.stop()
@@ -709,8 +932,9 @@ def main() -> int:
         table(rows),
         "",
     ]
-    if memory_report:
-        report += [memory_report, ""]
+    if memory is not None:
+        report += [memory.report(), ""]
+    report += [summary(rows, memory), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(report))

@@ -24,6 +24,7 @@ _FAMILY = "font-family='-apple-system,Segoe UI,Helvetica,Arial,sans-serif'"
 _FONT = f"{_FAMILY} font-size='12'"
 _SIDECAR = "#2563eb"
 _PEER = "#94a3b8"
+_MARK = "#dc2626"
 
 
 def tables(path: Path) -> list[list[dict[str, str]]]:
@@ -62,13 +63,25 @@ class Bar:
     text: str | None = None  # shown at the bar's end; the value when None
 
 
-def bar_chart(title: str, unit: str, bars: Sequence[Bar], *, log: bool = False, note: str = "") -> str:
+@dataclass(frozen=True)
+class Mark:
+    """A dashed vertical line at ``value`` across the bars ``first`` to ``last`` (indexes), labelled."""
+
+    value: float
+    first: int
+    last: int
+    label: str
+
+
+def bar_chart(
+    title: str, unit: str, bars: Sequence[Bar], *, log: bool = False, note: str = "", marks: Sequence[Mark] = ()
+) -> str:
     """A horizontal bar chart as an SVG document."""
     left, right, top, row = 240, 110, 44, 26
     width = 720
     plot = width - left - right
     height = top + row * len(bars) + (36 if note else 16)
-    largest = max(bar.value for bar in bars) or 1.0
+    largest = max([bar.value for bar in bars] + [mark.value for mark in marks]) or 1.0
     smallest = min((bar.value for bar in bars if bar.value > 0), default=1.0)
 
     def scale(value: float) -> float:
@@ -99,6 +112,15 @@ def bar_chart(title: str, unit: str, bars: Sequence[Bar], *, log: bool = False, 
             f"{' font-weight=' + chr(39) + '600' + chr(39) if bar.sidecar else ''}>{_escape(bar.label)}</text>",
             f"<rect x='{left}' y='{y + 3}' width='{length:.1f}' height='{row - 8}' rx='3' fill='{colour}'/>",
             f"<text x='{left + length + 6:.1f}' y='{y + 15}' {_FONT} fill='#0f172a'>{_escape(text)}</text>",
+        ]
+    for mark in marks:
+        x = left + scale(mark.value)
+        y_top, y_bottom = top + mark.first * row, top + (mark.last + 1) * row - 4
+        parts += [
+            f"<line x1='{x:.1f}' y1='{y_top}' x2='{x:.1f}' y2='{y_bottom}' stroke='{_MARK}' stroke-width='1.5' "
+            "stroke-dasharray='4 3'/>",
+            f"<text x='{x + 4:.1f}' y='{y_top + 11}' {_FAMILY} font-size='10' fill='{_MARK}'>"
+            f"{_escape(mark.label)}</text>",
         ]
     if note:
         parts.append(f"<text x='12' y='{height - 12}' {_FONT} fill='#64748b'>{_escape(note)}</text>")
@@ -132,6 +154,34 @@ def proxy_cpu(rows: Iterable[dict[str, str]]) -> str:
         bars,
         log=True,
         note="bench/run: proxy pinned to one core, medians of 3 sweeps (bench/results/latest.md)",
+    )
+
+
+def proxy_cpu_targets(rows: Iterable[dict[str, str]]) -> str:
+    """bench/results/latest.md: CPU µs per 1 KiB GET at c=50 and c=1000, and the target of 1.5x naive-aiohttp."""
+    order = ("nginx", "haproxy", "naive-aiohttp", "sidecar")
+    table = [row for row in rows if row.get("scenario") == "GET 1 KiB" and row.get("proxy CPU µs/req") != "-"]
+    bars: list[Bar] = []
+    marks: list[Mark] = []
+    for concurrency in ("50", "1000"):
+        group = [row for name in order for row in table if row["target"] == name and row["c"] == concurrency]
+        if not group:
+            continue
+        first = len(bars)
+        bars += [
+            Bar(f"{row['target']}  c={concurrency}", number(row["proxy CPU µs/req"]), row["target"] == "sidecar")
+            for row in group
+        ]
+        naive = next((row for row in group if row["target"] == "naive-aiohttp"), None)
+        if naive is not None:
+            target = 1.5 * number(naive["proxy CPU µs/req"])
+            marks.append(Mark(target, first, len(bars) - 1, f"target: 1.5x naive-aiohttp = {target:,.0f}"))
+    return bar_chart(
+        "Proxy CPU per request against the target, 1 KiB GET (lower is better)",
+        "µs per request",
+        bars,
+        marks=marks,
+        note="bench/run: proxy pinned to one core (bench/results/latest.md); naive-httpx left out (off the scale)",
     )
 
 
@@ -192,7 +242,8 @@ def main() -> None:
     latest = tables(RESULTS / "latest.md")
     if latest:
         (IMAGES / "bench-proxy-cpu.svg").write_text(proxy_cpu(latest[0]), encoding="utf-8")
-        written.append("bench-proxy-cpu.svg")
+        (IMAGES / "bench-proxy-cpu-target.svg").write_text(proxy_cpu_targets(latest[0]), encoding="utf-8")
+        written += ["bench-proxy-cpu.svg", "bench-proxy-cpu-target.svg"]
     pacing_tables = tables(RESULTS / "pacing.md")
     if pacing_tables:
         (IMAGES / "bench-pacing.svg").write_text(pacing(pacing_tables[0]), encoding="utf-8")

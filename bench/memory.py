@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import LOOPBACK, Service, pick_ports, rss_bytes, sidecar_conf
@@ -70,7 +71,40 @@ def _stream(port: int, path: str, pid: int) -> tuple[int, float, list[int]]:
     return received, time.monotonic() - started, samples
 
 
-def memory_scenario(work: Path, upstream_port: int, python: str, env: dict[str, str], quick: bool) -> str:
+@dataclass
+class MemoryResult:
+    """What the memory scenario saw (RSS in bytes)."""
+
+    idle: int
+    warm: int
+    opened: int  # idle keep-alive client connections held
+    with_idle: int
+    after_idle: int
+    received: int  # bytes streamed
+    took: float
+    samples: list[int]  # RSS while streaming
+
+    def report(self) -> str:
+        samples = self.samples
+        lines = [
+            "## Memory (sidecar RSS, 1 worker)",
+            "",
+            "| state | RSS MiB |",
+            "| --- | ---: |",
+            f"| idle, just started | {self.idle / MIB:.1f} |",
+            f"| after 1 s of load (c=10) | {self.warm / MIB:.1f} |",
+            f"| holding {self.opened:,} idle keep-alive client connections | {self.with_idle / MIB:.1f} "
+            f"(+{(self.with_idle - self.warm) / MIB:.1f}) |",
+            f"| after those closed | {self.after_idle / MIB:.1f} |",
+            f"| streaming {self.received / MIB:,.0f} MiB in {self.took:.1f} s "
+            f"({self.received / MIB / max(self.took, 1e-9):,.0f} MiB/s): "
+            f"min / max of {len(samples)} samples | {min(samples, default=0) / MIB:.1f} / "
+            f"{max(samples, default=0) / MIB:.1f} |",
+        ]
+        return "\n".join(lines)
+
+
+def memory_scenario(work: Path, upstream_port: int, python: str, env: dict[str, str], quick: bool) -> MemoryResult:
     port, admin = pick_ports(2)
     conf = sidecar_conf(work, "sidecar-memory", port, admin, upstream_port, upstream_port, upstream_port, 1)
     service = Service(
@@ -99,18 +133,4 @@ def memory_scenario(work: Path, upstream_port: int, python: str, env: dict[str, 
         received, took, samples = _stream(port, "/up/1g", service.pid)
     finally:
         service.stop()
-    lines = [
-        "## Memory (sidecar RSS, 1 worker)",
-        "",
-        "| state | RSS MiB |",
-        "| --- | ---: |",
-        f"| idle, just started | {idle / MIB:.1f} |",
-        f"| after 1 s of load (c=10) | {warm / MIB:.1f} |",
-        f"| holding {opened:,} idle keep-alive client connections | {with_idle / MIB:.1f} "
-        f"(+{(with_idle - warm) / MIB:.1f}) |",
-        f"| after those closed | {after_idle / MIB:.1f} |",
-        f"| streaming {received / MIB:,.0f} MiB in {took:.1f} s ({received / MIB / max(took, 1e-9):,.0f} MiB/s): "
-        f"min / max of {len(samples)} samples | {min(samples, default=0) / MIB:.1f} / "
-        f"{max(samples, default=0) / MIB:.1f} |",
-    ]
-    return "\n".join(lines)
+    return MemoryResult(idle, warm, opened, with_idle, after_idle, received, took, samples)

@@ -288,10 +288,7 @@ class Forwarder:
             framed_by_coding="transfer-encoding" in response.headers,
             upstream=exchange.upstream,
         )
-        # A head whose body is already here waits for it, and both go out in
-        # one write; one whose body is not yet here goes out now.
-        held = response.body_ready
-        downstream = RelayedResponse(response.status_code, invented, hold_headers=held)
+        downstream = RelayedResponse(response.status_code, invented)
         for name, value in relayed:
             downstream.headers.add(name, value)
         downstream.headers["X-Request-Id"] = exchange.request_id
@@ -303,18 +300,15 @@ class Forwarder:
             # a connection after an upgrade request, so it cannot be reused.
             downstream.force_close()
         await downstream.prepare(request)
-        # Only once the caller has been sent a status does it count: a caller
-        # gone before the headers went out (a ConnectionResetError from the
-        # write that carries them) counts as 499.
-        status = response.status_code
-        if not held:
-            exchange.status = status
+        # Only now has the caller been sent a status (or will be, with the
+        # first chunk): a caller gone before that (prepare raising
+        # ConnectionResetError) counts as 499.
+        status = exchange.status = response.status_code
         try:
             if request.method != "HEAD" and status not in _BODYLESS_STATUS:
                 async for chunk in response.aiter_raw():
                     exchange.bytes_out += len(chunk)
                     await downstream.write(chunk)
-                    exchange.status = status
             else:
                 # Read the (empty) body to its end all the same: a response that
                 # was never read to its end closes its connection instead of
@@ -331,7 +325,6 @@ class Forwarder:
             _abort(request)
             return downstream
         await downstream.write_eof()
-        exchange.status = status
         return downstream
 
 

@@ -11,6 +11,11 @@ deadline (``inbound.header_timeout``):
 * it stops when the parser has the complete head;
 * trickling more bytes never extends it; when it fires the connection is closed.
 
+One loop timer per connection serves every head: it is not cancelled when a
+head completes, and a timer that fires with no head in progress, or before the
+current head's deadline, does nothing or waits on to it (a timer set and
+cancelled for every request costs more than the rest of this guard).
+
 It also answers requests the HTTP parser rejects with the sidecar's own error
 responses (``X-Sidecar-Error`` and a JSON body, see docs/routing-and-forwarding.md) instead of aiohttp's
 text pages, which echo the offending bytes and always say 400: a request line
@@ -57,7 +62,10 @@ class GuardedRequestHandler(RequestHandler):
     __slots__ = (
         "_header_timeout",
         "_on_client_error",
+        "_event_loop",
         "_head_timer",
+        "_timer_at",
+        "_head_deadline",
         "_last_payload",
         "_line_bytes",
         "_line_start",
@@ -76,9 +84,14 @@ class GuardedRequestHandler(RequestHandler):
     ) -> None:
         super().__init__(manager, **kwargs)
         lighten_message_queue(self)  # idle keep-alive connections are many: see MessageQueue
+        # The loop the server hands every handler (asking asyncio for the
+        # running loop is a getpid() system call on Python 3.11).
+        self._event_loop: asyncio.AbstractEventLoop = kwargs["loop"]
         self._header_timeout = header_timeout
         self._on_client_error = on_client_error
         self._head_timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # loop time the armed timer fires at
+        self._head_deadline: float | None = None  # loop time the head in progress must be in by
         self._last_payload: Any = None  # the body stream of the last parsed request
         self._line_bytes = 0
         self._line_start = b""  # the request line's bytes so far (up to max_line_size)
@@ -93,13 +106,16 @@ class GuardedRequestHandler(RequestHandler):
         self._start_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_head_timer()
+        self._head_deadline = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if data and self._head_timer is None and self._between_requests():
+        if data and self._head_deadline is None and self._between_requests():
             self._start_head()  # the first byte of the next request head
         if self._in_request_line and data and self._track_request_line(data) and self._refuse_http09():
             return
@@ -109,7 +125,7 @@ class GuardedRequestHandler(RequestHandler):
             payload = last_parsed_payload(self)
             if payload is not None:
                 self._last_payload = payload
-                self._stop_head_timer()
+                self._head_deadline = None  # the head is in
                 self._in_request_line = False
 
     def _between_requests(self) -> bool:
@@ -121,16 +137,32 @@ class GuardedRequestHandler(RequestHandler):
         self._line_start = b""
         self._in_request_line = True
         self._line_too_long = False
-        self._stop_head_timer()
-        self._head_timer = asyncio.get_running_loop().call_later(self._header_timeout(), self._head_timed_out)
+        loop = self._event_loop
+        deadline = self._head_deadline = loop.time() + self._header_timeout()
+        timer = self._head_timer
+        if timer is None or self._timer_at > deadline:
+            # No timer, or one for later than this head may take (the timeout
+            # was shortened by a reload): one for this deadline.
+            if timer is not None:
+                timer.cancel()
+            self._timer_at = deadline
+            self._head_timer = loop.call_at(deadline, self._head_timer_fired)
 
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _head_timer_fired(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # no head in progress: the next one sets a timer
+        loop = self._event_loop
+        if loop.time() < deadline:
+            # Set for an earlier head: this one has until its own deadline.
+            self._timer_at = deadline
+            self._head_timer = loop.call_at(deadline, self._head_timer_fired)
+            return
+        self._head_timed_out()
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
+        self._head_deadline = None
         if self.transport is None:
             return
         self._on_client_error("header_timeout")
@@ -153,7 +185,8 @@ class GuardedRequestHandler(RequestHandler):
             return False
         self._in_request_line = False
         line, self._line_start = self._line_start, b""
-        return not self._line_too_long and _HTTP09_REQUEST_LINE.fullmatch(line) is not None
+        # Method, one space, target: a line with any other number of spaces is not one.
+        return not self._line_too_long and line.count(b" ") == 1 and _HTTP09_REQUEST_LINE.fullmatch(line) is not None
 
     def _refuse_http09(self) -> bool:
         """Answer an HTTP/0.9 request line at once, as a parse error; True if done.
@@ -167,7 +200,7 @@ class GuardedRequestHandler(RequestHandler):
         if not queue_parse_error(self, 400, error):
             return False
         self._refused = True
-        self._stop_head_timer()
+        self._head_deadline = None
         return True
 
     # -------------------------------------------------------- bad requests

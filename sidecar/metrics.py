@@ -7,17 +7,24 @@ so they can never drift from the truth.
 Per-request accounting (:meth:`Metrics.observe`) is on the hot path: label
 children are looked up once per label set and cached, and every label has
 a bounded set of values (methods outside the standard set count as
-``OTHER``; requests that matched no upstream count under ``none``).
+``OTHER``; requests that matched no upstream count under ``none``).  The
+per-request counters and histograms are :class:`LoopCounter` and
+:class:`LoopHistogram`: the exposition of prometheus_client's own, without
+its lock per update (everything that updates or reads them runs on the
+event loop's thread).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import math
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .errors import ClientDisconnected, client_error_codes, codes_counted_as
@@ -211,6 +218,116 @@ class _PoolCollector(Collector):
         )
 
 
+class _Count:
+    """One labelled counter's value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self.value += amount
+
+
+class _Observations:
+    """One labelled histogram's bucket counts (not cumulative) and sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        if amount == amount:  # NaN falls in no bucket (prometheus_client's rule too)
+            self.counts[bisect_left(self.bounds, amount)] += 1
+
+
+class _LoopFamily(Collector):
+    """A labelled metric registered like prometheus_client's, updated without its locks."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: object) -> Any:
+        key = tuple(str(value) for value in values)
+        if len(key) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}, not {key}")
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._child()
+        return child
+
+    def _child(self) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+
+class LoopCounter(_LoopFamily):
+    """A counter exposed exactly as ``prometheus_client.Counter`` (created series disabled)."""
+
+    def _child(self) -> _Count:
+        return _Count()
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for values, child in self._children.items():
+            family.add_metric(values, child.value)
+        return [family]
+
+
+class LoopHistogram(_LoopFamily):
+    """A histogram exposed exactly as ``prometheus_client.Histogram`` (created series disabled)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        buckets: Sequence[float],
+    ) -> None:
+        bounds = [float(bound) for bound in buckets]
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self._bounds = tuple(bounds)
+        self._le = tuple(floatToGoString(bound) for bound in bounds)  # type: ignore[no-untyped-call]
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _child(self) -> _Observations:
+        return _Observations(self._bounds)
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for values, child in self._children.items():
+            cumulative, total = [], 0.0
+            for le, count in zip(self._le, child.counts, strict=True):
+                total += count
+                cumulative.append((le, total))
+            family.add_metric(values, cumulative, child.sum)
+        return [family]
+
+
 class _UpstreamSeries:
     """The per-upstream label children, resolved once (labels() is a locked dict lookup)."""
 
@@ -250,44 +367,44 @@ class Metrics:
     def __init__(self, pools: Callable[[], Iterable[UpstreamPool]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "sidecar_requests_total", "Requests answered", ["upstream", "method", "status", "caller"], registry=r
+        self.requests = LoopCounter(
+            "sidecar_requests_total", "Requests answered", ["upstream", "method", "status", "caller"], r
         )
-        self.duration = Histogram(
+        self.duration = LoopHistogram(
             "sidecar_request_duration_seconds",
             "Time from request to the end of the response, as the caller sees it",
             ["upstream"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            r,
+            _LATENCY_BUCKETS,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = LoopHistogram(
             "sidecar_upstream_response_seconds",
             "Time from sending upstream to its response headers",
             ["upstream"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            r,
+            _LATENCY_BUCKETS,
         )
-        self.pool_wait = Histogram(
+        self.pool_wait = LoopHistogram(
             "sidecar_pool_wait_seconds",
             "Time waiting for a slot (admitted or timed out)",
             ["upstream", "caller"],
-            buckets=_WAIT_BUCKETS,
-            registry=r,
+            r,
+            _WAIT_BUCKETS,
         )
-        self.rejected = Counter(
+        self.rejected = LoopCounter(
             "sidecar_rejected_requests_total",
             "Requests the sidecar refused itself, without an upstream response",
             ["upstream", "reason"],
-            registry=r,
+            r,
         )
-        self.upstream_errors = Counter(
-            "sidecar_upstream_errors_total", "Upstream failures by kind", ["upstream", "kind"], registry=r
+        self.upstream_errors = LoopCounter(
+            "sidecar_upstream_errors_total", "Upstream failures by kind", ["upstream", "kind"], r
         )
-        self.bytes_in = Counter(
-            "sidecar_request_bytes_total", "Request body bytes received from callers", ["upstream"], registry=r
+        self.bytes_in = LoopCounter(
+            "sidecar_request_bytes_total", "Request body bytes received from callers", ["upstream"], r
         )
-        self.bytes_out = Counter(
-            "sidecar_response_bytes_total", "Response body bytes sent to callers", ["upstream"], registry=r
+        self.bytes_out = LoopCounter(
+            "sidecar_response_bytes_total", "Response body bytes sent to callers", ["upstream"], r
         )
         self.client_errors = Counter(
             "sidecar_client_errors_total",

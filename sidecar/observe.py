@@ -13,16 +13,34 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from .logs import get_logger
+from .logs import get_logger, json_lines
 from .metrics import outcome
 
 if TYPE_CHECKING:
     from .exchange import Exchange
     from .metrics import Metrics
 
-__all__ = ["Observer", "log_access"]
+__all__ = ["ACCESS_FIELDS", "Observer", "log_access"]
 
 access_log = get_logger("sidecar.access")
+# The access line's fields, in order (docs/observability.md).
+ACCESS_FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "upstream",
+    "status",
+    "duration_ms",
+    "pool_wait_ms",
+    "upstream_ms",
+    "upstream_http_version",
+    "bytes_in",
+    "bytes_out",
+    "error",
+    "deadline_ms",
+    "attempts",
+    "caller",
+)
 
 
 class Observer:
@@ -49,23 +67,27 @@ def log_access(logger: Any, exchange: Exchange, duration: float) -> None:
     and without its query, and no header is read here at all.
     """
     upstream_time = exchange.upstream_time
-    logger.info(
-        "access",
-        request_id=exchange.request_id,
-        method=exchange.method,
-        path=exchange.path,
-        upstream=exchange.upstream,
-        status=exchange.status or None,
-        duration_ms=round(duration * 1000, 3),
-        pool_wait_ms=round(exchange.pool_wait * 1000, 3),
-        upstream_ms=None if upstream_time is None else round(upstream_time * 1000, 3),
-        upstream_http_version=exchange.http_version,
-        bytes_in=exchange.bytes_in,
-        bytes_out=exchange.bytes_out,
-        error=exchange.error,
-        deadline_ms=None if exchange.deadline is None else round((exchange.deadline - exchange.started) * 1000, 3),
-        attempts=len(exchange.attempts),
+    deadline = exchange.deadline
+    values = (
+        exchange.request_id,
+        exchange.method,
+        exchange.path,
+        exchange.upstream,
+        exchange.status or None,
+        round(duration * 1000, 3),
+        round(exchange.pool_wait * 1000, 3),
+        None if upstream_time is None else round(upstream_time * 1000, 3),
+        exchange.http_version,
+        exchange.bytes_in,
+        exchange.bytes_out,
+        exchange.error,
+        None if deadline is None else round((deadline - exchange.started) * 1000, 3),
+        len(exchange.attempts),
         # The caller header's value when valid (visible ASCII, at most 64
         # characters), else "other": unlike the metrics label, not bounded.
-        caller=exchange.caller,
+        exchange.caller,
     )
+    # The same line, written directly when the JSON pipeline is in use (sidecar/logs.py).
+    direct = json_lines() if logger is access_log else None
+    if direct is None or not direct.write("access", ACCESS_FIELDS, values):
+        logger.info("access", **dict(zip(ACCESS_FIELDS, values, strict=True)))

@@ -37,6 +37,8 @@ def climbs_out(path: str) -> bool:
     (some servers merge slashes). Climbing above at any point counts, even if a
     later segment comes back down.
     """
+    if "." not in path and "%" not in path:
+        return False  # no segment can be a dot-segment, however it is split
     depth = 0
     for segment in _SEPARATOR.split(path):
         name = _ENCODED_DOT.sub(".", segment).split(";", 1)[0]
@@ -61,8 +63,23 @@ def _stays_inside(free_path_and_query: str) -> str:
 _HOST = re.compile(r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*|\[([0-9A-Fa-f:.]+)\])(?::[0-9]*)?")
 
 
+# Host values found valid: the same few arrive on every request (a bounded number kept).
+_VALID_HOSTS: set[str] = set()
+_VALID_HOSTS_KEPT = 1024
+
+
 def valid_host(value: str) -> bool:
     """Whether a Host header value is a syntactically valid ``host[:port]``."""
+    if value in _VALID_HOSTS:
+        return True
+    if _valid_host(value):
+        if len(_VALID_HOSTS) < _VALID_HOSTS_KEPT:
+            _VALID_HOSTS.add(value)
+        return True
+    return False
+
+
+def _valid_host(value: str) -> bool:
     match = _HOST.fullmatch(value)
     if match is None:
         return False

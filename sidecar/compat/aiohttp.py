@@ -10,6 +10,11 @@ internal is for, and what happens without it:
     headers aiohttp adds to a response that has none: a proxy must not invent
     headers the upstream did not send.  Without it: responses still relay
     correctly, with those two headers added.  Falls back.
+``StreamResponse._send_headers_immediately`` (:class:`RelayedResponse`)
+    Holding a relayed response's head until its first body chunk, so that
+    both go out in one write (a system call less per response; what no chunk
+    came for in the same pass of the loop is sent on the next).  Without it:
+    the head goes out on its own, as a write of its own.  Falls back.
 ``StreamResponse._write_headers`` and ``_payload_writer`` (:class:`Http11Response`)
     Writing an error response's status line as HTTP/1.1 whatever the
     request's version: aiohttp echoes it, and makes up HTTP/1.0 for a
@@ -40,6 +45,7 @@ internal is for, and what happens without it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections import deque
 from collections.abc import Callable
@@ -48,6 +54,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import http_parser, web, web_protocol
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
@@ -75,28 +82,55 @@ _MISSING = object()
 
 
 class RelayedResponse(web.StreamResponse):
-    """A StreamResponse that adds nothing the upstream did not send.
+    """A StreamResponse that adds nothing the upstream did not send, its head
+    written with its first body chunk.
 
     aiohttp adds ``Content-Type: application/octet-stream`` and its own
     ``Server`` header when missing; a proxy must not invent either.
     ``invented`` names the ones the upstream did not send, to drop again.
+
+    The head waits for the first chunk only as long as the chunk is at hand:
+    if none is written in the same pass of the event loop (the upstream's
+    body is not there yet), the head goes out on the next, so a caller never
+    waits for a body to see the status.  A caller gone by the time the head
+    is written is told as aiohttp would tell it (ConnectionResetError).
     """
 
     __slots__ = ("_invented",)
 
-    def __init__(self, status: int, invented: tuple[str, ...], *, hold_headers: bool = False) -> None:
+    # aiohttp's own buffering of a head until the first chunk (web.Response uses it).
+    _send_headers_immediately = False
+
+    def __init__(self, status: int, invented: tuple[str, ...]) -> None:
         super().__init__(status=status)
         self._invented = invented
-        if hold_headers:
-            # The body is already here: the head goes out with its first bytes,
-            # one write (one syscall) instead of two.
-            self._send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
         headers = self.headers
         for name in self._invented:
             headers.popall(name, None)
+
+    async def _write_headers(self) -> None:
+        request = self._req
+        transport = None if request is None else request.transport
+        if transport is None or transport.is_closing():
+            # What writing the head would have raised.
+            raise ConnectionResetError("Cannot write to closing transport")
+        await super()._write_headers()
+        writer = self._payload_writer
+        if writer is not None and not self._send_headers_immediately:
+            # aiohttp's StreamWriter knows its loop (asking asyncio is a getpid() on Python 3.11).
+            loop = getattr(writer, "loop", None) or asyncio.get_running_loop()
+            loop.call_soon(_send_head, writer)
+
+
+def _send_head(writer: AbstractStreamWriter) -> None:
+    """The head of a relayed response no chunk was written with in time."""
+    # Nothing to send when it went out with a chunk (or the end); a caller that
+    # left is the handler's to learn, from its next write or the end.
+    with contextlib.suppress(ConnectionError):
+        writer.send_headers()
 
 
 class Http11Response(web.Response):
@@ -244,6 +278,17 @@ def _check_relayed_headers(probe: _Probe) -> str | None:
     return _hook(web.StreamResponse, "_prepare_headers", "_start")
 
 
+def _check_head_with_body(probe: _Probe) -> str | None:
+    if not isinstance(getattr(web.StreamResponse, "_send_headers_immediately", None), bool):
+        return "StreamResponse._send_headers_immediately is missing"
+    write_headers = getattr(web.StreamResponse, "_write_headers", None)
+    if write_headers is None:
+        return None  # the status line's check reports it; neither override is called then
+    if "_send_headers_immediately" not in _names(write_headers):
+        return "StreamResponse._write_headers no longer reads _send_headers_immediately"
+    return None
+
+
 def _check_status_line(probe: _Probe) -> str | None:
     problem = _hook(web.StreamResponse, "_write_headers", "_start")
     if problem is None and (
@@ -303,6 +348,11 @@ _INTERNALS: tuple[_Internal, ...] = (
     _Internal(
         _check_relayed_headers,
         "relayed responses will carry Content-Type and Server headers the upstream did not send",
+        fatal=False,
+    ),
+    _Internal(
+        _check_head_with_body,
+        "a relayed response's head will be written on its own, not with its first chunk",
         fatal=False,
     ),
     _Internal(

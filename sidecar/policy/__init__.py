@@ -30,6 +30,7 @@ class Stage:
 
     * :meth:`admit` returns (the request may go on) or raises a
       :class:`~sidecar.errors.SidecarError` (the sidecar answers it);
+    * :meth:`admit_now` is the part of admit that needs no wait (see there);
     * :meth:`release` is called exactly once for every :meth:`admit` that
       returned, synchronously, on every path — success, error, cancellation —
       so whatever admit took (a slot, a token, a lease) always goes back;
@@ -39,13 +40,35 @@ class Stage:
       request keeps what :meth:`admit` gave it (its slot): a stage that gates
       each attempt (a circuit, a learned pause, a rate-limit token) checks
       in :meth:`admit` for the first attempt and here for the others.
+
+    A hook a stage does not override is never called (:class:`Stages` skips
+    it), so a stage costs only what it does; and a stage that is not
+    :attr:`active` is on no request's path at all.
     """
 
     __slots__ = ()
     name = "stage"
 
+    @property
+    def active(self) -> bool:
+        """False for a policy configured off: it stays in the stack for what it
+        reports (``/pools``, the metrics) and no request passes through it.
+        Read once, when the stack is built."""
+        return True
+
+    def admit_now(self, exchange: Exchange) -> bool:
+        """Admission without waiting: True when the request may go on (as if
+        :meth:`admit` had returned), False when :meth:`admit` must decide;
+        raises like admit.  A stage that never waits does all its admission
+        here; one that may wait lets the common case through here and
+        overrides :meth:`admit` for the rest.  (:class:`Stages` calls it only
+        when the stage's class defines it with or after its ``admit``.)"""
+        return False
+
     async def admit(self, exchange: Exchange) -> None:
-        """Let the request through, possibly after a bounded wait, or raise."""
+        """Let the request through, possibly after a bounded wait, or raise.
+        By default what :meth:`admit_now` decides."""
+        self.admit_now(exchange)
 
     def release(self, exchange: Exchange) -> None:
         """Give back what :meth:`admit` took; must not raise, must not wait."""
@@ -62,13 +85,44 @@ class Stage:
         go, possibly after a bounded wait, or raise a SidecarError."""
 
 
-class Stages:
-    """An ordered stack of stages: admitted first to last, released last to first."""
+def _defines(stage: Stage, hook: str) -> type | None:
+    """The class in the stage's hierarchy that defines ``hook`` (None: only Stage's no-op)."""
+    for owner in type(stage).__mro__:
+        if owner is Stage:
+            return None
+        if hook in owner.__dict__:
+            return owner
+    return None
 
-    __slots__ = ("stages",)
+
+def _admits_now(stage: Stage) -> bool:
+    """Does admit_now speak for this stage's admit?  Not when a subclass
+    overrode admit but inherited the admit_now of a class above it."""
+    now, later = _defines(stage, "admit_now"), _defines(stage, "admit")
+    return now is not None and (later is None or issubclass(now, later))
+
+
+class Stages:
+    """An ordered stack of stages: admitted first to last, released last to first.
+
+    Each hook is called only on the stages that override it, so a stage adds
+    nothing to the hooks it leaves alone (see :class:`Stage`).
+    """
+
+    __slots__ = ("stages", "_admitting", "_releasing", "_observing", "_deciding", "_gating")
 
     def __init__(self, stages: Sequence[Stage]) -> None:
         self.stages = tuple(stages)
+        numbered = tuple((index, stage) for index, stage in enumerate(self.stages) if stage.active)
+        self._admitting = tuple(
+            (index, stage, _admits_now(stage))
+            for index, stage in numbered
+            if _defines(stage, "admit") or _defines(stage, "admit_now")
+        )
+        self._releasing = tuple((index, stage) for index, stage in reversed(numbered) if _defines(stage, "release"))
+        self._observing = tuple(stage for _, stage in numbered if _defines(stage, "observe"))
+        self._deciding = tuple(stage for _, stage in numbered if _defines(stage, "next_attempt"))
+        self._gating = tuple(stage for _, stage in numbered if _defines(stage, "before_retry"))
 
     async def admit(self, exchange: Exchange) -> None:
         """Pass every stage in order.  If one refuses (or the caller goes away
@@ -77,9 +131,9 @@ class Stages:
         :meth:`release`."""
         passed = 0
         try:
-            for stage in self.stages:
-                await stage.admit(exchange)
-                passed += 1
+            for passed, stage, now in self._admitting:  # noqa: B007 - passed is read in the handler
+                if not (now and stage.admit_now(exchange)):
+                    await stage.admit(exchange)
         except BaseException:
             self._release(exchange, passed)
             raise
@@ -91,7 +145,9 @@ class Stages:
         # Every stage gets its release even if an earlier one raised: a slot
         # must never leak because a token's bookkeeping had a bug.
         failure: BaseException | None = None
-        for stage in reversed(self.stages[:passed]):
+        for index, stage in self._releasing:
+            if index >= passed:
+                continue
             try:
                 stage.release(exchange)
             except BaseException as exc:  # re-raised below, after the others
@@ -100,19 +156,19 @@ class Stages:
             raise failure
 
     def observe(self, exchange: Exchange, attempt: Attempt) -> None:
-        for stage in self.stages:
+        for stage in self._observing:
             stage.observe(exchange, attempt)
 
     def next_attempt(self, exchange: Exchange, attempt: Attempt) -> float | None:
         """The first stage that wants another attempt decides its delay."""
-        for stage in self.stages:
+        for stage in self._deciding:
             delay = stage.next_attempt(exchange, attempt)
             if delay is not None:
                 return delay
         return None
 
     async def before_retry(self, exchange: Exchange, attempt: Attempt) -> None:
-        for stage in self.stages:
+        for stage in self._gating:
             await stage.before_retry(exchange, attempt)
 
     def __repr__(self) -> str:

@@ -81,6 +81,10 @@ class Admission:
         oldest = self._core.oldest_waiter()
         return 0.0 if oldest is None else self._clock() - self._started.get(oldest, self._clock())
 
+    def try_acquire(self, caller: str = OTHER_CALLER) -> bool:
+        """Take a slot at once if one is free and nobody waits; then :meth:`release` is owed."""
+        return self._core.try_acquire(caller)
+
     async def acquire(self, timeout: float | None = None, caller: str = OTHER_CALLER) -> None:
         """Wait for a slot; raises QueueFull or PoolTimeout (503) when refused.
 
@@ -187,6 +191,14 @@ class AdmissionStage(Stage):
     def __init__(self, admission: Admission, clock: Callable[[], float] = time.monotonic) -> None:
         self._admission = admission
         self._clock = clock
+
+    def admit_now(self, exchange: Exchange) -> bool:
+        # A free slot and nobody waiting: no wait at all (pool_wait stays 0).
+        if not self._admission.try_acquire(exchange.caller_label):
+            return False
+        exchange.queued = True
+        exchange.admitted_at = self._clock()
+        return True
 
     async def admit(self, exchange: Exchange) -> None:
         waited_from = self._clock()

@@ -28,7 +28,7 @@ class DeclaredBodyLimit(Stage):
     __slots__ = ()
     name = "body_limit"
 
-    async def admit(self, exchange: Exchange) -> None:
+    def admit_now(self, exchange: Exchange) -> bool:
         generation = exchange.generation
         limit = generation.inbound.max_request_body if generation is not None else None
         if over_limit(exchange.declared_length, limit):
@@ -36,3 +36,4 @@ class DeclaredBodyLimit(Stage):
                 f"request body of {exchange.declared_length} bytes is over the limit of {limit}",
                 upstream=exchange.upstream,
             )
+        return True

@@ -210,8 +210,13 @@ class CircuitBreakerStage(Stage):
     def __init__(self, breaker: CircuitBreaker) -> None:
         self._breaker = breaker
 
-    async def admit(self, exchange: Exchange) -> None:
+    @property
+    def active(self) -> bool:
+        return self._breaker.enabled  # failures: 0 (the default) is no breaker
+
+    def admit_now(self, exchange: Exchange) -> bool:
         self._breaker.admit_attempt(exchange)
+        return True
 
     async def before_retry(self, exchange: Exchange, attempt: Attempt) -> None:
         self._breaker.admit_attempt(exchange)

@@ -94,9 +94,10 @@ class DeadlineStage(Stage):
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
 
-    async def admit(self, exchange: Exchange) -> None:
+    def admit_now(self, exchange: Exchange) -> bool:
         if exchange.deadline is not None and budget_gone(exchange, self._clock()):
             raise exceeded(exchange, "before the request reached its upstream's stages")
+        return True
 
     async def before_retry(self, exchange: Exchange, attempt: Attempt) -> None:
         if exchange.deadline is not None and budget_gone(exchange, self._clock()):

@@ -25,6 +25,7 @@ class DrainingGate(Stage):
     def __init__(self, draining: Callable[[], bool]) -> None:
         self._draining = draining
 
-    async def admit(self, exchange: Exchange) -> None:
+    def admit_now(self, exchange: Exchange) -> bool:
         if self._draining():
             raise Draining("the sidecar is shutting down; retry on another instance", retry_after=1)
+        return True

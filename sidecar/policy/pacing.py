@@ -128,11 +128,26 @@ class PacingStage(Stage):
         self._answered: asyncio.Event | None = None
         self._sleepers = _Sleepers(clock)
 
+    @property
+    def active(self) -> bool:
+        return self._learn  # learn: false forwards everything and learns nothing
+
     def _key(self, exchange: Exchange) -> bytes | None:
         header = self._partition_by
         if header is None or exchange.request_headers is None:
             return None
         return partition_key(exchange.request_headers.get(header))
+
+    def admit_now(self, exchange: Exchange) -> bool:
+        # Nothing learned holds this partition back (the common case): go.
+        if not self._learn:
+            return True
+        key = exchange.pacing_key = None if self._partition_by is None else self._key(exchange)
+        ticket = self.core.free_ticket(key, self._clock())
+        if ticket:
+            exchange.pacing_ticket = ticket
+            return True
+        return False
 
     async def admit(self, exchange: Exchange) -> None:
         if not self._learn:

@@ -244,8 +244,9 @@ class RetryStage(Stage):
     def __init__(self, policy: RetryPolicy) -> None:
         self._policy = policy
 
-    async def admit(self, exchange: Exchange) -> None:
+    def admit_now(self, exchange: Exchange) -> bool:
         self._policy.request()
+        return True
 
     def next_attempt(self, exchange: Exchange, attempt: Attempt) -> float | None:
         return self._policy.next_attempt(exchange, attempt)

@@ -4,6 +4,11 @@ A new policy is a new module in this package plus one line below.  The order
 for one upstream is fixed by the contract: deadline → circuit breaker →
 upstream pacing → rate limit → admission (slots) → attempts → relay; stages
 that refuse without waiting (the declared body limit) go first.
+
+A policy that is not configured costs a request nothing: its stage is either
+not built (no rate limit, no adaptive limit, no shared limits) or built
+inactive (a circuit breaker with ``failures: 0``, pacing with
+``learn: false``), kept only for what ``/pools`` and the metrics report of it.
 """
 
 from __future__ import annotations

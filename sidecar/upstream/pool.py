@@ -231,7 +231,6 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     framer.headers,
                     version,
                     PooledStream(h1_body, self, connection, None, None, None),
-                    body_ready=framer.complete or bool(framer.body),
                 )
             if not 100 <= response.status <= 599:
                 await self._refuse(connection, response)

@@ -45,24 +45,13 @@ class ResponseHeaders:
 class UpstreamResponse:
     """One attempt's response, read up to its head; closing it gives the connection back."""
 
-    __slots__ = ("status_code", "headers", "http_version", "stream", "body_ready")
+    __slots__ = ("status_code", "headers", "http_version", "stream")
 
-    def __init__(
-        self,
-        status_code: int,
-        headers: list[tuple[bytes, bytes]],
-        http_version: str,
-        stream: PooledStream,
-        *,
-        body_ready: bool = False,
-    ) -> None:
+    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], http_version: str, stream: PooledStream):
         self.status_code = status_code
         self.headers = ResponseHeaders(headers)
         self.http_version = http_version
         self.stream = stream
-        # The body (its first bytes, or all of it) arrived with the head: it
-        # can be relayed without waiting.
-        self.body_ready = body_ready
 
     def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body as it arrives (transfer coding removed, content coding kept)."""

@@ -294,3 +294,24 @@ async def test_header_timeout_follows_a_reload(tmp_path: Path) -> None:
         waited = await _closed_after(reader, 10)
         writer.close()
         assert waited < 5
+
+
+async def test_a_shorter_header_timeout_after_a_reload_holds_for_the_next_head_of_a_kept_alive_connection(
+    tmp_path: Path,
+) -> None:
+    """The connection's one timer was set for 30 s by its first head; the next head has 1 s."""
+    async with (
+        ScriptedUpstream() as upstream,
+        running_sidecar(tmp_path, _config(upstream.url, header_timeout="30s")) as sc,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+        writer.write(b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 5)
+        assert status_of(head) == 200
+        write_config(tmp_path, _config(upstream.url, header_timeout="1s"))
+        await sc.reload("test")
+        writer.write(b"GET /api/x HTTP/1.1\r\n")  # a head that never finishes
+        waited = await _closed_after(reader, 10)
+        writer.close()
+        assert waited < 5
+        assert len(requests_in(upstream.all_bytes)) == 1

@@ -195,3 +195,31 @@ async def test_mid_body_failure_logs_no_traceback(tmp_path: Path) -> None:
         finally:
             await process.stop()
         assert not [line for line in process.raw if "Traceback" in line or '"exception"' in line]
+
+
+async def test_the_response_head_reaches_the_caller_before_a_late_body(tmp_path: Path) -> None:
+    """The head waits for the first body chunk only while that chunk is at hand."""
+    body_sent = asyncio.Event()
+
+    async def late_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1.5)
+        writer.write(b"late")
+        await writer.drain()
+        body_sent.set()
+        await reader.read()
+
+    async with (
+        ScriptedUpstream(late_body) as upstream,
+        running_sidecar(tmp_path, one_upstream(upstream.url)) as sidecar,
+    ):
+        reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.proxy_port)
+        writer.write(request_bytes("/api/x"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert not body_sent.is_set(), "the head waited for the body"
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"late"
+        writer.close()
+        await assert_at_rest(sidecar)

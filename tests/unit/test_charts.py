@@ -34,7 +34,9 @@ def test_a_chart_is_valid_svg_with_every_bar_labelled() -> None:
     assert "t <&>" in texts and "sidecar" in texts and "4,316" in texts
 
 
-@pytest.mark.parametrize("name", ["bench-proxy-cpu.svg", "bench-pacing.svg", "bench-faults-success.svg"])
+@pytest.mark.parametrize(
+    "name", ["bench-proxy-cpu.svg", "bench-proxy-cpu-target.svg", "bench-pacing.svg", "bench-faults-success.svg"]
+)
 def test_the_committed_charts_match_the_committed_results(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

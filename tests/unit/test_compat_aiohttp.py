@@ -216,3 +216,72 @@ def test_the_queue_fallback_keeps_aiohttps_deque(handler: RequestHandler, monkey
     check.use_fallback()
     compat.lighten_message_queue(handler)
     assert type(handler._messages) is deque
+
+
+def test_head_buffering_missing_is_reported_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(web.StreamResponse, "_send_headers_immediately")
+    failure = only_failure("StreamResponse._send_headers_immediately")
+    assert not failure.fatal
+    assert "first chunk" in failure
+
+
+class _Wire(asyncio.Transport):
+    """A transport that keeps what is written to it, one entry per write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, chunks: object) -> None:
+        self.writes.append(b"".join(chunks))  # type: ignore[arg-type]
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def _relay_request(wire: _Wire) -> web.BaseRequest:
+    from unittest import mock
+
+    from aiohttp.http_writer import StreamWriter
+    from aiohttp.test_utils import make_mocked_request
+
+    protocol = mock.Mock(transport=wire)
+    writer = StreamWriter(protocol, asyncio.get_running_loop())
+    return make_mocked_request("GET", "/", writer=writer, transport=wire, protocol=protocol)
+
+
+async def test_a_relayed_head_goes_out_with_the_first_chunk_in_one_write() -> None:
+    wire = _Wire()
+    response = compat.RelayedResponse(200, ("Server",))
+    response.headers["Content-Length"] = "5"
+    await response.prepare(_relay_request(wire))
+    assert wire.writes == []
+    await response.write(b"hello")
+    assert len(wire.writes) == 1 and wire.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert wire.writes[0].endswith(b"\r\n\r\nhello") and b"Server:" not in wire.writes[0]
+    await asyncio.sleep(0)  # the head's own send finds nothing left to send
+    await response.write_eof()
+    assert len(wire.writes) == 1
+
+
+async def test_a_relayed_head_without_a_chunk_at_hand_goes_out_on_the_next_pass_of_the_loop() -> None:
+    wire = _Wire()
+    response = compat.RelayedResponse(200, ())
+    response.headers["Content-Length"] = "5"
+    await response.prepare(_relay_request(wire))
+    await asyncio.sleep(0)
+    assert len(wire.writes) == 1 and wire.writes[0].endswith(b"\r\n\r\n")
+    await response.write(b"hello")
+    assert wire.writes[1:] == [b"hello"]
+
+
+async def test_a_relayed_head_for_a_caller_gone_raises_as_writing_it_would() -> None:
+    wire = _Wire()
+    wire.closing = True
+    with pytest.raises(ConnectionResetError):
+        await compat.RelayedResponse(200, ()).prepare(_relay_request(wire))
+    assert wire.writes == []

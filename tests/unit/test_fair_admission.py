@@ -303,3 +303,14 @@ def test_host_totals_add_callers_and_limits_but_not_the_minimum_latency() -> Non
     assert merged["concurrency_limit"] == 22
     assert merged["adaptive"]["min_rtt_ms"] == 52.0
     assert merged["callers"] == {"a": {"in_flight": 4, "pending": 2}, "b": {"in_flight": 1, "pending": 0}}
+
+
+def test_a_caller_name_is_visible_ascii_up_to_64_characters() -> None:
+    from sidecar.config.scalars import caller_name
+
+    for code in range(0x110):
+        char = chr(code)
+        assert caller_name(char) is ("!" <= char <= "~"), repr(char)
+    assert caller_name("checkout") and caller_name("x" * 64)
+    assert not caller_name("") and not caller_name("x" * 65) and not caller_name("check out")
+    assert not caller_name("caf\u00e9") and not caller_name("tab\t")

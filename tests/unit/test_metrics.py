@@ -174,3 +174,29 @@ def test_outcome_names_errors_and_status_classes() -> None:
     assert outcome(exchange(status=503)) == "5xx"
     assert outcome(exchange(status=503, error="pool_timeout")) == "pool_timeout"
     assert outcome(exchange(status=0, error="client_disconnected")) == "client_disconnected"
+
+
+def test_loop_families_are_exposed_exactly_as_prometheus_clients_own() -> None:
+    """The lock-free counters and histograms write what prometheus_client's Counter and Histogram write."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from sidecar.metrics import LoopCounter, LoopHistogram
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1.0, 10.0)
+    counter = LoopCounter("t_requests_total", "Requests", ["upstream", "status"], ours)
+    reference_counter = Counter("t_requests_total", "Requests", ["upstream", "status"], registry=theirs)
+    doc = "Time \\ with\nnewline"
+    histogram = LoopHistogram("t_seconds", doc, ["upstream"], ours, buckets)
+    reference_histogram = Histogram("t_seconds", doc, ["upstream"], buckets=buckets, registry=theirs)
+    for upstream, status, amount in [("a", 200, 1), ("b", "503", 2.5), ("a", 200, 0.25), ('c"x', 404, 0)]:
+        counter.labels(upstream, status).inc(amount)
+        reference_counter.labels(upstream, status).inc(amount)
+    for upstream, seconds in [("a", 0.0005), ("a", 0.001), ("a", 0.0333), ("b", 99.0), ("a", float("nan")), ("b", 1.0)]:
+        histogram.labels(upstream).observe(seconds)
+        reference_histogram.labels(upstream).observe(seconds)
+    assert generate_latest(ours) == generate_latest(theirs)
+    with pytest.raises(ValueError):
+        counter.labels("a", 200).inc(-1)
+    with pytest.raises(ValueError):
+        counter.labels("a")

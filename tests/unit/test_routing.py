@@ -399,3 +399,35 @@ def test_invalid_host_header_is_400(router: Router, host: str) -> None:
 )
 def test_valid_host_headers_are_accepted(router: Router, host: str) -> None:
     assert route(router, "/nobase/x", host)[1] in ("/x", "/api/nobase/x", "/catchall/nobase/x")
+
+
+@pytest.mark.parametrize(
+    ("path", "climbs"),
+    [
+        ("/a/b/c", False),
+        ("/", False),
+        ("//x\\y", False),
+        ("/..", True),
+        ("/a/../..", True),
+        ("/a/%2e%2e/%2E%2e", True),
+        ("/a%2f..%5c..", True),
+        ("/..;p/x", True),
+        ("/a/./b/..", False),
+        ("/a/%41/..", False),
+    ],
+)
+def test_dot_segments_are_found_with_or_without_a_dot_or_percent_to_look_for(path: str, climbs: bool) -> None:
+    from sidecar.routing import climbs_out
+
+    assert climbs_out(path) is climbs
+
+
+def test_valid_hosts_are_remembered_up_to_a_bound_and_invalid_ones_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar import routing
+
+    monkeypatch.setattr(routing, "_VALID_HOSTS", set())
+    monkeypatch.setattr(routing, "_VALID_HOSTS_KEPT", 2)
+    assert routing.valid_host("a:1") and routing.valid_host("b") and routing.valid_host("c")
+    assert sorted(routing._VALID_HOSTS) == ["a:1", "b"]
+    assert not routing.valid_host("bad host") and not routing.valid_host("[::zz]")
+    assert routing.valid_host("a:1") and sorted(routing._VALID_HOSTS) == ["a:1", "b"]

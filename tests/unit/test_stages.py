@@ -206,3 +206,125 @@ async def test_before_retry_gates_each_later_attempt_in_order() -> None:
             exchange, second
         )
     assert journal[-2:] == ["gate a 2", "gate b 2"]
+
+
+class _Hooks(Stage):
+    """Counts the hook calls a stage gets."""
+
+    __slots__ = ("calls", "on")
+
+    def __init__(self, on: bool = True) -> None:
+        self.calls: list[str] = []
+        self.on = on
+
+    @property
+    def active(self) -> bool:
+        return self.on
+
+
+async def test_a_hook_a_stage_does_not_override_is_never_called_and_an_inactive_stage_is_skipped() -> None:
+    class Observer(_Hooks):
+        def observe(self, exchange: Exchange, attempt: Attempt) -> None:
+            self.calls.append("observe")
+
+        def release(self, exchange: Exchange) -> None:
+            self.calls.append("release")
+
+    active, inactive = Observer(), Observer(on=False)
+    stages = Stages([active, inactive])
+    assert stages.stages == (active, inactive)  # both still there for what they report
+    exchange = new_exchange()
+    await stages.admit(exchange)
+    stages.observe(exchange, exchange.begin_attempt(0.0))
+    assert stages.next_attempt(exchange, exchange.attempts[0]) is None
+    await stages.before_retry(exchange, exchange.attempts[0])
+    stages.release(exchange)
+    assert active.calls == ["observe", "release"] and inactive.calls == []
+
+
+async def test_admit_now_lets_a_request_through_without_admit_and_admit_decides_the_rest() -> None:
+    class Sometimes(_Hooks):
+        def __init__(self, now: bool) -> None:
+            super().__init__()
+            self.now = now
+
+        def admit_now(self, exchange: Exchange) -> bool:
+            self.calls.append("admit_now")
+            return self.now
+
+        async def admit(self, exchange: Exchange) -> None:
+            self.calls.append("admit")
+
+    class NeverWaits(_Hooks):
+        def admit_now(self, exchange: Exchange) -> bool:
+            self.calls.append("admit_now")
+            if exchange.method == "POST":
+                raise SidecarError("refused at once")
+            return True
+
+    fast, slow, sync = Sometimes(True), Sometimes(False), NeverWaits()
+    await Stages([fast, slow, sync]).admit(new_exchange())
+    assert fast.calls == ["admit_now"] and slow.calls == ["admit_now", "admit"] and sync.calls == ["admit_now"]
+    await sync.admit(new_exchange())  # called directly, admit is what admit_now decides
+    assert sync.calls == ["admit_now", "admit_now"]
+    refused = Exchange(request_id="r", method="POST", path="/", started=0.0)
+    journal: list[str] = []
+    with pytest.raises(SidecarError, match="at once"):
+        await Stages([Recording("a", journal), sync, Recording("c", journal)]).admit(refused)
+    assert journal == ["admit a", "release a"]
+
+
+async def test_a_subclass_that_overrides_admit_is_not_bypassed_by_an_inherited_admit_now() -> None:
+    calls: list[str] = []
+
+    class Base(Stage):
+        def admit_now(self, exchange: Exchange) -> bool:
+            calls.append("base admit_now")
+            return True
+
+        async def admit(self, exchange: Exchange) -> None:
+            calls.append("base admit")
+
+    class Shared(Base):  # as SharedPacingStage over PacingStage: its own admit must run
+        async def admit(self, exchange: Exchange) -> None:
+            calls.append("shared admit")
+            await super().admit(exchange)
+
+    await Stages([Shared()]).admit(new_exchange())
+    assert calls == ["shared admit", "base admit"]
+
+
+def test_an_upstream_with_nothing_configured_has_only_its_default_policies_on_the_path() -> None:
+    from sidecar.config import parse_config
+    from sidecar.policy.pacing import PacingStage
+    from sidecar.pools import UpstreamPool
+
+    def on_path(yaml: str) -> list[str]:
+        pool = UpstreamPool(parse_config(yaml).upstreams[0])
+        stages = pool.stages
+        assert any(isinstance(stage, PacingStage) for stage in stages.stages)  # /pools and metrics read it
+        return [stage.name for _, stage, _ in stages._admitting] + [f"observe {s.name}" for s in stages._observing]
+
+    default = on_path("upstreams:\n  api: {url: 'http://127.0.0.1:9'}\n")
+    # pacing learns by default and retries are on by default (one retry on connect errors)
+    assert default == ["body_limit", "deadline", "pacing", "admission", "retries", "observe pacing"]
+    off = on_path(
+        "upstreams:\n  api:\n    url: http://127.0.0.1:9\n    pacing: {learn: false}\n    retries: {attempts: 0}\n"
+    )
+    assert off == ["body_limit", "deadline", "admission", "retries"]  # retries still count for the budget
+    configured = on_path(
+        "upstreams:\n  api:\n    url: http://127.0.0.1:9\n    circuit_breaker: {failures: 3}\n"
+        "    rate_limit: {rate: 100/s}\n    limits: {adaptive: true}\n"
+    )
+    assert configured == [
+        "body_limit",
+        "deadline",
+        "circuit_breaker",
+        "pacing",
+        "rate_limit",
+        "admission",
+        "retries",
+        "observe circuit_breaker",
+        "observe pacing",
+        "observe adaptive",
+    ]
