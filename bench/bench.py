@@ -544,7 +544,8 @@ def table(runs: list[Run]) -> str:
 MIB = 1 << 20
 STREAM_FLAT_MIB = 16  # "flat": RSS moves less than this while 1 GiB streams through
 IDLE_CALLERS = 10_000
-IDLE_CALLERS_MIB = 150
+IDLE_CALLERS_MIB = 150  # added to the RSS of a warmed-up sidecar
+IDLE_MIB = 80
 
 
 @dataclass
@@ -625,7 +626,8 @@ def summary(rows: list[Run], memory: Any = None) -> str:
         lines.append(Goal("p99 at c=50 ≤ 40 ms", f"{low.p99_ms:.1f} ms", "met" if low.p99_ms <= 40 else "missed"))
     if memory is None or not memory.samples:
         lines.append(Goal(f"memory flat while streaming 1 GiB (< {STREAM_FLAT_MIB} MiB)", "-", "not measured"))
-        lines.append(Goal(f"< {IDLE_CALLERS_MIB} MiB with {IDLE_CALLERS:,} idle callers", "-", "not measured"))
+        lines.append(Goal(f"+ < {IDLE_CALLERS_MIB} MiB for {IDLE_CALLERS:,} idle callers", "-", "not measured"))
+        lines.append(Goal(f"idle RSS < {IDLE_MIB} MiB", "-", "not measured"))
     else:
         spread = (max(memory.samples) - min(memory.samples)) / MIB
         streamed = memory.received / MIB
@@ -638,16 +640,18 @@ def summary(rows: list[Run], memory: Any = None) -> str:
                 else f"not judged ({streamed:,.0f} MiB streamed)",
             )
         )
-        held = memory.with_idle / MIB
+        added = (memory.with_idle - memory.warm) / MIB
         lines.append(
             Goal(
-                f"< {IDLE_CALLERS_MIB} MiB with {IDLE_CALLERS:,} idle callers",
-                f"{held:.1f} MiB with {memory.opened:,}",
-                ("met" if held < IDLE_CALLERS_MIB else "missed")
+                f"+ < {IDLE_CALLERS_MIB} MiB for {IDLE_CALLERS:,} idle callers (over the RSS after warm-up)",
+                f"+{added:.1f} MiB with {memory.opened:,} ({memory.warm / MIB:.1f} → {memory.with_idle / MIB:.1f} MiB)",
+                ("met" if added < IDLE_CALLERS_MIB else "missed")
                 if memory.opened >= IDLE_CALLERS
                 else f"not judged (this run held {memory.opened:,}; bench/run without --quick holds {IDLE_CALLERS:,})",
             )
         )
+        idle = memory.idle / MIB
+        lines.append(Goal(f"idle RSS < {IDLE_MIB} MiB", f"{idle:.1f} MiB", "met" if idle < IDLE_MIB else "missed"))
     table = ["| target | measured | verdict |", "| --- | --- | --- |"]
     table += [f"| {line.name} | {line.measured} | {line.verdict} |" for line in lines]
     return "\n".join(
@@ -660,6 +664,59 @@ def summary(rows: list[Run], memory: Any = None) -> str:
             *table,
         ]
     )
+
+
+def rows_from(text: str) -> list[Run]:
+    """The main table of a results file, back as runs (what the summary reads)."""
+
+    def value(cell: str) -> float:
+        cell = cell.replace(",", "")
+        return float("nan") if cell == "-" else float(cell)
+
+    rows = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 10 or not cells[2].isdigit():
+            continue
+        run = Run(cells[1], cells[0], int(cells[2]), rps=value(cells[3]), p50_ms=value(cells[5]))
+        run.p99_ms, cpu = value(cells[6]), value(cells[7])
+        run.cpu_us = None if cpu != cpu else cpu
+        rows.append(run)
+    return rows
+
+
+def memory_from(text: str) -> Any:
+    """The memory table of a results file, back as a MemoryResult (the streaming samples as min and max)."""
+    from memory import MemoryResult  # type: ignore[import-not-found]
+
+    def mib(pattern: str) -> float | None:
+        found = re.search(pattern, text, re.M)
+        return None if found is None else float(found.group(1).replace(",", "")) * MIB
+
+    idle, warm = mib(r"^\| idle, just started \| ([\d.]+) \|"), mib(r"^\| after 1 s of load \(c=10\) \| ([\d.]+) \|")
+    held = re.search(r"^\| holding ([\d,]+) idle keep-alive client connections \| ([\d.]+)", text, re.M)
+    after = mib(r"^\| after those closed \| ([\d.]+) \|")
+    stream = re.search(r"^\| streaming ([\d,]+) MiB in ([\d.]+) s .*\| ([\d.]+) / ([\d.]+) \|", text, re.M)
+    if None in (idle, warm, after) or held is None or stream is None:
+        return None
+    samples = [int(float(stream.group(3)) * MIB), int(float(stream.group(4)) * MIB)]
+    return MemoryResult(
+        int(idle or 0),
+        int(warm or 0),
+        int(held.group(1).replace(",", "")),
+        int(float(held.group(2)) * MIB),
+        int(after or 0),
+        int(float(stream.group(1).replace(",", "")) * MIB),
+        float(stream.group(2)),
+        samples,
+    )
+
+
+def retarget(path: Path) -> None:
+    """Write the Targets section of a results file again from its own tables (after the targets changed)."""
+    text = path.read_text()
+    head = text.split("\n## Targets\n", 1)[0].rstrip("\n")
+    path.write_text(head + "\n\n" + summary(rows_from(head), memory_from(head)) + "\n")
 
 
 def machine() -> str:
@@ -692,7 +749,11 @@ def main() -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory scenario")
     parser.add_argument("--no-extra", action="store_true", help="only the main 1 KiB scenario")
     parser.add_argument("--out", default=str(BENCH / "results" / "latest.md"))
+    parser.add_argument("--retarget", metavar="FILE", help="only write FILE's Targets section again from its tables")
     args = parser.parse_args()
+    if args.retarget:
+        retarget(Path(args.retarget))
+        return 0
     if (os.cpu_count() or 1) < 2:
         sys.exit("bench: needs at least 2 CPUs (proxy on one, load + upstream on the other)")
     for tool in ("nginx", "haproxy", "wrk", "taskset", "ss"):
