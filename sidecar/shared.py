@@ -12,40 +12,34 @@ usable: after a failed call the shared limits are skipped for
 :data:`RECHECK_AFTER` seconds (requests use the local limits, or are refused
 with ``on_error: deny``) instead of every request paying the timeout again,
 and a warning is logged at most once per :data:`WARN_EVERY` seconds.
-:class:`SharedRedis` is the thin shell: the client, every call under
-``shared.timeout``, and the bookkeeping of failures.
+:class:`SharedRedis` is the thin shell: the connections
+(sidecar/redis_wire.py), every call under ``shared.timeout``, and the
+bookkeeping of failures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .config.view import redis_url_shown
 from .errors import SharedLimitsUnavailable
+from .redis_wire import Command, Redis, Script, Subscription, endpoint_from_url
 
 if TYPE_CHECKING:
     from .config import Shared
 
 log = logging.getLogger("sidecar.shared")
-T = TypeVar("T")
 
 # After a failed call, Redis is tried again after this long: back to shared
 # within a second or two of Redis returning, well inside the promised 5 s.
 RECHECK_AFTER = 1.0
 WARN_EVERY = 10.0
-# Concurrent calls to Redis per process: enough at the latencies Redis has,
-# bounded so that an outage cannot open thousands of connections.  Callers
-# beyond it wait in a FIFO of our own (redis-py's blocking pool lets a waiter
-# starve past any timeout while newer callers take the freed connections).
-MAX_CALLS = 32
-# The pool's own cap adds room for the pub/sub connections that wake lease
-# waiters (one per upstream with shared leases, only while requests wait).
-MAX_CONNECTIONS = MAX_CALLS + 32
 
 # Failed calls per operation, for sidecar_shared_errors_total{op} (process-wide:
 # one client per process whatever the number of upstreams).
@@ -116,6 +110,18 @@ if not v then return {'', 0} end
 return {v, redis.call('PTTL', KEYS[1])}
 """
 
+SCRIPTS = {
+    name: Script(source)
+    for name, source in (
+        ("gcra", GCRA),
+        ("acquire", ACQUIRE),
+        ("release", RELEASE),
+        ("renew", RENEW),
+        ("pause", PAUSE),
+        ("pause_read", PAUSE_READ),
+    )
+}
+
 
 def unavailable(upstream: str) -> SharedLimitsUnavailable:
     return SharedLimitsUnavailable(
@@ -123,29 +129,6 @@ def unavailable(upstream: str) -> SharedLimitsUnavailable:
         upstream=upstream,
         retry_after=1,
     )
-
-
-class Background:
-    """Fire-and-forget Redis calls that a synchronous release starts; counted, so none leaks."""
-
-    __slots__ = ("tasks",)
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
-        try:
-            task = asyncio.get_running_loop().create_task(coro)
-        except RuntimeError:
-            coro.close()
-            return
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a failed call was already counted
 
 
 class SharedUnavailable(Exception):
@@ -181,56 +164,43 @@ class SharedHealth:
         self.down_until = 0.0
 
 
+def client_name() -> str:
+    """How this process's connections are named in Redis's CLIENT LIST (one name per process)."""
+    return f"sidecar-{os.getpid()}"
+
+
 class SharedRedis:
     """The process's Redis client for one ``shared:`` section."""
 
     def __init__(self, settings: Shared, clock: Callable[[], float] = time.monotonic) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         self.settings = settings
         self.timeout = settings.timeout
         self.deny = settings.on_error == "deny"
         self.health = SharedHealth()
         self._clock = clock
-        self._calls = asyncio.Semaphore(MAX_CALLS)
-        # No retries inside the client: the one timeout bounds the whole call,
-        # and a failed call falls back (or is refused) at once.
-        # A blocking pool: a call beyond MAX_CONNECTIONS waits for a connection
-        # (within the same timeout) instead of failing at once, which under a
-        # burst of callers would wrongly fall back to the local limits.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis,
-            max_connections=MAX_CONNECTIONS,
-            timeout=settings.timeout,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            health_check_interval=0,
-            retry=Retry(NoBackoff(), 0),
+        self.redis = Redis(
+            endpoint_from_url(settings.redis, client_name()),
+            settings.timeout,
+            tuple(SCRIPTS.values()),
         )
-        self.client: Any = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
-        self.gcra = self.client.register_script(GCRA)
-        self.acquire = self.client.register_script(ACQUIRE)
-        self.release = self.client.register_script(RELEASE)
-        self.renew = self.client.register_script(RENEW)
-        self.pause = self.client.register_script(PAUSE)
-        self.pause_read = self.client.register_script(PAUSE_READ)
 
     def key(self, upstream: str, what: str) -> str:
         # The braces are Redis Cluster's hash tag: one upstream's keys share a slot.
         return f"{self.settings.key_prefix}{{{upstream}}}:{what}"
 
+    def command(self, script: str, keys: Sequence[str], fixed: Sequence[str | int] = ()) -> Command:
+        """One script call with its keys and leading arguments packed once (a stage keeps it)."""
+        return Command(SCRIPTS[script], keys, fixed)
+
     def usable(self) -> bool:
         return self.health.usable(self._clock())
 
-    async def call(self, op: str, make: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis call under ``shared.timeout``; SharedUnavailable when it fails."""
+    async def run(self, op: str, command: Command, args: Sequence[str | int] = ()) -> Any:
+        """One script call under ``shared.timeout``; SharedUnavailable when it fails."""
         if not self.health.usable(self._clock()):
             raise SharedUnavailable("Redis is unavailable (a recent call failed)")
         try:
-            async with asyncio.timeout(self.timeout), self._calls:
-                result = await make()
+            result = await self.redis.call(command, args)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a timeout, a refused connection, a script error
@@ -239,17 +209,30 @@ class SharedRedis:
         self.health.succeeded()
         return result
 
+    def send(self, op: str, command: Command, args: Sequence[str | int] = ()) -> None:
+        """A call nobody waits for (a release, a published pause); failures are counted.
+
+        Skipped while Redis is down: a lease then expires after ``lease``, a
+        token is not given back, a pause is learned by each replica alone.
+        """
+        if not self.health.usable(self._clock()):
+            return
+        self.redis.send(command, args, lambda exc: self.failure(op, exc))
+
+    async def subscribe(self, channel: str, on_message: Callable[[], None]) -> Subscription:
+        return await self.redis.subscribe(channel, on_message)
+
     def failure(self, op: str, exc: BaseException) -> None:
         ERRORS[op] += 1
         if self.health.failed(self._clock()):
             fallback = "refusing requests (on_error: deny)" if self.deny else "using local limits (on_error: local)"
             # The URL without its password; the exception's text may carry the
-            # address but never the password (redis-py does not print it).
+            # address but never the password (no error message here quotes it).
             log.warning(
                 "shared limits: Redis at %s unavailable (%s: %s); %s",
                 redis_url_shown(self.settings.redis),
                 op,
-                type(exc).__name__,
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
                 fallback,
             )
 

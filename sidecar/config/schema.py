@@ -169,6 +169,11 @@ def _redis_url(value: object) -> str:
     url = non_empty_string(value)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    from ..redis_wire import url_problem
+
+    problem = url_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
     return url
 
 

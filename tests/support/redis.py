@@ -12,6 +12,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+import hiredis
 
 from tests.support import LOOPBACK
 
@@ -23,9 +26,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, password: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, password: str | None = None, cpu: str | None = None, unix_socket: str | None = None
+    ) -> None:
         self.directory = directory
         self.password = password
+        self.unix_socket = unix_socket  # listens there too
+        self.cpu = cpu  # pinned to this CPU with taskset (the benchmarks)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -54,6 +61,10 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.unix_socket:
+            args += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
+        if self.cpu is not None:
+            args = ["taskset", "-c", self.cpu, *args]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -93,3 +104,39 @@ class RedisServer:
                 sock.recv(64)
             sock.sendall((" ".join(words) + "\r\n").encode())
             return sock.recv(4096)
+
+    def query(self, *words: str | int, db: int = 0) -> Any:
+        """One command, its whole reply parsed (bytes, ints, lists; an error reply is raised)."""
+        return query(self.port, *words, password=self.password, db=db)
+
+    def clients(self, name_prefix: str = "sidecar-") -> list[dict[str, str]]:
+        """CLIENT LIST, the connections whose name starts with ``name_prefix`` (the sidecars')."""
+        listed = self.query("CLIENT", "LIST").decode()
+        entries = [dict(field.split("=", 1) for field in line.split() if "=" in field) for line in listed.splitlines()]
+        return [entry for entry in entries if entry.get("name", "").startswith(name_prefix)]
+
+
+def query(port: int, *words: str | int, password: str | None = None, host: str = LOOPBACK, db: int = 0) -> Any:
+    """One command to the Redis at ``port`` (in database ``db``); its reply parsed with hiredis."""
+    reader = hiredis.Reader()
+    with socket.create_connection((host, port), timeout=5) as sock:
+        commands: list[tuple[str | int, ...]] = [("AUTH", password)] if password else []
+        if db:
+            commands.append(("SELECT", db))
+        commands.append(words)
+        for command in commands:
+            sock.sendall(_pack(*command))
+            reply: Any = False
+            while reply is False:
+                data = sock.recv(65536)
+                assert data, "Redis closed the connection"
+                reader.feed(data)
+                reply = reader.gets()
+            if isinstance(reply, hiredis.ReplyError):
+                raise reply
+    return reply
+
+
+def _pack(*words: str | int) -> bytes:
+    parts = [str(word).encode() for word in words]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
