@@ -32,7 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.config import RateLimit, Shared
-from sidecar.exchange import Exchange
+from sidecar.exchange import Attempt, Exchange
 from sidecar.policy import Stage
 from sidecar.policy.rate_limit import RateLimitStage
 from sidecar.policy.shared import SharedLeaseStage, SharedRateLimitStage
@@ -60,9 +60,10 @@ async def _cost(
 
     async def caller() -> None:
         for i in range(PER_CALLER):
-            exchange = Exchange(request_id=str(i), method="GET", path="/", started=0.0)
+            exchange = Exchange(request_id=str(i), method="GET", path="/", started=time.monotonic())
             started = time.perf_counter()
             await stage.admit(exchange)
+            exchange.attempts.append(Attempt(1, started))  # it was sent: the token is not given back
             stage.release(exchange)  # a lease's release is a call nobody waits for
             latencies.append(time.perf_counter() - started)
 

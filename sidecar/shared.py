@@ -40,15 +40,24 @@ log = logging.getLogger("sidecar.shared")
 # within a second or two of Redis returning, well inside the promised 5 s.
 RECHECK_AFTER = 1.0
 WARN_EVERY = 10.0
+# A shared rate-limit token is given back only this soon after it was taken
+# (a request refused before it was sent upstream); the takes counter the
+# refund relies on outlives every token this young (REFUND_KEEP_MS).
+REFUND_WITHIN = 60.0
+REFUND_KEEP_MS = 120_000
 
 # Failed calls per operation, for sidecar_shared_errors_total{op} (process-wide:
 # one client per process whatever the number of upstreams).
 ERRORS: Counter[str] = Counter()
 
 # GCRA (a token bucket kept as one number, the theoretical arrival time) on
-# the server's clock, in microseconds.  ARGV: interval, tolerance (burst *
-# interval), the wait the caller may accept.  Returns {granted, wait µs}.
-GCRA = """
+# the server's clock, in microseconds.  KEYS: the TAT, the takes counter.
+# ARGV: interval, tolerance (burst * interval), the wait the caller may
+# accept.  Returns {granted, wait µs, the take's number}.  The counter numbers
+# every granted take (starting from the server's time in µs when it is new,
+# so that a counter lost with a restarted Redis never runs behind a number
+# handed out before); a refund needs to know how many were taken after it.
+GCRA = f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -58,11 +67,40 @@ if tat < now then tat = now end
 local new = tat + interval
 local wait = new - now - tolerance
 if wait <= tonumber(ARGV[3]) then
-  redis.call('SET', KEYS[1], string.format('%d', new), 'PX', math.floor((new - now) / 1000) + 1000)
+  local ttl = math.floor((new - now) / 1000) + 1000
+  redis.call('SET', KEYS[1], string.format('%d', new), 'PX', ttl)
+  local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if seq == 0 then seq = now else seq = seq + 1 end
+  redis.call('SET', KEYS[2], string.format('%d', seq), 'PX', ttl + {REFUND_KEEP_MS})
   if wait < 0 then wait = 0 end
-  return {1, wait}
+  return {{1, wait, seq}}
 end
-return {0, wait}
+return {{0, wait, 0}}
+"""
+
+# Gives back one token that was never used (its request was refused before
+# it was sent).  KEYS: the TAT, the takes counter.  ARGV: interval, the
+# take's number.  Without that token the TAT would be
+# max(TAT - interval, R), R being what the takes after it alone make of it:
+# R <= now + (takes after it) * interval.  So the TAT goes to
+# max(TAT - interval, min(TAT, that bound)): exactly one token back when the
+# bucket was drawn down (the usual case under load), less when it has
+# refilled since, and never below what it would be without that token.
+# Returns 1 when the TAT moved back.
+REFUND = """
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
+local mine = tonumber(ARGV[2])
+if tat == 0 or seq < mine then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local back = now + (seq - mine) * interval
+if back > tat then back = tat end
+if back < tat - interval then back = tat - interval end
+if back >= tat then return 0 end
+redis.call('SET', KEYS[1], string.format('%d', back), 'KEEPTTL')
+return 1
 """
 
 # Concurrency leases: a sorted set of lease ids scored by their expiry on the
@@ -114,6 +152,7 @@ SCRIPTS = {
     name: Script(source)
     for name, source in (
         ("gcra", GCRA),
+        ("refund", REFUND),
         ("acquire", ACQUIRE),
         ("release", RELEASE),
         ("renew", RENEW),
@@ -210,7 +249,7 @@ class SharedRedis:
         return result
 
     def send(self, op: str, command: Command, args: Sequence[str | int] = ()) -> None:
-        """A call nobody waits for (a release, a published pause); failures are counted.
+        """A call nobody waits for (a release, a refund, a published pause); failures are counted.
 
         Skipped while Redis is down: a lease then expires after ``lease``, a
         token is not given back, a pause is learned by each replica alone.

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import PoolTimeout, QueueFull, RateLimited
-from ..shared import SharedRedis, SharedUnavailable, unavailable
+from ..shared import REFUND_WITHIN, SharedRedis, SharedUnavailable, unavailable
 from . import Stage
 from .pacing import PacingStage
 from .rate_limit import RateLimitStage, rate_limit_stages
@@ -37,9 +37,15 @@ LEASE_RECHECK = 0.1
 
 
 class SharedRateLimitStage(RateLimitStage):
-    """``rate_limit.shared: true``: one GCRA script call per attempt; the local limit as fallback."""
+    """``rate_limit.shared: true``: one GCRA script call per attempt; the local limit as fallback.
 
-    __slots__ = ("shared", "_take_command")
+    A token taken in Redis for an attempt that is then never sent (a later
+    stage refused it, or the request went away while waiting for it) is given
+    back by the refund script (sidecar/shared.py): refused requests do not
+    spend the replicas' shared rate.
+    """
+
+    __slots__ = ("shared", "_take_command", "_refund_command", "refunds")
     name = "rate_limit"
 
     def __init__(
@@ -47,11 +53,12 @@ class SharedRateLimitStage(RateLimitStage):
     ) -> None:
         super().__init__(upstream, limit, clock)
         self.shared = shared
+        keys = (shared.key(upstream, "rate"), shared.key(upstream, "rate_takes"))
         interval_us = round(1_000_000 / limit.rate)
-        # The key and the fixed arguments are packed once; a call adds the allowance.
-        self._take_command = shared.command(
-            "gcra", (shared.key(upstream, "rate"),), (interval_us, interval_us * limit.burst)
-        )
+        # The keys and the fixed arguments are packed once; a call adds the allowance.
+        self._take_command = shared.command("gcra", keys, (interval_us, interval_us * limit.burst))
+        self._refund_command = shared.command("refund", keys, (interval_us,))
+        self.refunds = 0  # tokens given back to Redis (for tests and /pools)
 
     async def admit(self, exchange: Exchange) -> None:
         exchange.shared_token = await self._take_shared(exchange)
@@ -60,17 +67,24 @@ class SharedRateLimitStage(RateLimitStage):
         await self._take_shared(exchange)
 
     def release(self, exchange: Exchange) -> None:
-        if not exchange.shared_token:
+        token = exchange.shared_token
+        if not token:
             super().release(exchange)
+        elif not exchange.attempts and self._clock() - exchange.started < REFUND_WITHIN:
+            self._refund(token)
 
-    async def _take_shared(self, exchange: Exchange) -> bool:
-        """True when the token came from Redis; False when the local limit gave it."""
+    def _refund(self, token: int) -> None:
+        self.refunds += 1
+        self.shared.send("rate_limit_refund", self._refund_command, (token,))
+
+    async def _take_shared(self, exchange: Exchange) -> int:
+        """The token's number when it came from Redis; 0 when the local limit gave it."""
         shared = self.shared
         if shared.usable():
             allowed = exchange.wait_allowance(self._clock())
             allowed_us = 0 if allowed is None else int(allowed * 1_000_000)
             try:
-                granted, wait_us = await shared.run("rate_limit", self._take_command, (allowed_us,))
+                granted, wait_us, token = await shared.run("rate_limit", self._take_command, (allowed_us,))
             except SharedUnavailable:
                 pass
             else:
@@ -87,13 +101,16 @@ class SharedRateLimitStage(RateLimitStage):
                     self.waiting += 1
                     try:
                         await asyncio.sleep(wait_us / 1_000_000)
+                    except asyncio.CancelledError:
+                        self._refund(token)  # reserved, never used
+                        raise
                     finally:
                         self.waiting -= 1
-                return True
+                return int(token)
         if shared.deny:
             raise unavailable(self.upstream)
         await self._take(exchange)
-        return False
+        return 0
 
     def snapshot(self) -> dict[str, float | int]:
         entry = super().snapshot()

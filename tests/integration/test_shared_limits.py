@@ -417,3 +417,60 @@ async def test_a_long_request_keeps_its_lease_past_the_lease_time(tmp_path: Path
             assert response.status == 200
         assert in_flight[1] == 1
         assert 1.5 <= waited <= 4.0, waited  # it waited for the long request, well past the 1 s lease
+
+def _tokens_free(server: RedisServer, burst: int, rate: float) -> float:
+    """Tokens the shared bucket holds now, from its TAT and the server's clock."""
+    seconds, micros = server.query("TIME")
+    now = int(seconds) * 1_000_000 + int(micros)
+    value = server.query("GET", "sidecar:{api}:rate")
+    ahead = max(0, (0 if value is None else int(value)) - now)
+    interval = 1_000_000 / rate
+    return (burst * interval - ahead) / interval
+
+
+@pytest.mark.parametrize("refused_by", ["queue_full", "pool_timeout"])
+async def test_attempts_refused_after_the_shared_rate_limit_give_their_token_back(
+    tmp_path: Path, redis_server: RedisServer, refused_by: str
+) -> None:
+    """rate 2/s burst 5, one request holding the only slot (or the only shared lease): 12 more, one
+    after the other, each take a shared token and are then refused (503 queue_full, or 503
+    pool_timeout after waiting for the lease).  Every token comes back: none of them is ever 429
+    rate_limited, and the bucket still holds the 4 tokens the held request left."""
+    gate = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(text="ok")
+
+    limits = (
+        "{ max_concurrent_requests: 1, max_pending: 0 }"
+        if refused_by == "queue_full"
+        else "{ shared_max_concurrent_requests: 1 }"
+    )
+    async with Upstream(handler) as upstream, AsyncExitStack() as stack:
+        text = _config(
+            upstream.url,
+            redis_server.url,
+            rate_limit="{ rate: 2/s, burst: 5, shared: true }",
+            limits=limits,
+            timeouts="{ pool: 50ms, read: 30s }",
+        )
+        (process,) = await stack.enter_async_context(_sidecars(tmp_path, text, count=1))
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        held = asyncio.ensure_future(session.get(f"{process.url}/api/held"))
+        await _eventually(lambda: len(upstream.requests) == 1, timeout=10)
+        codes = []
+        for _ in range(12):
+            async with session.get(f"{process.url}/api/x") as response:
+                await response.read()
+                codes.append(response.headers.get("X-Sidecar-Error", str(response.status)))
+        assert codes == [refused_by] * 12, codes
+        # 12 refusals took at most ~1.5 s: a refill of 3 tokens at most; without the refunds the
+        # bucket would be empty by now (and most refusals 429).
+        await _eventually(lambda: _tokens_free(redis_server, 5, 2.0) >= 3.5)
+        assert _tokens_free(redis_server, 5, 2.0) <= 5.0
+        gate.set()
+        async with await held as response:
+            assert response.status == 200
+        assert len(upstream.requests) == 1  # the refused ones never reached it
+
