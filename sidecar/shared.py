@@ -14,7 +14,9 @@ with ``on_error: deny``) instead of every request paying the timeout again,
 and a warning is logged at most once per :data:`WARN_EVERY` seconds.
 :class:`SharedRedis` is the thin shell: the connections
 (sidecar/redis_wire.py), every call under ``shared.timeout``, and the
-bookkeeping of failures.
+bookkeeping of failures.  The pools that use it hold it (:func:`acquire`);
+the last one to close closes it, so a reload that retires them, or a
+shutdown, leaves no connection behind.
 """
 
 from __future__ import annotations
@@ -222,6 +224,9 @@ class SharedRedis:
             settings.timeout,
             tuple(SCRIPTS.values()),
         )
+        self.users = 0  # pools holding this client (acquire / release)
+        self.closed = False
+        self.registered: tuple[Shared, int] | None = None  # its key in the process's registry
 
     def key(self, upstream: str, what: str) -> str:
         # The braces are Redis Cluster's hash tag: one upstream's keys share a slot.
@@ -254,7 +259,7 @@ class SharedRedis:
         Skipped while Redis is down: a lease then expires after ``lease``, a
         token is not given back, a pause is learned by each replica alone.
         """
-        if not self.health.usable(self._clock()):
+        if self.closed or not self.health.usable(self._clock()):
             return
         self.redis.send(command, args, lambda exc: self.failure(op, exc))
 
@@ -284,21 +289,33 @@ class SharedRedis:
             "failures": self.health.failures,
         }
 
+    async def release(self) -> None:
+        """One pool is done with the client; the last one closes its connections."""
+        self.users -= 1
+        if self.users <= 0 and not self.closed:
+            if self.registered is not None and _clients.get(self.registered) is self:
+                del _clients[self.registered]
+            self.closed = True
+            await self.redis.aclose()
+
 
 # One client per settings and event loop: its connections belong to the loop
 # that opened them (a process has one loop; tests run several in turn).
 _clients: dict[tuple[Shared, int], SharedRedis] = {}
 
 
-def shared_redis(settings: Shared | None) -> SharedRedis | None:
-    """The process's one client for these settings (pools of every upstream share it)."""
+def acquire(settings: Shared | None) -> SharedRedis | None:
+    """The process's one client for these settings, held by the caller until it calls ``release``."""
     if settings is None:
         return None
     try:
         loop = id(asyncio.get_running_loop())
     except RuntimeError:
         loop = 0
-    client = _clients.get((settings, loop))
-    if client is None:
-        client = _clients[(settings, loop)] = SharedRedis(settings)
+    key = (settings, loop)
+    client = _clients.get(key)
+    if client is None or client.closed:
+        client = _clients[key] = SharedRedis(settings)
+        client.registered = key
+    client.users += 1
     return client

@@ -304,6 +304,13 @@ class SharedLeaseStage(Stage):
         """Background tasks still running (the renewer, the listener)."""
         return sum(1 for task in (self._listener, self._renewer) if task is not None and not task.done())
 
+    async def aclose(self) -> None:
+        """The pool is closing: stop renewing and listening (leases still held expire after ``lease``)."""
+        tasks = [task for task in (self._listener, self._renewer) if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def snapshot(self) -> dict[str, object]:
         return {"limit": self.limit, "held": len(self.held), "waiting": self.pending}
 
@@ -356,3 +363,10 @@ def shared_snapshot(pool: UpstreamPool) -> dict[str, object] | None:
         if leases is None
         else {"limit": leases.limit, "held": len(leases.held), "waiting": leases.pending},
     }
+
+
+async def close_shared_stages(stages: object) -> None:
+    """A pool is closing: its shared stages stop their background work before the client closes."""
+    for stage in getattr(stages, "stages", ()):
+        if isinstance(stage, SharedLeaseStage | SharedPacingStage):
+            await stage.aclose()

@@ -85,3 +85,10 @@ class SharedPacingStage(PacingStage):
             self._published_until = until
             ms = max(1, round((until - now) * 1000))
             self.shared.send("pacing_publish", self._publish_command, (ms, source))
+
+    async def aclose(self) -> None:
+        """The pool is closing: a read of Redis still running is dropped."""
+        reading = self._reading
+        if reading is not None and not reading.done():
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)

@@ -474,3 +474,55 @@ async def test_attempts_refused_after_the_shared_rate_limit_give_their_token_bac
             assert response.status == 200
         assert len(upstream.requests) == 1  # the refused ones never reached it
 
+def _connections(server: RedisServer) -> int:
+    """Connections the Redis server holds, the one asking not counted."""
+    return len(server.query("CLIENT", "LIST").decode().splitlines()) - 1
+
+
+async def test_reloads_and_shutdown_close_the_redis_clients_of_retired_pools(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Six reloads, every other one changing the shared: section (a new client), the others only the
+    upstream (a new pool, the same client): after each, with traffic and lease waiters in between,
+    the connections at the Redis server come back to the steady number; none after the shutdown."""
+    upstream, _, _ = _counting_upstream(0.05)
+
+    def config(timeout: str, rate: int) -> str:
+        return (
+            f'shared: {{ redis: "{redis_server.url}", timeout: {timeout} }}\n'
+            f"upstreams:\n  api:\n    url: {upstream.url}\n"
+            f"    rate_limit: {{ rate: {rate}/s, shared: true }}\n"
+            "    limits: { shared_max_concurrent_requests: 2 }\n"
+            "    timeouts: { pool: 5s }\n"
+            f"  other:\n    url: {upstream.url}\n    route: {{ path_prefix: /other }}\n"
+        )
+
+    async with upstream, AsyncExitStack() as stack:
+        path = write_config(tmp_path, config("50ms", 1000))
+        process = SidecarProcess(path)
+        await process.start()
+        stack.push_async_callback(process.stop)
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+
+        async def traffic() -> None:
+            # 6 at once for 2 leases: some wait, so a subscriber connection opens and closes again.
+            statuses = await _flood(session, [f"{process.url}/api/x"], 0.5, callers=6)
+            assert set(statuses) == {200}, statuses
+
+        await traffic()
+        await asyncio.sleep(1.0)  # the subscriber connection closes once nobody waits
+        steady = _connections(redis_server)
+        assert steady >= 1
+        for reload in range(6):
+            if reload % 2 == 0:
+                text = config(f"{60 + reload}ms", 1000)  # shared: changed: a new client
+            else:
+                text = config(f"{60 + reload - 1}ms", 1000 + reload)  # only the upstream changed
+            write_config(tmp_path, text)
+            async with session.post(f"{process.admin_url}/reload") as response:
+                assert response.status == 200, await response.text()
+            await traffic()
+            await _eventually(lambda: _connections(redis_server) <= steady, timeout=10)
+        assert steady <= 2, steady  # one pipelined connection (and a subscriber maybe still closing)
+        await process.stop()
+        await _eventually(lambda: _connections(redis_server) == 0, timeout=10)
