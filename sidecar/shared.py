@@ -226,7 +226,7 @@ class SharedRedis:
         )
         self.users = 0  # pools holding this client (acquire / release)
         self.closed = False
-        self.registered: tuple[Shared, int] | None = None  # its key in the process's registry
+        self.registered: tuple[Shared, int, int] | None = None  # its key in the process's registry
 
     def key(self, upstream: str, what: str) -> str:
         # The braces are Redis Cluster's hash tag: one upstream's keys share a slot.
@@ -299,9 +299,11 @@ class SharedRedis:
             await self.redis.aclose()
 
 
-# One client per settings and event loop: its connections belong to the loop
-# that opened them (a process has one loop; tests run several in turn).
-_clients: dict[tuple[Shared, int], SharedRedis] = {}
+# One client per settings, process and event loop: its connections belong to
+# the loop that opened them (a process has one loop; tests run several in
+# turn), and a worker forked from a process that had made one makes its own,
+# named after itself.
+_clients: dict[tuple[Shared, int, int], SharedRedis] = {}
 
 
 def acquire(settings: Shared | None) -> SharedRedis | None:
@@ -312,7 +314,7 @@ def acquire(settings: Shared | None) -> SharedRedis | None:
         loop = id(asyncio.get_running_loop())
     except RuntimeError:
         loop = 0
-    key = (settings, loop)
+    key = (settings, os.getpid(), loop)
     client = _clients.get(key)
     if client is None or client.closed:
         client = _clients[key] = SharedRedis(settings)

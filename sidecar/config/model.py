@@ -81,6 +81,10 @@ class RateLimit:
     rate: float  # requests per second
     burst: int  # tokens that may be saved up (at least 1)
     shared: bool = False  # counted across replicas in Redis (docs/shared-limits.md)
+    # A shared limit in a worker of `workers: N`: the worker's part of it
+    # (rate, burst), counted locally when Redis is unreachable; rate and burst
+    # stay the whole, counted in Redis by every worker together.
+    local: tuple[float, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

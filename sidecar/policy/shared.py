@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..config import RateLimit
 from ..errors import PoolTimeout, QueueFull, RateLimited
 from ..shared import REFUND_WITHIN, SharedRedis, SharedUnavailable, unavailable
 from . import Stage
@@ -27,7 +28,7 @@ from .rate_limit import RateLimitStage, rate_limit_stages
 from .shared_pacing import SharedPacingStage
 
 if TYPE_CHECKING:
-    from ..config import Pacing, RateLimit, Upstream
+    from ..config import Pacing, Upstream
     from ..exchange import Attempt, Exchange
     from ..pools import UpstreamPool
 
@@ -45,14 +46,17 @@ class SharedRateLimitStage(RateLimitStage):
     spend the replicas' shared rate.
     """
 
-    __slots__ = ("shared", "_take_command", "_refund_command", "refunds")
+    __slots__ = ("shared", "whole", "_take_command", "_refund_command", "refunds")
     name = "rate_limit"
 
     def __init__(
         self, upstream: str, limit: RateLimit, shared: SharedRedis, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        super().__init__(upstream, limit, clock)
+        # The local core is the fallback: with workers: N, this worker's part.
+        local = limit if limit.local is None else RateLimit(rate=limit.local[0], burst=limit.local[1])
+        super().__init__(upstream, local, clock)
         self.shared = shared
+        self.whole = limit  # what every replica (and worker) together may send
         keys = (shared.key(upstream, "rate"), shared.key(upstream, "rate_takes"))
         interval_us = round(1_000_000 / limit.rate)
         # The keys and the fixed arguments are packed once; a call adds the allowance.
@@ -91,8 +95,8 @@ class SharedRateLimitStage(RateLimitStage):
                 if not granted:
                     wait = wait_us / 1_000_000
                     raise RateLimited(
-                        f"shared rate limit of upstream {self.upstream!r} ({self.core.rate:g}/s, "
-                        f"burst {self.core.burst}): no token within the request's wait allowance "
+                        f"shared rate limit of upstream {self.upstream!r} ({self.whole.rate:g}/s, "
+                        f"burst {self.whole.burst}): no token within the request's wait allowance "
                         f"(next in {wait:.3f}s)",
                         upstream=self.upstream,
                         retry_after=self.core.retry_after(wait),

@@ -526,3 +526,47 @@ async def test_reloads_and_shutdown_close_the_redis_clients_of_retired_pools(
         assert steady <= 2, steady  # one pipelined connection (and a subscriber maybe still closing)
         await process.stop()
         await _eventually(lambda: _connections(redis_server) == 0, timeout=10)
+
+
+async def test_workers_share_the_limits_and_each_has_its_own_redis_client(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """``workers: 2``, a shared rate limit (10/s, burst 2) on one upstream and 3 shared leases on
+    another (300 ms each), both flooded through both workers: the rate and the leases hold for the
+    two workers together, and every connection at the Redis server belongs to one worker (named by
+    its pid), each worker its own."""
+    fast, arrivals, _ = _counting_upstream()
+    slow, _, in_flight = _counting_upstream(0.3)
+    async with fast, slow, AsyncExitStack() as stack:
+        text = (
+            "workers: 2\n"
+            f'shared: {{ redis: "{redis_server.url}", timeout: 50ms }}\n'
+            "upstreams:\n"
+            f"  api:\n    url: {fast.url}\n"
+            "    rate_limit: { rate: 10/s, burst: 2, shared: true }\n    timeouts: { pool: 200ms }\n"
+            f"  slow:\n    url: {slow.url}\n"
+            "    limits: { max_concurrent_requests: 10, shared_max_concurrent_requests: 3 }\n"
+            "    timeouts: { pool: 5s }\n"
+        )
+        process = SidecarProcess(write_config(tmp_path, text))
+        await process.start()
+        stack.push_async_callback(process.stop)
+        await process.wait_for_event("started", count=2)
+        workers = {int(line["pid"]) for line in process.events("started")}
+        assert len(workers) == 2 and process.proc is not None and process.proc.pid not in workers
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        # Many connections, so the kernel spreads them over both workers (SO_REUSEPORT).
+        statuses = await _flood(session, [f"{process.url}/api/x", f"{process.url}/slow/x"], 4.0, callers=20)
+        assert set(statuses) <= {200, 429}, statuses
+        served = {line.get("worker") for line in process.events("access") if line.get("status") == 200}
+        assert served == {0, 1}, "both workers must serve requests"
+        assert in_flight[1] == 3, in_flight  # the leases, for both workers together
+        most = _most_in_window(arrivals, 3.0)
+        assert 20 <= most <= 10 * 3 + 2 + 3, most  # the rate, for both together (each alone: twice that)
+        for line in process.lines:  # Redis answered all along: the limits were the shared ones
+            assert "Redis" not in str(line.get("event", "")), line
+        names = {entry["name"] for entry in redis_server.clients()}
+        assert names == {f"sidecar-{pid}" for pid in workers}, names
+        await _eventually(lambda: redis_server.command("ZCARD", "sidecar:{slow}:leases").strip() == b":0")
+        await process.stop()
+        await _eventually(lambda: not redis_server.clients())
