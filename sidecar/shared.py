@@ -5,7 +5,7 @@ there (docs/shared-limits.md): a GCRA rate limit, concurrency leases and
 learned pauses.  Each is one atomic Lua script that reads the Redis server's
 own clock (``TIME``), so the replicas' clocks never have to agree.  Every key
 of one upstream carries the same hash tag (``sidecar:{api}:rate``), so the
-scripts also run on Redis Cluster.
+scripts also run on Redis Cluster (``shared.cluster: true``).
 
 :class:`SharedHealth` is the plain synchronous decision about Redis being
 usable: after a failed call the shared limits are skipped for
@@ -223,6 +223,7 @@ class SharedRedis:
             endpoint_from_url(settings.redis, client_name()),
             settings.timeout,
             tuple(SCRIPTS.values()),
+            cluster=settings.cluster,
         )
         self.users = 0  # pools holding this client (acquire / release)
         self.closed = False
@@ -284,6 +285,7 @@ class SharedRedis:
         """The /pools ``shared`` entry's Redis part."""
         return {
             "redis": redis_url_shown(self.settings.redis),
+            "cluster": self.settings.cluster,
             "state": self.health.state,
             "on_error": self.settings.on_error,
             "failures": self.health.failures,

@@ -148,6 +148,7 @@ class Shared:
     timeout: float = 0.05  # every Redis call
     on_error: str = "local"  # "local" (fall back to local limits) or "deny" (503)
     lease: float = 10.0  # a concurrency lease not renewed within this is freed
+    cluster: bool = False  # a Redis Cluster: each upstream's keys go to the primary serving their hash slot
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,6 +189,7 @@ class SharedSection(Section):
     timeout: Annotated[Duration, AfterValidator(_positive_duration)] = 0.05
     on_error: Annotated[str, PlainValidator(expanded(_on_error))] = "local"
     lease: Annotated[Duration, AfterValidator(_positive_duration)] = 10.0
+    cluster: Boolean = False  # a Redis Cluster (keys routed by hash slot)
 
 
 def _caller_weights(value: object) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""A real ``redis-server`` for the shared-limits tests: a free port, a temp dir, no persistence.
+"""A real ``redis-server`` for the shared-limits tests: a free port, a temp dir, no persistence;
+and a real Redis Cluster of a few of them.
 
 Redis cannot listen on port 0, so a free port is found by binding a socket
 first.  :meth:`RedisServer.stop` and :meth:`RedisServer.start` again (same
@@ -32,6 +33,7 @@ class RedisServer:
         self.directory = directory
         self.password = password
         self.unix_socket = unix_socket  # listens there too
+        self.extra_args: list[str] = []  # more redis-server options (a cluster node's)
         self.cpu = cpu  # pinned to this CPU with taskset (the benchmarks)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -63,6 +65,7 @@ class RedisServer:
             args += ["--requirepass", self.password]
         if self.unix_socket:
             args += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
+        args += self.extra_args
         if self.cpu is not None:
             args = ["taskset", "-c", self.cpu, *args]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -140,3 +143,62 @@ def query(port: int, *words: str | int, password: str | None = None, host: str =
 def _pack(*words: str | int) -> bytes:
     parts = [str(word).encode() for word in words]
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+class RedisCluster:
+    """A real Redis Cluster of ``masters`` redis-server processes (no replicas) on free ports.
+
+    Made with ``redis-cli --cluster create``; :meth:`move_slot` hands one hash slot and its keys
+    to another node the way a resharding does (IMPORTING / MIGRATING, MIGRATE, SETSLOT NODE).
+    """
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        self.nodes = []
+        for index in range(masters):
+            node_dir = directory / f"cluster-{index}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            self.nodes.append(RedisServer(node_dir))
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        for node in self.nodes:
+            node.extra_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            node.start()
+        addresses = [f"{LOOPBACK}:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while not all(b"cluster_state:ok" in node.query("CLUSTER", "INFO") for node in self.nodes):
+            assert time.monotonic() < deadline, "the cluster did not become ok"
+            time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def node_id(self, node: RedisServer) -> str:
+        return str(node.query("CLUSTER", "MYID").decode())
+
+    def owner(self, slot: int) -> RedisServer:
+        for start, end, primary, *_ in self.nodes[0].query("CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return next(node for node in self.nodes if node.port == int(primary[1]))
+        raise AssertionError(f"no node serves slot {slot}")
+
+    def move_slot(self, slot: int, target: RedisServer) -> None:
+        source = self.owner(slot)
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        target.query("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.query("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := source.query("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            source.query("MIGRATE", LOOPBACK, target.port, "", 0, 5000, "KEYS", *(k.decode() for k in keys))
+        for node in self.nodes:
+            node.query("CLUSTER", "SETSLOT", slot, "NODE", target_id)
