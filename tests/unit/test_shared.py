@@ -54,8 +54,11 @@ def test_a_forked_worker_never_reuses_its_parents_redis_client() -> None:
     if pid == 0:  # the child: answer through the pipe, never return into pytest
         try:
             child = acquire(settings)
-            ok = child is not None and child is not parent
-            ok = ok and child.redis.endpoint.client_name == f"sidecar-{os.getpid()}"
+            ok = (
+                child is not None
+                and child is not parent
+                and child.redis.endpoint.client_name == f"sidecar-{os.getpid()}"
+            )
             os.write(write, b"1" if ok else b"0")
         finally:
             os._exit(0)
