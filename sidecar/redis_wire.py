@@ -177,6 +177,14 @@ class Wire(asyncio.Protocol):
             self._timer = self.loop.call_at(self.loop.time() + self.timeout, self._check)
         return future
 
+    def post(self, command: bytes) -> None:
+        """Queue a command whose reply the server will not send (after CLIENT REPLY SKIP)."""
+        if self.down is not None:
+            raise self.down
+        if not self._out:
+            self.loop.call_soon(self._flush)
+        self._out.append(command)
+
     def write(self, command: bytes) -> None:
         """A command with no reply to wait for (a subscriber's SUBSCRIBE)."""
         if self.down is None and self.transport is not None:
@@ -440,11 +448,28 @@ class Redis:
         except ReplyError as error:
             return await self._recover(error, command, args)
 
-    def send(self, command: Command, args: Sequence[str | int], on_failure: Callable[[BaseException], None]) -> None:
-        """A call nobody waits for (a release, a published pause); a failure goes to ``on_failure``."""
+    def send(
+        self,
+        command: Command,
+        args: Sequence[str | int],
+        on_failure: Callable[[BaseException], None],
+        reply: bool = True,
+    ) -> None:
+        """A call nobody waits for (a release, a published pause); a failure goes to ``on_failure``.
+
+        ``reply=False``: the server is told to send no reply (CLIENT REPLY
+        SKIP), so a failure of the call itself goes unseen; one of the
+        connection is still seen by the calls around it.
+        """
         node = self._node(command.slot)
         wire = node.ready() if node is not None else None
         future: asyncio.Future[Any]
+        if not reply and wire is not None and not self.cluster:
+            # No reply at all: nothing comes back to wake the loop for.  The
+            # whole script (EVAL), so that even a flushed script cache runs it.
+            # Not on a cluster, where a slot that moved answers MOVED.
+            wire.post(_NO_REPLY + command.eval(args))
+            return
         if wire is None:
             future = asyncio.ensure_future(self.call(command, args))
         else:
@@ -569,6 +594,9 @@ class Redis:
         # Wait until the server side is gone too (bounded): a closed client holds no connection.
         if wires:
             await asyncio.wait([wire.lost for wire in wires], timeout=1.0)
+
+
+_NO_REPLY = pack("CLIENT", "REPLY", "SKIP")
 
 
 def _is_redirect_or_noscript(error: ReplyError) -> bool:

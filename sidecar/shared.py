@@ -254,15 +254,18 @@ class SharedRedis:
         self.health.succeeded()
         return result
 
-    def send(self, op: str, command: Command, args: Sequence[str | int] = ()) -> None:
+    def send(self, op: str, command: Command, args: Sequence[str | int] = (), reply: bool = True) -> None:
         """A call nobody waits for (a release, a refund, a published pause); failures are counted.
 
         Skipped while Redis is down: a lease then expires after ``lease``, a
         token is not given back, a pause is learned by each replica alone.
+        ``reply=False`` (a lease's release): Redis sends no reply, so no
+        wake-up of an idle sidecar is spent on one; a release that fails on
+        an open connection then goes uncounted (and the lease expires).
         """
         if self.closed or not self.health.usable(self._clock()):
             return
-        self.redis.send(command, args, lambda exc: self.failure(op, exc))
+        self.redis.send(command, args, lambda exc: self.failure(op, exc), reply)
 
     async def subscribe(self, channel: str, on_message: Callable[[], None]) -> Subscription:
         return await self.redis.subscribe(channel, on_message)

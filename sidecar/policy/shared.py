@@ -261,7 +261,9 @@ class SharedLeaseStage(Stage):
             return
         exchange.lease_id = None
         self.held.discard(lease_id)
-        self.shared.send("lease_release", self._release_command, (lease_id,))
+        # Without a reply: at low load, waiting for one costs the sidecar a
+        # wake-up of its event loop per request (bench/results/shared.md).
+        self.shared.send("lease_release", self._release_command, (lease_id,), reply=False)
         if self._wake is not None:
             # This process's own head waiter needs no message: its next acquire
             # goes out on the same connection after this release, so Redis

@@ -160,3 +160,19 @@ async def test_a_send_nobody_waits_for_reports_its_failure(client: Redis, redis_
     await asyncio.sleep(0.05)  # a send made while connecting runs in a task of its own
     assert len(failures) == 1 and isinstance(failures[0], ReplyError)
     assert int(redis_server.query("GET", "w:{t}:n")) == 2
+
+
+async def test_a_send_without_a_reply_runs_and_leaves_the_replies_in_order(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    """CLIENT REPLY SKIP: nothing comes back for it, the calls around it still get their own
+    replies, and it runs even after the script cache was flushed (it sends the whole script)."""
+    echo = Command(ECHO, ("w:{t}:n",))
+    failures: list[BaseException] = []
+    assert (await client.call(echo, ("first",)))[0] == b"first"
+    redis_server.query("SCRIPT", "FLUSH")
+    client.send(echo, ("quiet",), failures.append, reply=False)
+    after = await asyncio.gather(*(client.call(echo, (f"a{i}",)) for i in range(5)))
+    assert [reply[0] for reply in after] == [f"a{i}".encode() for i in range(5)]
+    assert int(redis_server.query("GET", "w:{t}:n")) == 7  # first, the quiet one, five after
+    assert not failures
