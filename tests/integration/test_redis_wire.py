@@ -176,3 +176,32 @@ async def test_a_send_without_a_reply_runs_and_leaves_the_replies_in_order(
     assert [reply[0] for reply in after] == [f"a{i}".encode() for i in range(5)]
     assert int(redis_server.query("GET", "w:{t}:n")) == 7  # first, the quiet one, five after
     assert not failures
+
+
+async def test_rediss_verifies_the_servers_certificate(tmp_path: Path) -> None:
+    """rediss:// with the CA given in the URL: calls work over TLS; without it (the system's CAs)
+    the handshake is refused, and nothing is sent in the clear."""
+    from tests.support.redis import free_port
+    from tests.support.tls import tls_files
+
+    files = tls_files(tmp_path, "127.0.0.1")
+    tls_port = free_port()
+    server = RedisServer(tmp_path)
+    server.extra_args = [
+        "--tls-port", str(tls_port), "--tls-cert-file", str(files.cert_file),
+        "--tls-key-file", str(files.key_file), "--tls-ca-cert-file", str(files.ca_file),
+        "--tls-auth-clients", "no",
+    ]  # fmt: skip
+    server.start()
+    try:
+        echo = Command(ECHO, ("w:{t}:n",))
+        good = Redis(endpoint_from_url(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={files.ca_file}"), 2.0, (ECHO,))
+        assert (await good.call(echo, ("tls",)))[0] == b"tls"
+        await good.aclose()
+        untrusted = Redis(endpoint_from_url(f"rediss://127.0.0.1:{tls_port}/0"), 2.0, (ECHO,))
+        with pytest.raises(ConnectionDown):
+            await untrusted.call(echo, ("tls",))
+        await untrusted.aclose()
+        assert server.query("GET", "w:{t}:n") == b"1"
+    finally:
+        server.stop()
