@@ -8,6 +8,7 @@ port) are how the tests take Redis away mid-load and bring it back.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -44,7 +45,8 @@ class RedisServer:
         return f"redis://{auth}{LOOPBACK}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        binary = shutil.which("redis-server")
+        # SIDECAR_TEST_REDIS_SERVER: another server binary to run the same tests on (a valkey-server).
+        binary = os.environ.get("SIDECAR_TEST_REDIS_SERVER") or shutil.which("redis-server")
         assert binary is not None, "redis-server is not installed (.ci/run installs it)"
         args = [
             binary,
