@@ -46,7 +46,7 @@ class SharedRateLimitStage(RateLimitStage):
     spend the replicas' shared rate.
     """
 
-    __slots__ = ("shared", "whole", "_take_command", "_refund_command", "refunds")
+    __slots__ = ("shared", "whole", "_take_command", "_refund_command")
     name = "rate_limit"
 
     def __init__(
@@ -62,7 +62,6 @@ class SharedRateLimitStage(RateLimitStage):
         # The keys and the fixed arguments are packed once; a call adds the allowance.
         self._take_command = shared.command("gcra", keys, (interval_us, interval_us * limit.burst))
         self._refund_command = shared.command("refund", keys, (interval_us,))
-        self.refunds = 0  # tokens given back to Redis (for tests and /pools)
 
     async def admit(self, exchange: Exchange) -> None:
         exchange.shared_token = await self._take_shared(exchange)
@@ -78,7 +77,6 @@ class SharedRateLimitStage(RateLimitStage):
             self._refund(token)
 
     def _refund(self, token: int) -> None:
-        self.refunds += 1
         self.shared.send("rate_limit_refund", self._refund_command, (token,))
 
     async def _take_shared(self, exchange: Exchange) -> int:
