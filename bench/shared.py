@@ -113,21 +113,21 @@ BEFORE = """\
 
 The same measurement of the code before the Redis calls were pipelined (redis-py's asyncio client: a
 blocking pool of up to 64 connections behind a FIFO of 32 calls, a `Script` object and a timeout per
-call), 3 sweeps on the same machine minutes before the figures above (load average 2.7). Reproduce:
+call), 3 sweeps on the same machine just before the figures above (load average 1.3). Reproduce:
 `git archive 7de1792 sidecar | tar -x -C /tmp/before && PYTHONPATH=/tmp/before .venv/bin/python -m
 bench.shared --only sidecar`.
 
 | config | fixed rate: CPU added | fixed rate: p50 added | saturation: req/s | saturation: CPU added |
 | --- | ---: | ---: | ---: | ---: |
-| baseline (local rate limit) | - | - | 888 | - |
-| shared rate limit | +110 µs | -0.63 ms | 855 | +82 µs |
-| shared leases | +203 µs | +0.72 ms | 832 | +175 µs |
+| baseline (local rate limit) | - | - | 2,360 | - |
+| shared rate limit | +157 µs | +0.25 ms | 1,975 | +94 µs |
+| shared leases | +250 µs | +0.17 ms | 1,739 | +159 µs |
 
-Per sweep, CPU µs / request — fixed rate: baseline 530, 577, 590; shared rate limit 723, 687, 673; shared
-leases 793, 767, 793. Saturation: baseline 458, 459, 407; shared rate limit 536, 542, 551; shared leases
-604, 635, 665. On a quieter machine earlier (one sweep of an earlier version of this bench, a sidecar per
-config): saturation 2,793 req/s for the baseline against 1,969 with the shared rate limit (+149 µs) and
-1,662 with shared leases (+193 µs); inside that sidecar, a Redis call took 15 ms at p50 under wrk's load.
+Per sweep, CPU µs / request — fixed rate: baseline 753, 617, 547; shared rate limit 880, 837, 703;
+shared leases 1003, 880, 770. Saturation: baseline 415, 454, 374; shared rate limit 509, 542, 491;
+shared leases 662, 584, 532. Inside such a sidecar under wrk's load (instrumented in-process), one
+Redis call took 15 ms at p50 (a pipelined one: 7.5 ms): every await that yields waits for a turn of
+the busy event loop, and redis-py's call has several.
 """
 
 
