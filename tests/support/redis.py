@@ -167,7 +167,9 @@ class RedisCluster:
 
     def start(self, timeout: float = 30.0) -> RedisCluster:
         for node in self.nodes:
-            node.extra_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            # The cluster bus on a free port of its own: the default (port + 10000) may be taken or past 65535.
+            bus = ["--cluster-port", str(free_port())]
+            node.extra_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", *bus]
             node.start()
         addresses = [f"{LOOPBACK}:{node.port}" for node in self.nodes]
         subprocess.run(
