@@ -131,6 +131,18 @@ the busy event loop, and redis-py's call has several.
 """
 
 
+# How much the figures above move from one run to the next on this shared
+# machine: three runs of the same code (the pipelined client, releases
+# without a reply) within half an hour.
+SPREAD = """\
+Run to run, the same code within half an hour (3, 3 and 5 sweeps; load average 1.1 to 2.4), CPU
+added at the fixed rate: shared rate limit +43, +43, +73 µs; shared leases +50, +100, +60 µs; at
+saturation: shared rate limit -15, +2, +28 µs; shared leases +26, -0, +7 µs. p50 added at the fixed
+rate: +0.06 to +0.18 ms. A sweep's own figures move by ±60 µs at the fixed rate, where the sidecar
+is idle most of the time and every wake-up of its loop (and of this VM's halted vCPU) counts.
+"""
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -726,10 +738,12 @@ def report(
     accurate: tuple[float, int, float] | None,
     tried: list[tuple[str, float, float]] | None = None,
 ) -> str:
+    given = " ".join(sys.argv[1:])
+    command = f".venv/bin/python -m bench.shared {given}" if given else "bench/run shared"
     lines = [
         "# Shared limits in Redis: cost per request and accuracy across replicas",
         "",
-        f"`bench/run shared` ({' '.join(sys.argv[1:]) or 'defaults'}); machine: {machine()}; "
+        f"`{command}`; machine: {machine()}; "
         f"redis-server {version} (local, no persistence); load average before: {args.load_before}.",
         "",
     ]
@@ -772,6 +786,8 @@ def report(
             "### Targets",
             "",
             *verdicts(measured),
+            "",
+            SPREAD,
             "",
             BEFORE,
         ]
