@@ -78,9 +78,10 @@ class Exchange:
     # Pacing: the learned-limits partition and the request's place in it.
     pacing_key: bytes | None = None
     pacing_ticket: int = 0
-    # Shared limits: the first token came from Redis (nothing local to give
-    # back), and the concurrency lease this request holds there, if any.
-    shared_token: bool = False
+    # Shared limits: the number of the first attempt's token when it came from
+    # Redis (0: none, or a local one), and the concurrency lease this request
+    # holds there, if any.
+    shared_token: int = 0
     lease_id: str | None = None
     # Attempts at the upstream, in order.
     attempts: list[Attempt] = field(default_factory=list)

@@ -17,8 +17,10 @@ from .policy.adaptive import GradientLimit
 from .policy.admission import Admission
 from .policy.breaker import CircuitBreaker
 from .policy.retry import RetryPolicy
+from .policy.shared import close_shared_stages
 from .policy.stack import upstream_stages
-from .shared import SharedRedis, shared_redis
+from .reload import uses_shared
+from .shared import SharedRedis, acquire
 from .upstream.pool import PoolTransport
 from .upstream.poolstate import PoolStats
 
@@ -77,8 +79,6 @@ class UpstreamPool:
 
     def __init__(self, upstream: Upstream, shared: Shared | None = None) -> None:
         self.upstream = upstream
-        # The process's Redis client when the config has a shared: section (docs/shared-limits.md).
-        self.shared: SharedRedis | None = shared_redis(shared)
         limits, timeouts = upstream.limits, upstream.timeouts
         self.admission = Admission(
             upstream.name,
@@ -139,6 +139,11 @@ class UpstreamPool:
         # The pool's own repeat of a request whose kept-alive connection had
         # gone stale is bounded by the same budget as every retry.
         self.transport.spend_retry = self.retries.spend_for_connection
+        # The process's Redis client when this upstream has a shared limit
+        # (docs/shared-limits.md); held until aclose() gives it back.  Taken
+        # last, once nothing above can fail: a pool that is never built must
+        # not hold it.
+        self.shared: SharedRedis | None = acquire(shared) if uses_shared(upstream) else None
         # The policies every request to this upstream passes (sidecar/policy/stack.py).
         self.stages = upstream_stages(self)
         self.outcomes: Counter[str] = Counter()
@@ -198,3 +203,8 @@ class UpstreamPool:
             return
         self.closed = True
         await self.client.aclose()
+        if self.shared is not None:
+            # The shared stages' background work ends before the client does;
+            # the last pool holding the client closes its connections.
+            await close_shared_stages(self.stages)
+            await self.shared.release()

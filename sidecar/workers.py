@@ -110,9 +110,12 @@ def _split_rate(limit: RateLimit | None, workers: int, index: int) -> RateLimit 
     never send)."""
     if limit is None:
         return None
-    # A shared limit is counted in Redis for every worker together; the split
-    # is what each worker falls back to when Redis is unreachable.
-    return RateLimit(rate=limit.rate / workers, burst=max(1, share(limit.burst, workers, index)), shared=limit.shared)
+    rate, burst = limit.rate / workers, max(1, share(limit.burst, workers, index))
+    if limit.shared:
+        # Counted in Redis for every worker together: the whole limit there;
+        # the worker's part is what it falls back to when Redis is unreachable.
+        return RateLimit(rate=limit.rate, burst=limit.burst, shared=True, local=(rate, burst))
+    return RateLimit(rate=rate, burst=burst)
 
 
 def worker_admin(config: Config, admin: HostPort | str | None, index: int) -> HostPort | None:

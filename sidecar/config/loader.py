@@ -306,6 +306,7 @@ class _Builder:
             timeout=section.timeout,
             on_error=section.on_error,
             lease=section.lease,
+            cluster=section.cluster,
         )
 
     def tls(self, name: str, pick: Callable[[str, str], tuple[str, Any]]) -> TLSSettings:

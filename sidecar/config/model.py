@@ -81,6 +81,10 @@ class RateLimit:
     rate: float  # requests per second
     burst: int  # tokens that may be saved up (at least 1)
     shared: bool = False  # counted across replicas in Redis (docs/shared-limits.md)
+    # A shared limit in a worker of `workers: N`: the worker's part of it
+    # (rate, burst), counted locally when Redis is unreachable; rate and burst
+    # stay the whole, counted in Redis by every worker together.
+    local: tuple[float, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,7 @@ class Shared:
     timeout: float = 0.05  # every Redis call
     on_error: str = "local"  # "local" (fall back to local limits) or "deny" (503)
     lease: float = 10.0  # a concurrency lease not renewed within this is freed
+    cluster: bool = False  # a Redis Cluster: each upstream's keys go to the primary serving their hash slot
 
 
 @dataclass(frozen=True, slots=True)

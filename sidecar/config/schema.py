@@ -169,6 +169,11 @@ def _redis_url(value: object) -> str:
     url = non_empty_string(value)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    from ..redis_wire import url_problem
+
+    problem = url_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
     return url
 
 
@@ -184,6 +189,7 @@ class SharedSection(Section):
     timeout: Annotated[Duration, AfterValidator(_positive_duration)] = 0.05
     on_error: Annotated[str, PlainValidator(expanded(_on_error))] = "local"
     lease: Annotated[Duration, AfterValidator(_positive_duration)] = 10.0
+    cluster: Boolean = False  # a Redis Cluster (keys routed by hash slot)
 
 
 def _caller_weights(value: object) -> dict[str, float]:

@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..config import RateLimit
 from ..errors import PoolTimeout, QueueFull, RateLimited
-from ..shared import Background, SharedRedis, SharedUnavailable, unavailable
+from ..shared import REFUND_WITHIN, SharedRedis, SharedUnavailable, unavailable
 from . import Stage
 from .pacing import PacingStage
 from .rate_limit import RateLimitStage, rate_limit_stages
 from .shared_pacing import SharedPacingStage
 
 if TYPE_CHECKING:
-    from ..config import Pacing, RateLimit, Upstream
+    from ..config import Pacing, Upstream
     from ..exchange import Attempt, Exchange
     from ..pools import UpstreamPool
 
@@ -36,19 +38,30 @@ LEASE_RECHECK = 0.1
 
 
 class SharedRateLimitStage(RateLimitStage):
-    """``rate_limit.shared: true``: one GCRA script call per attempt; the local limit as fallback."""
+    """``rate_limit.shared: true``: one GCRA script call per attempt; the local limit as fallback.
 
-    __slots__ = ("shared", "_key", "_interval_us", "_tolerance_us")
+    A token taken in Redis for an attempt that is then never sent (a later
+    stage refused it, or the request went away while waiting for it) is given
+    back by the refund script (sidecar/shared.py): refused requests do not
+    spend the replicas' shared rate.
+    """
+
+    __slots__ = ("shared", "whole", "_take_command", "_refund_command")
     name = "rate_limit"
 
     def __init__(
         self, upstream: str, limit: RateLimit, shared: SharedRedis, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        super().__init__(upstream, limit, clock)
+        # The local core is the fallback: with workers: N, this worker's part.
+        local = limit if limit.local is None else RateLimit(rate=limit.local[0], burst=limit.local[1])
+        super().__init__(upstream, local, clock)
         self.shared = shared
-        self._key = shared.key(upstream, "rate")
-        self._interval_us = round(1_000_000 / limit.rate)
-        self._tolerance_us = self._interval_us * limit.burst
+        self.whole = limit  # what every replica (and worker) together may send
+        keys = (shared.key(upstream, "rate"), shared.key(upstream, "rate_takes"))
+        interval_us = round(1_000_000 / limit.rate)
+        # The keys and the fixed arguments are packed once; a call adds the allowance.
+        self._take_command = shared.command("gcra", keys, (interval_us, interval_us * limit.burst))
+        self._refund_command = shared.command("refund", keys, (interval_us,))
 
     async def admit(self, exchange: Exchange) -> None:
         exchange.shared_token = await self._take_shared(exchange)
@@ -57,43 +70,49 @@ class SharedRateLimitStage(RateLimitStage):
         await self._take_shared(exchange)
 
     def release(self, exchange: Exchange) -> None:
-        if not exchange.shared_token:
+        token = exchange.shared_token
+        if not token:
             super().release(exchange)
+        elif not exchange.attempts and self._clock() - exchange.started < REFUND_WITHIN:
+            self._refund(token)
 
-    async def _take_shared(self, exchange: Exchange) -> bool:
-        """True when the token came from Redis; False when the local limit gave it."""
+    def _refund(self, token: int) -> None:
+        self.shared.send("rate_limit_refund", self._refund_command, (token,))
+
+    async def _take_shared(self, exchange: Exchange) -> int:
+        """The token's number when it came from Redis; 0 when the local limit gave it."""
         shared = self.shared
         if shared.usable():
             allowed = exchange.wait_allowance(self._clock())
             allowed_us = 0 if allowed is None else int(allowed * 1_000_000)
             try:
-                granted, wait_us = await shared.call(
-                    "rate_limit",
-                    lambda: shared.gcra(keys=[self._key], args=[self._interval_us, self._tolerance_us, allowed_us]),
-                )
+                granted, wait_us, token = await shared.run("rate_limit", self._take_command, (allowed_us,))
             except SharedUnavailable:
                 pass
             else:
-                wait = int(wait_us) / 1_000_000
-                if not int(granted):
+                if not granted:
+                    wait = wait_us / 1_000_000
                     raise RateLimited(
-                        f"shared rate limit of upstream {self.upstream!r} ({self.core.rate:g}/s, "
-                        f"burst {self.core.burst}): no token within the request's wait allowance "
+                        f"shared rate limit of upstream {self.upstream!r} ({self.whole.rate:g}/s, "
+                        f"burst {self.whole.burst}): no token within the request's wait allowance "
                         f"(next in {wait:.3f}s)",
                         upstream=self.upstream,
                         retry_after=self.core.retry_after(wait),
                     )
-                if wait > 0.0:
+                if wait_us > 0:
                     self.waiting += 1
                     try:
-                        await asyncio.sleep(wait)
+                        await asyncio.sleep(wait_us / 1_000_000)
+                    except asyncio.CancelledError:
+                        self._refund(token)  # reserved, never used
+                        raise
                     finally:
                         self.waiting -= 1
-                return True
+                return int(token)
         if shared.deny:
             raise unavailable(self.upstream)
         await self._take(exchange)
-        return False
+        return 0
 
     def snapshot(self) -> dict[str, float | int]:
         entry = super().snapshot()
@@ -118,10 +137,13 @@ class SharedLeaseStage(Stage):
         "max_pending",
         "pending",
         "held",
-        "background",
-        "_key",
+        "_acquire_command",
+        "_release_command",
+        "_renew_command",
         "_channel",
         "_lease_ms",
+        "_ids",
+        "_id_prefix",
         "_head",
         "_wake",
         "_listener",
@@ -144,10 +166,15 @@ class SharedLeaseStage(Stage):
         self.max_pending = max_pending
         self.pending = 0
         self.held: set[str] = set()
-        self.background = Background()
-        self._key = shared.key(upstream, "leases")
+        key = shared.key(upstream, "leases")
         self._channel = shared.key(upstream, "released")
         self._lease_ms = max(1, round(shared.settings.lease * 1000))
+        self._acquire_command = shared.command("acquire", (key,), (limit, self._lease_ms))
+        self._release_command = shared.command("release", (key, self._channel))
+        self._renew_command = shared.command("renew", (key,), (self._lease_ms,))
+        # Lease ids: unique across replicas by a random prefix, within this stage by a counter.
+        self._id_prefix = secrets.token_hex(8) + ":"
+        self._ids = itertools.count(1)
         self._head: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -209,21 +236,17 @@ class SharedLeaseStage(Stage):
         )
 
     async def _acquire(self, exchange: Exchange) -> bool:
-        lease_id = uuid.uuid4().hex
-        shared = self.shared
+        lease_id = f"{self._id_prefix}{next(self._ids)}"
         confirmed = False
         try:
-            granted = await shared.call(
-                "lease_acquire",
-                lambda: shared.acquire(keys=[self._key], args=[self.limit, self._lease_ms, lease_id]),
-            )
+            granted = await self.shared.run("lease_acquire", self._acquire_command, (lease_id,))
             confirmed = True
         finally:
             if not confirmed:
                 # Cancelled (or failed) while the script ran: it may have
                 # granted the lease; free it rather than let it wait out `lease`.
-                self.background.start(self._free([lease_id]))
-        if not int(granted):
+                self.shared.send("lease_release", self._release_command, (lease_id,))
+        if not granted:
             return False
         exchange.lease_id = lease_id
         self.held.add(lease_id)
@@ -236,14 +259,14 @@ class SharedLeaseStage(Stage):
             return
         exchange.lease_id = None
         self.held.discard(lease_id)
-        self.background.start(self._free([lease_id]))
-
-    async def _free(self, ids: list[str]) -> None:
-        shared = self.shared
-        with contextlib.suppress(SharedUnavailable):
-            await shared.call("lease_release", lambda: shared.release(keys=[self._key, self._channel], args=ids))
+        # Without a reply: at low load, waiting for one costs the sidecar a
+        # wake-up of its event loop per request (bench/results/shared.md).
+        self.shared.send("lease_release", self._release_command, (lease_id,), reply=False)
         if self._wake is not None:
-            self._wake.set()  # this process's own waiters need no message
+            # This process's own head waiter needs no message: its next acquire
+            # goes out on the same connection after this release, so Redis
+            # sees them in that order.
+            self._wake.set()
 
     # ------------------------------------------------ renewal and wake-ups
 
@@ -255,38 +278,42 @@ class SharedLeaseStage(Stage):
         shared = self.shared
         while self.held:
             await asyncio.sleep(shared.settings.lease / 3)
-            args: list[str | int] = [self._lease_ms, *self.held]
-            if len(args) > 1:
+            if self.held:
                 with contextlib.suppress(SharedUnavailable):
-                    await shared.call("lease_renew", lambda: shared.renew(keys=[self._key], args=args))  # noqa: B023
+                    await shared.run("lease_renew", self._renew_command, tuple(self.held))
 
     def _listen(self) -> None:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(self._subscribe())
 
+    def _released(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
     async def _subscribe(self) -> None:
         """Wake the head waiter on every release by any replica, while anyone waits."""
         while self.pending:
-            pubsub = self.shared.client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._channel)
-                while self.pending:
-                    message = await pubsub.get_message(timeout=0.5)
-                    if message is not None and self._wake is not None:
-                        self._wake.set()
-            except asyncio.CancelledError:
-                raise
+                subscription = await self.shared.subscribe(self._channel, self._released)
             except Exception:  # the bounded re-check still wakes the waiters
                 await asyncio.sleep(LEASE_RECHECK)
+                continue
+            try:
+                while self.pending and not subscription.closed.done():
+                    await asyncio.wait([subscription.closed], timeout=0.5)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                await subscription.aclose()
 
     def tasks(self) -> int:
-        """Background tasks still running (releases in flight, the renewer, the listener)."""
-        running = len(self.background.tasks)
-        running += sum(1 for task in (self._listener, self._renewer) if task is not None and not task.done())
-        return running
+        """Background tasks still running (the renewer, the listener)."""
+        return sum(1 for task in (self._listener, self._renewer) if task is not None and not task.done())
+
+    async def aclose(self) -> None:
+        """The pool is closing: stop renewing and listening (leases still held expire after ``lease``)."""
+        tasks = [task for task in (self._listener, self._renewer) if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def snapshot(self) -> dict[str, object]:
         return {"limit": self.limit, "held": len(self.held), "waiting": self.pending}
@@ -340,3 +367,10 @@ def shared_snapshot(pool: UpstreamPool) -> dict[str, object] | None:
         if leases is None
         else {"limit": leases.limit, "held": len(leases.held), "waiting": leases.pending},
     }
+
+
+async def close_shared_stages(stages: object) -> None:
+    """A pool is closing: its shared stages stop their background work before the client closes."""
+    for stage in getattr(stages, "stages", ()):
+        if isinstance(stage, SharedLeaseStage | SharedPacingStage):
+            await stage.aclose()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..shared import Background, SharedRedis, SharedUnavailable, unavailable
+from ..shared import SharedRedis, SharedUnavailable, unavailable
 from .pacing import PacingStage
 from .pacing_core import SOURCE_429, SOURCE_503, SOURCE_QUOTA
 
@@ -30,7 +30,7 @@ _SOURCES = frozenset((SOURCE_429, SOURCE_503, SOURCE_QUOTA))
 class SharedPacingStage(PacingStage):
     """``pacing.shared: true``: pauses learned here are published; others' are read twice a second."""
 
-    __slots__ = ("shared", "background", "_key_name", "_next_read", "_reading", "_published_until")
+    __slots__ = ("shared", "_read_command", "_publish_command", "_next_read", "_reading", "_published_until")
 
     def __init__(
         self,
@@ -42,8 +42,9 @@ class SharedPacingStage(PacingStage):
     ) -> None:
         super().__init__(upstream, settings, clock, wall)
         self.shared = shared
-        self.background = Background()
-        self._key_name = shared.key(upstream, "pause")
+        key = shared.key(upstream, "pause")
+        self._read_command = shared.command("pause_read", (key,))
+        self._publish_command = shared.command("pause", (key,))
         self._next_read = 0.0
         self._reading: asyncio.Future[None] | None = None
         self._published_until = 0.0
@@ -60,9 +61,8 @@ class SharedPacingStage(PacingStage):
         await super().admit(exchange)
 
     async def _read(self) -> None:
-        shared = self.shared
         try:
-            value, ttl = await shared.call("pacing_read", lambda: shared.pause_read(keys=[self._key_name]))
+            value, ttl = await self.shared.run("pacing_read", self._read_command)
         finally:
             self._reading = None
             self._next_read = self._clock() + PAUSE_READ_EVERY
@@ -84,7 +84,11 @@ class SharedPacingStage(PacingStage):
             until, source = blocked
             self._published_until = until
             ms = max(1, round((until - now) * 1000))
-            shared = self.shared
-            self.background.start(
-                shared.call("pacing_publish", lambda: shared.pause(keys=[self._key_name], args=[ms, source]))
-            )
+            self.shared.send("pacing_publish", self._publish_command, (ms, source))
+
+    async def aclose(self) -> None:
+        """The pool is closing: a read of Redis still running is dropped."""
+        reading = self._reading
+        if reading is not None and not reading.done():
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)

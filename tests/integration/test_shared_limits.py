@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisCluster, RedisServer
 from tests.support.sidecar import SidecarProcess
 from tests.support.upstreams import Upstream
 from tests.support.yaml import write_config
@@ -417,3 +417,223 @@ async def test_a_long_request_keeps_its_lease_past_the_lease_time(tmp_path: Path
             assert response.status == 200
         assert in_flight[1] == 1
         assert 1.5 <= waited <= 4.0, waited  # it waited for the long request, well past the 1 s lease
+
+def _tokens_free(server: RedisServer, burst: int, rate: float) -> float:
+    """Tokens the shared bucket holds now, from its TAT and the server's clock."""
+    seconds, micros = server.query("TIME")
+    now = int(seconds) * 1_000_000 + int(micros)
+    value = server.query("GET", "sidecar:{api}:rate")
+    ahead = max(0, (0 if value is None else int(value)) - now)
+    interval = 1_000_000 / rate
+    return (burst * interval - ahead) / interval
+
+
+@pytest.mark.parametrize("refused_by", ["queue_full", "pool_timeout"])
+async def test_attempts_refused_after_the_shared_rate_limit_give_their_token_back(
+    tmp_path: Path, redis_server: RedisServer, refused_by: str
+) -> None:
+    """rate 2/s burst 5, one request holding the only slot (or the only shared lease): 12 more, one
+    after the other, each take a shared token and are then refused (503 queue_full, or 503
+    pool_timeout after waiting for the lease).  Every token comes back: none of them is ever 429
+    rate_limited, and the bucket still holds the 4 tokens the held request left."""
+    gate = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(text="ok")
+
+    limits = (
+        "{ max_concurrent_requests: 1, max_pending: 0 }"
+        if refused_by == "queue_full"
+        else "{ shared_max_concurrent_requests: 1 }"
+    )
+    async with Upstream(handler) as upstream, AsyncExitStack() as stack:
+        text = _config(
+            upstream.url,
+            redis_server.url,
+            rate_limit="{ rate: 2/s, burst: 5, shared: true }",
+            limits=limits,
+            timeouts="{ pool: 50ms, read: 30s }",
+        )
+        (process,) = await stack.enter_async_context(_sidecars(tmp_path, text, count=1))
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        held = asyncio.ensure_future(session.get(f"{process.url}/api/held"))
+        await _eventually(lambda: len(upstream.requests) == 1, timeout=10)
+        codes = []
+        for _ in range(12):
+            async with session.get(f"{process.url}/api/x") as response:
+                await response.read()
+                codes.append(response.headers.get("X-Sidecar-Error", str(response.status)))
+        assert codes == [refused_by] * 12, codes
+        # 12 refusals took at most ~1.5 s: a refill of 3 tokens at most; without the refunds the
+        # bucket would be empty by now (and most refusals 429).
+        await _eventually(lambda: _tokens_free(redis_server, 5, 2.0) >= 3.5)
+        assert _tokens_free(redis_server, 5, 2.0) <= 5.0
+        gate.set()
+        async with await held as response:
+            assert response.status == 200
+        assert len(upstream.requests) == 1  # the refused ones never reached it
+
+def _connections(server: RedisServer) -> int:
+    """Connections the Redis server holds, the one asking not counted."""
+    return len(server.query("CLIENT", "LIST").decode().splitlines()) - 1
+
+
+async def test_reloads_and_shutdown_close_the_redis_clients_of_retired_pools(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Six reloads, every other one changing the shared: section (a new client), the others only the
+    upstream (a new pool, the same client): after each, with traffic and lease waiters in between,
+    the connections at the Redis server come back to the steady number; none after the shutdown."""
+    upstream, _, _ = _counting_upstream(0.05)
+
+    def config(timeout: str, rate: int) -> str:
+        return (
+            f'shared: {{ redis: "{redis_server.url}", timeout: {timeout} }}\n'
+            f"upstreams:\n  api:\n    url: {upstream.url}\n"
+            f"    rate_limit: {{ rate: {rate}/s, shared: true }}\n"
+            "    limits: { shared_max_concurrent_requests: 2 }\n"
+            "    timeouts: { pool: 5s }\n"
+            f"  other:\n    url: {upstream.url}\n    route: {{ path_prefix: /other }}\n"
+        )
+
+    async with upstream, AsyncExitStack() as stack:
+        path = write_config(tmp_path, config("50ms", 1000))
+        process = SidecarProcess(path)
+        await process.start()
+        stack.push_async_callback(process.stop)
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+
+        async def traffic() -> None:
+            # 6 at once for 2 leases: some wait, so a subscriber connection opens and closes again.
+            statuses = await _flood(session, [f"{process.url}/api/x"], 0.5, callers=6)
+            assert set(statuses) == {200}, statuses
+
+        await traffic()
+        await asyncio.sleep(1.0)  # the subscriber connection closes once nobody waits
+        steady = _connections(redis_server)
+        assert steady >= 1
+        for reload in range(6):
+            if reload % 2 == 0:
+                text = config(f"{60 + reload}ms", 1000)  # shared: changed: a new client
+            else:
+                text = config(f"{60 + reload - 1}ms", 1000 + reload)  # only the upstream changed
+            write_config(tmp_path, text)
+            async with session.post(f"{process.admin_url}/reload") as response:
+                assert response.status == 200, await response.text()
+            await traffic()
+            await _eventually(lambda: _connections(redis_server) <= steady, timeout=10)
+        assert steady <= 2, steady  # one pipelined connection (and a subscriber maybe still closing)
+        await process.stop()
+        await _eventually(lambda: _connections(redis_server) == 0, timeout=10)
+
+
+async def test_workers_share_the_limits_and_each_has_its_own_redis_client(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """``workers: 2``, a shared rate limit (10/s, burst 2) on one upstream and 3 shared leases on
+    another (300 ms each), both flooded through both workers: the rate and the leases hold for the
+    two workers together, and every connection at the Redis server belongs to one worker (named by
+    its pid), each worker its own."""
+    fast, arrivals, _ = _counting_upstream()
+    slow, _, in_flight = _counting_upstream(0.3)
+    async with fast, slow, AsyncExitStack() as stack:
+        text = (
+            "workers: 2\n"
+            f'shared: {{ redis: "{redis_server.url}", timeout: 50ms }}\n'
+            "upstreams:\n"
+            f"  api:\n    url: {fast.url}\n"
+            "    rate_limit: { rate: 10/s, burst: 2, shared: true }\n    timeouts: { pool: 200ms }\n"
+            f"  slow:\n    url: {slow.url}\n"
+            "    limits: { max_concurrent_requests: 10, shared_max_concurrent_requests: 3 }\n"
+            "    timeouts: { pool: 5s }\n"
+        )
+        process = SidecarProcess(write_config(tmp_path, text))
+        await process.start()
+        stack.push_async_callback(process.stop)
+        await process.wait_for_event("started", count=2)
+        workers = {int(line["pid"]) for line in process.events("started")}
+        assert len(workers) == 2 and process.proc is not None and process.proc.pid not in workers
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        # Many connections, so the kernel spreads them over both workers (SO_REUSEPORT).
+        statuses = await _flood(session, [f"{process.url}/api/x", f"{process.url}/slow/x"], 4.0, callers=20)
+        assert set(statuses) <= {200, 429}, statuses
+        served = {line.get("worker") for line in process.events("access") if line.get("status") == 200}
+        assert served == {0, 1}, "both workers must serve requests"
+        assert in_flight[1] == 3, in_flight  # the leases, for both workers together
+        most = _most_in_window(arrivals, 3.0)
+        assert 20 <= most <= 10 * 3 + 2 + 3, most  # the rate, for both together (each alone: twice that)
+        for line in process.lines:  # Redis answered all along: the limits were the shared ones
+            assert "Redis" not in str(line.get("event", "")), line
+        names = {entry["name"] for entry in redis_server.clients()}
+        assert names == {f"sidecar-{pid}" for pid in workers}, names
+        await _eventually(lambda: redis_server.command("ZCARD", "sidecar:{slow}:leases").strip() == b":0")
+        await process.stop()
+        await _eventually(lambda: not redis_server.clients())
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Any:
+    cluster = RedisCluster(tmp_path).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_redis_cluster_holds_the_shared_limits_while_a_slot_moves(
+    tmp_path: Path, redis_cluster: RedisCluster
+) -> None:
+    """A 3-primary Redis Cluster, ``cluster: true`` given one node's address: a shared rate limit
+    (10/s, burst 2) on an upstream whose keys live on another node, 3 shared leases on one whose
+    keys live on the first, two sidecars flooded; halfway, the rate limit's slot moves to the third
+    node (the sidecars follow MOVED). The rate and the leases hold throughout."""
+    from redis.crc import key_slot
+
+    fast, arrivals, _ = _counting_upstream()
+    slow, _, in_flight = _counting_upstream(0.3)
+    seed, second, third = redis_cluster.nodes
+    rate_slot, lease_slot = key_slot(b"{api}"), key_slot(b"{batch}")
+    assert redis_cluster.owner(rate_slot) is second and redis_cluster.owner(lease_slot) is seed
+    async with fast, slow, AsyncExitStack() as stack:
+        text = (
+            f'shared: {{ redis: "{seed.url}", timeout: 50ms, cluster: true }}\n'
+            "upstreams:\n"
+            f"  api:\n    url: {fast.url}\n"
+            "    rate_limit: { rate: 10/s, burst: 2, shared: true }\n    timeouts: { pool: 200ms }\n"
+            f"  batch:\n    url: {slow.url}\n"
+            "    limits: { shared_max_concurrent_requests: 3 }\n    timeouts: { pool: 5s }\n"
+        )
+        processes = await stack.enter_async_context(_sidecars(tmp_path, text))
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        urls = [f"{p.url}/{name}/x" for p in processes for name in ("api", "batch")]
+        flood = asyncio.ensure_future(_flood(session, urls, 5.0, callers=8))
+        await asyncio.sleep(2.5)
+        redis_cluster.move_slot(rate_slot, third)
+        statuses = await flood
+        assert set(statuses) <= {200, 429}, statuses
+        assert in_flight[1] == 3, in_flight
+        most = _most_in_window(arrivals, 3.0)
+        assert 20 <= most <= 10 * 3 + 2 + 3, most
+        assert third.query("EXISTS", "sidecar:{api}:rate_takes") == 1  # counted on its new node
+        assert second.query("CLUSTER", "COUNTKEYSINSLOT", rate_slot) == 0
+        for process in processes:
+            # A call caught between the moves of the slot's two keys may fail (TRYAGAIN); no more.
+            assert await _metric(session, process, "sidecar_shared_errors_total") <= 4
+        await _eventually(lambda: seed.query("ZCARD", "sidecar:{batch}:leases") == 0)
+
+
+async def test_a_cluster_without_cluster_true_is_named_in_the_warning(
+    tmp_path: Path, redis_cluster: RedisCluster
+) -> None:
+    upstream, _, _ = _counting_upstream()
+    async with upstream, AsyncExitStack() as stack:
+        # {api} is not served by the node given: it answers MOVED.
+        text = _config(upstream.url, redis_cluster.url, rate_limit="{ rate: 100/s, shared: true }")
+        (process,) = await stack.enter_async_context(_sidecars(tmp_path, text, count=1))
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        async with session.get(f"{process.url}/api/x") as response:
+            assert response.status == 200  # on_error: local
+        await process.stop()
+        warnings = [str(line.get("event")) for line in process.lines if "Redis" in str(line.get("event", ""))]
+        assert len(warnings) == 1 and "set shared.cluster: true" in warnings[0], warnings

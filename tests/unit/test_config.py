@@ -1133,11 +1133,20 @@ def test_a_shared_limit_without_a_shared_section_names_shared_redis(setting: str
         ("{ redis: 'redis://x', lease: -1s }", "shared.lease"),
         ("{ redis: 'redis://x', on_error: maybe }", "shared.on_error"),
         ("{ redis: 'redis://x', pool: 3 }", "shared"),
+        ("{ redis: 'redis://x/0?socket_timeout=1' }", "shared.redis"),
     ],
 )
 def test_bad_shared_values_name_their_path(section: str, path: str) -> None:
     error = rejected(f"shared: {section}\nupstreams:\n  a: {{ url: 'http://a' }}\n")
     assert error.path.startswith(path), error
+
+
+def test_a_redis_url_may_carry_its_tls_settings() -> None:
+    config = parse_config(
+        "shared: { redis: 'rediss://redis:6380/1?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required' }\n"
+        "upstreams:\n  a: { url: 'http://a' }\n"
+    )
+    assert config.shared is not None and config.shared.redis.startswith("rediss://")
 
 
 def test_a_bad_shared_max_concurrent_requests_names_its_path() -> None:

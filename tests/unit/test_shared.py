@@ -25,11 +25,44 @@ def test_failures_are_logged_at_most_once_per_ten_seconds_and_all_counted() -> N
     assert health.failures == 200
 
 
-def test_workers_split_the_local_fallback_of_a_shared_rate_and_keep_it_shared() -> None:
+def test_workers_keep_a_shared_rate_whole_and_split_only_its_local_fallback() -> None:
+    """Every worker counts the whole 10/s in Redis (together they send 10/s, not 2 x 5/s); the
+    split is what each falls back to when Redis is unreachable."""
     config = parse_config(
         "shared: { redis: 'redis://r' }\n"
-        "upstreams:\n  a: { url: 'http://a', rate_limit: { rate: 10/s, burst: 4, shared: true } }\n"
+        "upstreams:\n  a: { url: 'http://a', rate_limit: { rate: 10/s, burst: 5, shared: true } }\n"
     )
-    limit = worker_config(config, 2, 0).upstreams[0].rate_limit
-    assert limit is not None and limit.shared and limit.rate == 5.0 and limit.burst == 2
+    first, second = (worker_config(config, 2, index).upstreams[0].rate_limit for index in (0, 1))
+    assert first is not None and first.shared and (first.rate, first.burst) == (10.0, 5)
+    assert first.local == (5.0, 3) and second is not None and second.local == (5.0, 2)
     assert worker_config(config, 2, 0).shared == config.shared
+
+
+def test_a_forked_worker_never_reuses_its_parents_redis_client() -> None:
+    """A client made before a fork (outside any event loop) is the parent's: the child makes its own,
+    named after its own pid, or its connections would be opened under the parent's name."""
+    import os
+
+    from sidecar.config import Shared
+    from sidecar.shared import acquire
+
+    settings = Shared(redis="redis://127.0.0.1:1/0")
+    parent = acquire(settings)
+    assert parent is not None and parent.redis.endpoint.client_name == f"sidecar-{os.getpid()}"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, never return into pytest
+        try:
+            child = acquire(settings)
+            ok = (
+                child is not None
+                and child is not parent
+                and child.redis.endpoint.client_name == f"sidecar-{os.getpid()}"
+            )
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
