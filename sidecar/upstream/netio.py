@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -34,12 +35,15 @@ _LOW_WATER = 64 * 1024
 class _Protocol(asyncio.Protocol):
     """Bytes received and not yet read, EOF and errors of one connection."""
 
-    __slots__ = ("buffer", "eof", "error", "transport", "_loop", "_reader", "_writer", "_paused_reading")
+    __slots__ = ("chunks", "pending", "eof", "error", "transport", "_loop", "_reader", "_writer", "_paused_reading")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        # What arrived and was not read, as it arrived: a read takes a chunk
+        # as it is, without copying it into a buffer and out again.
+        self.chunks: deque[bytes] = deque()
+        self.pending = 0  # bytes in chunks
         self.eof = False
         self.error: BaseException | None = None
         self._reader: asyncio.Future[bool] | None = None
@@ -53,8 +57,9 @@ class _Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) > _HIGH_WATER and not self._paused_reading and self.transport is not None:
+        self.chunks.append(data)
+        self.pending += len(data)
+        if self.pending > _HIGH_WATER and not self._paused_reading and self.transport is not None:
             self._paused_reading = True
             self.transport.pause_reading()
         _wake(self._reader, True)
@@ -104,14 +109,17 @@ class _Protocol(asyncio.Protocol):
                 timer.cancel()
 
     def take(self, max_bytes: int) -> bytes:
-        buffer = self.buffer
-        if len(buffer) <= max_bytes:
-            data = bytes(buffer)
-            buffer.clear()
+        chunks = self.chunks
+        if self.pending <= max_bytes:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
         else:
-            data = bytes(buffer[:max_bytes])
-            del buffer[:max_bytes]
-        if self._paused_reading and len(buffer) < _LOW_WATER and self.transport is not None:
+            data = chunks.popleft()
+            if len(data) > max_bytes:
+                chunks.appendleft(data[max_bytes:])
+                data = data[:max_bytes]
+        self.pending -= len(data)
+        if self._paused_reading and self.pending < _LOW_WATER and self.transport is not None:
             self._paused_reading = False
             self.transport.resume_reading()
         return data
@@ -131,9 +139,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         protocol = self._protocol
-        if not protocol.buffer and not protocol.eof and not await protocol.readable(timeout):
+        if not protocol.pending and not protocol.eof and not await protocol.readable(timeout):
             raise httpcore.ReadTimeout("timed out reading from the upstream")
-        if protocol.buffer:
+        if protocol.pending:
             return protocol.take(max_bytes)
         if protocol.error is not None:
             raise httpcore.ReadError(str(protocol.error) or type(protocol.error).__name__)
@@ -166,7 +174,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     def has_pending(self) -> bool:
         """Bytes or EOF that arrived and were not read."""
         protocol = self._protocol
-        return bool(protocol.buffer) or protocol.eof
+        return protocol.pending > 0 or protocol.eof
 
     async def start_tls(
         self,
@@ -195,7 +203,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             # An idle connection with bytes or EOF waiting has been closed (or
             # broken) by the upstream: no syscall needed to know it.
             protocol = self._protocol
-            return bool(protocol.buffer) or protocol.eof
+            return protocol.pending > 0 or protocol.eof
         transport = self._transport
         if info == "ssl_object":
             return transport.get_extra_info("ssl_object")
