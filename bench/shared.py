@@ -136,10 +136,11 @@ the busy event loop, and redis-py's call has several.
 # without a reply) within half an hour.
 SPREAD = """\
 Run to run, the same shared-limits code within half an hour, measured before the HTTP/1.1 upstream
-connection moved to llhttp (3, 3 and 5 sweeps; load average 1.1 to 2.4), CPU added at the fixed rate: shared rate limit +43, +43, +73 µs; shared leases +50, +100, +60 µs; at
-saturation: shared rate limit -15, +2, +28 µs; shared leases +26, -0, +7 µs. p50 added at the fixed
-rate: +0.06 to +0.18 ms. A sweep's own figures move by ±60 µs at the fixed rate, where the sidecar
-is idle most of the time and every wake-up of its loop (and of this VM's halted vCPU) counts.
+connection moved to llhttp (3, 3 and 5 sweeps; load average 1.1 to 2.4), CPU added at the fixed
+rate: shared rate limit +43, +43, +73 µs; shared leases +50, +100, +60 µs; at saturation: shared
+rate limit -15, +2, +28 µs; shared leases +26, -0, +7 µs. p50 added at the fixed rate: +0.06 to
++0.18 ms. A sweep's own figures move by ±60 µs at the fixed rate, where the sidecar is idle most of
+the time and every wake-up of its loop (and of this VM's halted vCPU) counts.
 """
 
 
