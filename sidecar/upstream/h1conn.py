@@ -36,6 +36,7 @@ import httpx
 
 from .h1frame import FramingError, ResponseFramer
 from .netio import AsyncioBackend, AsyncioStream
+from .stream import HTTPCORE_TO_HTTPX
 
 _READ_SIZE = 64 * 1024
 _CHUNKED = b"chunked"
@@ -266,7 +267,7 @@ class ResponseBody:
                 _feed(framer, data)
             except BaseException as error:
                 self._done = True
-                self._connection.response_closed(framer) if framer.complete else self._connection._close_now()
+                self._connection.response_closed(framer)  # mid-body: closed, never reused
                 if isinstance(error, httpcore.ReadTimeout):
                     raise httpx.ReadTimeout(_BODY_TIMEOUT) from None
                 raise _as_httpx(error) from None
@@ -312,21 +313,11 @@ def _request_framing(headers: Headers) -> tuple[bool, int | None]:
     return chunked, length
 
 
-_EXCEPTIONS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-)
-
-
 def _as_httpx(error: BaseException) -> BaseException:
     """The network layer's errors and framing errors as httpx's; others as they are."""
     if isinstance(error, FramingError):
         return httpx.RemoteProtocolError(str(error))
-    for core_type, httpx_type in _EXCEPTIONS:
+    for core_type, httpx_type in HTTPCORE_TO_HTTPX:
         if isinstance(error, core_type):
             return httpx_type(str(error))
     return error

@@ -128,7 +128,7 @@ class PooledStream(httpx.AsyncByteStream):
             self._pool.release(self._connection)
 
 
-_EXCEPTION_MAP: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+HTTPCORE_TO_HTTPX: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
     (httpcore.PoolTimeout, httpx.PoolTimeout),
     (httpcore.ConnectTimeout, httpx.ConnectTimeout),
     (httpcore.ReadTimeout, httpx.ReadTimeout),
@@ -152,7 +152,7 @@ def map_exceptions() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        for core_type, httpx_type in _EXCEPTION_MAP:
+        for core_type, httpx_type in HTTPCORE_TO_HTTPX:
             if isinstance(exc, core_type):
                 raise httpx_type(str(exc)) from exc
         raise
