@@ -12,6 +12,10 @@ per-request counters and histograms are :class:`LoopCounter` and
 :class:`LoopHistogram`: the exposition of prometheus_client's own, without
 its lock per update (everything that updates or reads them runs on the
 event loop's thread).
+
+Why one module over 400 lines: every metric's name, labels and buckets are
+declared here together with the lock-free per-request updates and their
+exposition, so the contract (docs/observability.md) can be read in one place.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ updated on ``MOVED`` (``ASK`` is followed once).  Scripts are loaded on
 every new connection and called by SHA; a ``NOSCRIPT`` (a ``SCRIPT FLUSH``,
 a failover to a node that never loaded them) is answered with ``EVAL``.
 :class:`Subscription` is a connection of its own in subscribe mode.
+
+Why one module over 400 lines: the connection (RESP pipelining, deadline,
+scripts), the cluster routing and the subscription share one reply parser and
+one error path; the limits' decisions are elsewhere (policy/shared*.py).
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ internal is for, and what happens without it:
     Replacing each connection's deque of parsed requests with a list, 700
     bytes lighter per open connection.  Without it: aiohttp's deque stays.
     Falls back.
+
+Why one module over 400 lines: it is the one place aiohttp's internals are
+touched, each with its self-check beside it; splitting it would scatter them.
 """
 
 from __future__ import annotations
