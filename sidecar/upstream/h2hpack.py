@@ -155,7 +155,7 @@ def _huffman(coded: bytes) -> bytes:
             raise HPACKError("invalid Huffman-coded string") from None
         if len(coded) <= _HUFFMAN_CACHE_MAX_BYTES:
             if len(_huffman_cache) >= _HUFFMAN_CACHE_ENTRIES:
-                del _huffman_cache[next(iter(_huffman_cache))]
+                _huffman_cache.pop(next(iter(_huffman_cache)), None)
             _huffman_cache[coded] = text
     return text
 
@@ -312,7 +312,7 @@ class Decoder:
         self._max_size = max_size
         if pure and store and n <= _BLOCK_CACHE_MAX_BYTES:
             if len(_block_cache) >= _BLOCK_CACHE_ENTRIES:
-                del _block_cache[next(iter(_block_cache))]
+                _block_cache.pop(next(iter(_block_cache)), None)
             _block_cache[block] = (tuple(headers), tuple(inserts), list_size)
         if list_size > self._max_list_size:
             raise HeaderListTooLarge(f"header list of {list_size} bytes")
