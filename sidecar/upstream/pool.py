@@ -37,6 +37,7 @@ from ..compat import h2 as h2_compat
 from ..compat import httpcore as httpcore_compat
 from . import h2deadlines, h2streams
 from .h1conn import HTTP11Connection
+from .h2conn import HTTP2Connection
 from .netio import AsyncioBackend
 from .poolstate import Connection, Link, PoolState, PoolStats, Released
 from .stream import PooledStream, UpstreamResponse, map_exceptions
@@ -84,9 +85,11 @@ class _Link:
         await self.conn.aclose()
 
 
-# HTTP/1.1-only origins run on the sidecar's own connection (h1conn.py);
-# HTTP/2 and ALPN origins on httpcore's.
-PooledConnection = Connection["HTTP11Connection | _Link"]
+# HTTP/1.1-only origins run on the sidecar's own connection (h1conn.py),
+# prior-knowledge HTTP/2 origins on its own HTTP/2 connection (h2conn.py);
+# ALPN origins on httpcore's.
+OwnConnection = HTTP11Connection | HTTP2Connection
+PooledConnection = Connection["HTTP11Connection | HTTP2Connection | _Link"]
 
 
 class PoolTransport(httpx.AsyncBaseTransport):
@@ -122,13 +125,19 @@ class PoolTransport(httpx.AsyncBaseTransport):
             self._http1_ssl_context.set_alpn_protocols(["http/1.1"])
         elif http1 and not http2 and ssl_context is not None:
             ssl_context.set_alpn_protocols(["http/1.1"])
+        elif http2 and not http1 and ssl_context is not None:
+            ssl_context.set_alpn_protocols(["h2"])
+        default_port = 443 if scheme == "https" else 80
+        # :authority when a request has no Host header (the request path always sends one).
+        name = f"[{host}]" if ":" in host else host
+        self._authority = (name if port == default_port else f"{name}:{port}").encode("ascii", "replace")
         # Plain asyncio under every connection, not anyio (see netio.py); on
         # httpcore's HTTP/2 connections, watched for the per-stream deadlines.
         self._asyncio_backend = AsyncioBackend()
         self._network_backend: httpcore.AsyncNetworkBackend = (
             h2deadlines.WatchedBackend(self._asyncio_backend) if http2 else self._asyncio_backend
         )
-        self._state: PoolState[HTTP11Connection | _Link] = PoolState(
+        self._state: PoolState[HTTP11Connection | HTTP2Connection | _Link] = PoolState(
             max_connections=max_connections,
             max_idle=max_idle,
             keepalive_expiry=keepalive_expiry,
@@ -206,6 +215,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
             try:
                 if isinstance(link, HTTP11Connection):
                     framer, h1_body = await link.exchange(method_bytes, target, headers, body, timeouts)
+                elif isinstance(link, HTTP2Connection):
+                    status, h2_headers, h2_body = await link.exchange(method_bytes, target, headers, body, timeouts)
                 else:
                     if core_request is None:
                         core_request = self._core_request(method_bytes, target, headers, body)
@@ -236,6 +247,16 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     framer.headers,
                     version,
                     PooledStream(h1_body, self, connection, None, None, None),
+                )
+            if isinstance(link, HTTP2Connection):
+                if status > 599:
+                    self._state.retire(connection)
+                    await h2_body.aclose()
+                    self.release(connection)
+                    raise httpx.RemoteProtocolError(f"upstream sent status {status}, outside 100-599")
+                self._report(self._state.response_head(connection, b"HTTP/2", ()))
+                return UpstreamResponse(
+                    status, h2_headers, "HTTP/2", PooledStream(h2_body, self, connection, None, None, None)
                 )
             if not 100 <= response.status <= 599:
                 await self._refuse(connection, response)
@@ -365,7 +386,11 @@ class PoolTransport(httpx.AsyncBaseTransport):
 
     def _open(self) -> PooledConnection:
         link: Link
-        if self._http1 and not self._http2:
+        if self._http2 and not self._http1:
+            link = HTTP2Connection(
+                self._host_name, self._port, self._ssl_context, self._authority, self._keepalive_expiry
+            )
+        elif self._http1 and not self._http2:
             link = HTTP11Connection(
                 self._asyncio_backend,
                 self._host_name,

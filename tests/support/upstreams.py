@@ -31,6 +31,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from aiohttp import web
+from hyperframe.frame import GoAwayFrame
 
 from tests.support import LOOPBACK
 from tests.support.tls import TLSFiles
@@ -335,7 +336,12 @@ class _H2Protocol(asyncio.Protocol):
         elif path == "/goaway":
             self.open_streams.discard(stream_id)
             self.closing = True
-            self.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=self.highest)
+            # Written past h2's state machine: once h2 has sent GOAWAY itself it
+            # refuses to answer the streams still open, which a server may (and
+            # a graceful one does) finish first (RFC 9113 §6.8).
+            self.flush()
+            if self.transport is not None:
+                self.transport.write(GoAwayFrame(0, last_stream_id=self.highest, error_code=0).serialize())
             self.maybe_close()
         elif path == "/never":
             pass
