@@ -89,6 +89,7 @@ class HTTP2Connection(asyncio.Protocol):
         self._streams: dict[int, _Stream] = {}
         self._window_waiters: list[asyncio.Future[None]] = []
         self._drain: asyncio.Future[None] | None = None
+        self._flush_scheduled = False
         self._closed = False
         self._retired = False  # presumed dead: no new streams
         self._last_received = time.monotonic()
@@ -210,8 +211,10 @@ class HTTP2Connection(asyncio.Protocol):
         stream_id = core.start_request(request_head, end_stream=body is None)
         stream = self._streams[stream_id] = _Stream(stream_id)
         try:
-            self._flush()
-            if body is not None:
+            if body is None:
+                self._flush_soon()
+            else:
+                self._flush()
                 await self._send_body(stream, headers, body, timeouts.get("write"))
             await self._wait(stream, timeouts.get("read"), _HEAD_TIMEOUT, lambda: stream.status != 0)
         except BaseException:
@@ -399,7 +402,15 @@ class HTTP2Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _flush_soon(self) -> None:
+        """Write what is queued once this turn of the event loop is over: the
+        requests that start in the same turn share one write (one system call)."""
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_scheduled = False
         data = self._core.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
