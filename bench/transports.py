@@ -36,7 +36,7 @@ from bench import (
     upstream_nginx_conf,
 )
 
-CANDIDATES = ("pool", "pool-anyio", "pool-httpcore2", "httpx2-stock", "aiohttp", "httpx-stock")
+CANDIDATES = ("pool", "pool-httpcore2", "httpx2-stock", "aiohttp", "httpx-stock")
 
 
 def main() -> int:

@@ -46,8 +46,6 @@ import re
 import ssl
 from typing import ClassVar, Literal
 
-import h2.errors
-import h2.events
 import httpcore
 import httpx
 from aiohttp import web
@@ -306,10 +304,7 @@ def _not_processed(exc: BaseException) -> bool:
         if cause is None:
             return False
         if isinstance(cause, httpcore.ConnectionNotAvailable):
-            return True  # GOAWAY below our stream id, or closed before the stream opened
-        for arg in cause.args:
-            if isinstance(arg, h2.events.StreamReset) and arg.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
-                return True
+            return True  # GOAWAY below our stream id, REFUSED_STREAM, or closed before the stream opened
         cause = cause.__cause__ or cause.__context__
     return False
 

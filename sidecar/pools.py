@@ -106,8 +106,6 @@ class UpstreamPool:
             http1=mode is not HTTP2Mode.PRIOR_KNOWLEDGE,
             http2=mode is not HTTP2Mode.OFF and upstream.speaks_http2,
             ssl_context=ssl_context_for(upstream),
-            # For the connections of an ALPN upstream that chose HTTP/1.1.
-            http1_ssl_context=ssl_context_for(upstream) if mode is HTTP2Mode.ALPN else None,
         )
         self.transport.on_stream_limit = self._streams_granted
         self.client: httpx.AsyncClient = _SharedClient(

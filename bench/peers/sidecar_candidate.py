@@ -3,9 +3,9 @@
 Usage: python sidecar_candidate.py CANDIDATE sidecar-args...
 
 Candidates:
-  pool           the shipped stack: our O(1) PoolTransport over httpcore connections on the
-                 plain-asyncio network backend (sidecar/upstream/netio.py) with fast locks
-  pool-anyio     the same pool on httpcore's default anyio backend and locks
+  pool           the shipped stack: our O(1) PoolTransport over the sidecar's own connections
+                 (the "pool-anyio" candidate of bench/results/transports.md, httpcore's
+                 connections on anyio, is gone with httpcore's connections)
   pool-httpcore2 the same pool over httpcore2 connections, httpx2 models (import swap)
   httpx-stock    httpx 0.28's own AsyncHTTPTransport/httpcore pool
   httpx2-stock   httpx2's own AsyncHTTPTransport/httpcore2 pool
@@ -72,15 +72,7 @@ def _patched_init(self: Any, upstream: Any) -> None:
         self.client = _client(Targeted(client=session))
 
 
-if candidate == "pool-anyio":
-    import httpcore
-
-    from sidecar.compat import httpcore as _compat
-    from sidecar.upstream import pool as _pool
-
-    _pool.AsyncioBackend = httpcore.AnyIOBackend  # type: ignore[misc,assignment]
-    _compat.install_fast_locks = lambda: None
-elif candidate != "pool":
+if candidate != "pool":
     pools.UpstreamPool.__init__ = _patched_init  # type: ignore[method-assign]
 
 sys.exit(cli.main(argv))

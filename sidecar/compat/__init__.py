@@ -1,9 +1,9 @@
 """Everything the sidecar relies on inside its libraries, fenced in one module per library.
 
-The sidecar's correctness leans on a few internals that httpcore, h11, h2 and
-aiohttp do not promise to keep (an HTTP/1.1 parser's unread bytes, the streams
-an HTTP/2 connection grants, its state machine, aiohttp's parsed-request
-count and response-header hooks).  Every private access lives in
+The sidecar's correctness leans on a few internals that aiohttp does not
+promise to keep (its parsed-request count, response-header hooks, request
+queue and parser choice: the upstream side runs on the sidecar's own
+connections and needs none).  Every private access lives in
 ``compat/<library>.py`` behind a named function, and each of those modules
 registers a :class:`SelfCheck` that verifies, on the installed version, that
 the internals are what it expects.
@@ -38,7 +38,7 @@ _started = False
 def run_self_checks() -> list[Failure]:
     """Run every registered check; the failures, in registration order."""
     # Importing a compat module registers its checks.
-    from . import aiohttp, h2, httpcore  # noqa: F401
+    from . import aiohttp  # noqa: F401
 
     failures = []
     for check in registered():
@@ -52,12 +52,10 @@ def run_self_checks() -> list[Failure]:
 
 
 def start_up() -> None:
-    """Once per process, before serving: the self-checks and the process-wide set-up.
+    """Once per process, before serving: the self-checks.
 
     Logs one line per check that failed and switches to its fallback; raises
-    :class:`IncompatibleLibrary` if any failed check has none.  Then installs
-    the fast httpcore locks (see ``install_fast_locks()`` in compat/httpcore.py)
-    unless their check failed.
+    :class:`IncompatibleLibrary` if any failed check has none.
     """
     global _started
     if _started:
@@ -70,7 +68,4 @@ def start_up() -> None:
         log.warning("library_fallback", message=str(failure))
         if failure.check.use_fallback is not None:
             failure.check.use_fallback()
-    from . import httpcore
-
-    httpcore.install_fast_locks()
     _started = True

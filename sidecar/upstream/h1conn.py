@@ -76,15 +76,17 @@ class HTTP11Connection:
         port: int,
         ssl_context: ssl.SSLContext | None,
         keepalive_expiry: float,
+        stream: AsyncioStream | None = None,
     ) -> None:
         self._backend = backend
         self._host, self._port = host, port
         self._ssl_context = ssl_context
         self._keepalive_expiry = keepalive_expiry
-        self._stream: AsyncioStream | None = None
-        self._state = _State.NEW
+        # ``stream``: already connected (an ALPN handshake that chose HTTP/1.1, see alpn.py).
+        self._stream: AsyncioStream | None = stream
+        self._state = _State.NEW if stream is None else _State.IDLE
+        self._idle_until = time.monotonic() + keepalive_expiry
         self._framer: ResponseFramer | None = None
-        self._idle_until = 0.0
 
     # ------------------------------------------- the pool state's reads
 

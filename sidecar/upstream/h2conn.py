@@ -38,6 +38,7 @@ import httpx
 
 from . import h2core
 from .h2core import ClientCore
+from .netio import AsyncioStream
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -51,8 +52,9 @@ _NOT_PROCESSED = "the upstream did not process the request (HTTP/2 GOAWAY or REF
 
 
 class _Stream:
-    """One request in flight: what arrived for it, and who waits."""
+    """One request in flight: what arrived for it, and who waits; its response head, once in."""
 
+    http_version = "HTTP/2"
     __slots__ = ("id", "status", "headers", "chunks", "unread", "ended", "error", "waiter")
 
     def __init__(self, stream_id: int) -> None:
@@ -200,7 +202,7 @@ class HTTP2Connection(asyncio.Protocol):
         headers: Headers,
         body: AsyncIterable[bytes] | None,
         timeouts: dict[str, float | None],
-    ) -> tuple[int, Headers, ResponseBody]:
+    ) -> tuple[_Stream, ResponseBody]:
         """Send one request on a new stream and wait for its final response head."""
         if self._transport is None:
             await self._connect(timeouts.get("connect"))
@@ -220,7 +222,7 @@ class HTTP2Connection(asyncio.Protocol):
         except BaseException:
             self.abandon(stream)
             raise
-        return stream.status, stream.headers, ResponseBody(self, stream, timeouts.get("read"))
+        return stream, ResponseBody(self, stream, timeouts.get("read"))
 
     def _request_head(self, method: bytes, target: bytes, headers: Headers) -> Headers:
         authority = self._authority
@@ -277,6 +279,19 @@ class HTTP2Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._flush()  # the preface and our SETTINGS
         self._connecting.set_result(None)
+
+    def adopt(self, stream: AsyncioStream) -> None:
+        """Take over a connection whose TLS handshake chose h2 (ALPN, see alpn.py)."""
+        loop = self._loop = stream.loop
+        transport, received, closed = stream.detach(self)
+        self.connection_made(transport)
+        self._connecting = loop.create_future()
+        self._connecting.set_result(None)
+        self._flush()  # the preface and our SETTINGS
+        if received:
+            self.data_received(received)
+        if closed:
+            self.eof_received()
 
     async def _send_body(
         self, stream: _Stream, headers: Headers, body: AsyncIterable[bytes], write: float | None

@@ -454,8 +454,8 @@ def _response_head(headers: list[Header]) -> tuple[int, list[Header], int | None
     if not headers or headers[0][0] != b":status":
         raise StreamError(PROTOCOL_ERROR, "the response head does not start with :status")
     status_text = headers[0][1]
-    if len(status_text) != 3 or not status_text.isdigit():
-        raise StreamError(PROTOCOL_ERROR, "a :status that is not three digits")
+    if len(status_text) != 3 or not status_text.isdigit() or not b"100" <= status_text <= b"599":
+        raise StreamError(PROTOCOL_ERROR, "a :status that is not three digits, 100-599")
     fields = headers[1:]
     length: int | None = None
     for name, value in fields:

@@ -1,20 +1,14 @@
-"""A plain-asyncio network backend for httpcore connections (no anyio on the byte path).
+"""The plain-asyncio network layer under the sidecar's upstream connections.
 
-httpcore's default backend on asyncio goes through anyio, whose socket stream
-costs, per request: an event-loop round trip before every write (a
-checkpoint), an ``epoll_ctl`` pair around every read (``resume_reading`` /
-``pause_reading``), a cancel scope per read and per write, and a ``select()``
-poll of the socket each time an idle connection is checked (``is_readable``).
-Profiling the sidecar under load put this at 10-20 % of a proxied request.
-
-This backend keeps one asyncio Protocol per connection that buffers what
-arrives (pausing the socket past a high-water mark), wakes a single reader,
-and answers ``is_readable`` from its own state: an idle connection with data
-or EOF pending is one the upstream closed.  Timeouts are ``call_later``
-handles; errors are httpcore's exception types, as the anyio backend raises.
-
-The last anyio round trips, in httpcore's locks, are removed once per process
-at start-up (``install_fast_locks()`` in sidecar/compat/httpcore.py).
+One asyncio Protocol per connection buffers what arrives (pausing the socket
+past a high-water mark), wakes a single reader, and answers "is anything
+pending?" from its own state: an idle connection with data or EOF pending is
+one the upstream closed.  Timeouts are ``call_later`` handles; errors are
+httpcore's exception types (the connections map them to httpx's).  It keeps
+httpcore's network-stream interface, which is also what anyio's backend
+would give, but without anyio's per-read and per-write round trips (an
+event-loop checkpoint before every write, an ``epoll_ctl`` pair around every
+read, a cancel scope each: 10-20 % of a proxied request when measured).
 """
 
 from __future__ import annotations
@@ -170,6 +164,19 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     def close_now(self) -> None:
         """Close without waiting: what is buffered is still written, then FIN."""
         self._transport.close()
+
+    def detach(self, protocol: asyncio.Protocol) -> tuple[asyncio.Transport, bytes, bool]:
+        """Hand the connection over to ``protocol``: the transport, the bytes
+        received and not read, and whether the peer has closed it already."""
+        old = self._protocol
+        self._transport.set_protocol(protocol)
+        data = b"".join(old.chunks)
+        old.chunks.clear()
+        old.pending = 0
+        if old._paused_reading:
+            old._paused_reading = False
+            self._transport.resume_reading()
+        return self._transport, data, old.eof
 
     def has_pending(self) -> bool:
         """Bytes or EOF that arrived and were not read."""

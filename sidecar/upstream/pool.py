@@ -11,13 +11,9 @@ connections, and makes requests wait, with a deadline, when none can be
 opened (the admission layer above normally makes this impossible; it is a
 safety net so that nothing ever waits without a bound).
 
-Connections themselves are httpcore's (``AsyncHTTPConnection``): the HTTP/1.1
-and HTTP/2 protocol code is theirs, the pooling decisions are ours.
-
-Why one module over 400 lines: acquire, send and release share the pool's
-waiters and connection bookkeeping, and the HTTP/2 paths (stream resets, read
-deadlines) act on the same state; their decisions are already out, in
-poolstate.py, and the HTTP/1.1 connection in h1conn.py.
+Connections are the sidecar's own: HTTP/1.1 (h1conn.py), HTTP/2 (h2conn.py),
+and, for ``http2: true``, one that lets the TLS handshake choose between them
+(alpn.py).
 """
 
 from __future__ import annotations
@@ -33,14 +29,12 @@ from typing import Any
 import httpcore
 import httpx
 
-from ..compat import h2 as h2_compat
-from ..compat import httpcore as httpcore_compat
-from . import h2deadlines, h2streams
+from .alpn import NegotiatingConnection
 from .h1conn import HTTP11Connection
 from .h2conn import HTTP2Connection
 from .netio import AsyncioBackend
-from .poolstate import Connection, Link, PoolState, PoolStats, Released
-from .stream import PooledStream, UpstreamResponse, map_exceptions
+from .poolstate import Connection, PoolState, PoolStats, Released
+from .stream import PooledStream, UpstreamResponse
 
 # Requests whose exchange can be repeated safely on a fresh connection when a
 # kept-alive connection turns out to have been closed by the upstream.
@@ -52,44 +46,10 @@ _SWEEP_INTERVAL = 1.0
 _WARMUP_POLL = 0.005
 
 
-class _Link:
-    """An httpcore connection, seen by the pool state through its synchronous reads."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: httpcore.AsyncHTTPConnection) -> None:
-        self.conn = conn
-
-    def is_available(self) -> bool:
-        return self.conn.is_available()
-
-    def is_idle(self) -> bool:
-        return self.conn.is_idle()
-
-    def is_closed(self) -> bool:
-        return self.conn.is_closed()
-
-    def has_expired(self) -> bool:
-        return self.conn.has_expired()
-
-    def has_unread_bytes(self) -> bool:
-        return httpcore_compat.has_unread_bytes(self.conn)
-
-    def protocol(self) -> str | None:
-        return h2_compat.protocol_of(self.conn)
-
-    def granted_streams(self) -> int | None:
-        return h2_compat.granted_streams(self.conn)
-
-    async def aclose(self) -> None:
-        await self.conn.aclose()
-
-
-# HTTP/1.1-only origins run on the sidecar's own connection (h1conn.py),
-# prior-knowledge HTTP/2 origins on its own HTTP/2 connection (h2conn.py);
-# ALPN origins on httpcore's.
-OwnConnection = HTTP11Connection | HTTP2Connection
-PooledConnection = Connection["HTTP11Connection | HTTP2Connection | _Link"]
+# The connections a pool holds: HTTP/1.1 and HTTP/2, and an ALPN connection
+# until its handshake has said which of the two it is.
+AnyLink = HTTP11Connection | HTTP2Connection | NegotiatingConnection
+PooledConnection = Connection["HTTP11Connection | HTTP2Connection | NegotiatingConnection"]
 
 
 class PoolTransport(httpx.AsyncBaseTransport):
@@ -107,37 +67,23 @@ class PoolTransport(httpx.AsyncBaseTransport):
         http1: bool = True,
         http2: bool = False,
         ssl_context: ssl.SSLContext | None = None,
-        http1_ssl_context: ssl.SSLContext | None = None,
         streams_per_connection: int = 100,
     ) -> None:
-        self._origin = httpcore.Origin(scheme.encode(), host.encode(), port)
-        self._scheme, self._host, self._port = scheme.encode(), host.encode(), port
+        self._origin = f"{scheme}://{host}:{port}"
+        self._port = port
         self._host_name = host
         self._keepalive_expiry = keepalive_expiry
         self._http1, self._http2 = http1, http2
         self._ssl_context = ssl_context
-        # An origin that offers HTTP/2 through ALPN but settles on HTTP/1.1:
-        # once it has, new connections offer HTTP/1.1 alone, on a context of
-        # their own (httpcore sets ALPN on the one it is given at each connect),
-        # and run on the sidecar's own connection.
-        self._http1_ssl_context = http1_ssl_context if http1 and http2 else None
-        if self._http1_ssl_context is not None:
-            self._http1_ssl_context.set_alpn_protocols(["http/1.1"])
-        elif http1 and not http2 and ssl_context is not None:
-            ssl_context.set_alpn_protocols(["http/1.1"])
-        elif http2 and not http1 and ssl_context is not None:
-            ssl_context.set_alpn_protocols(["h2"])
+        if ssl_context is not None:
+            ssl_context.set_alpn_protocols(["h2", "http/1.1"] if http1 and http2 else ["h2"] if http2 else ["http/1.1"])
         default_port = 443 if scheme == "https" else 80
         # :authority when a request has no Host header (the request path always sends one).
         name = f"[{host}]" if ":" in host else host
         self._authority = (name if port == default_port else f"{name}:{port}").encode("ascii", "replace")
-        # Plain asyncio under every connection, not anyio (see netio.py); on
-        # httpcore's HTTP/2 connections, watched for the per-stream deadlines.
+        # Plain asyncio under every connection, not anyio (see netio.py).
         self._asyncio_backend = AsyncioBackend()
-        self._network_backend: httpcore.AsyncNetworkBackend = (
-            h2deadlines.WatchedBackend(self._asyncio_backend) if http2 else self._asyncio_backend
-        )
-        self._state: PoolState[HTTP11Connection | HTTP2Connection | _Link] = PoolState(
+        self._state: PoolState[HTTP11Connection | HTTP2Connection | NegotiatingConnection] = PoolState(
             max_connections=max_connections,
             max_idle=max_idle,
             keepalive_expiry=keepalive_expiry,
@@ -207,141 +153,30 @@ class PoolTransport(httpx.AsyncBaseTransport):
         or Transfer-Encoding) included when there is a ``body``.
         """
         method_bytes = method.encode("ascii")
-        core_request: httpcore.Request | None = None
         may_retry = body is None and method in _RETRYABLE_METHODS
         while True:
             connection, reused = await self._acquire(timeouts.get("pool"))
-            link = connection.link
             try:
-                if isinstance(link, HTTP11Connection):
-                    framer, h1_body = await link.exchange(method_bytes, target, headers, body, timeouts)
-                elif isinstance(link, HTTP2Connection):
-                    status, h2_headers, h2_body = await link.exchange(method_bytes, target, headers, body, timeouts)
-                else:
-                    if core_request is None:
-                        core_request = self._core_request(method_bytes, target, headers, body)
-                    with map_exceptions():
-                        response = await self._send(connection, core_request, timeouts)
+                link = connection.link
+                if isinstance(link, NegotiatingConnection):
+                    link = connection.link = await link.connect(timeouts.get("connect"))
+                head, response_body = await link.exchange(method_bytes, target, headers, body, timeouts)
             except BaseException as exc:
-                if connection.multiplexed and core_request is not None:
-                    self._forget_abandoned_streams(connection, core_request)
                 self.release(connection)
                 if isinstance(exc, httpcore.ConnectionNotAvailable):
-                    # HTTP/2 GOAWAY below our stream id, or the connection closed
-                    # under us: the upstream did not process this request.
+                    # HTTP/2 GOAWAY below our stream id, REFUSED_STREAM, or the
+                    # connection closed under us: the upstream did not process it.
                     if may_retry and self._may_repeat():
                         may_retry = False
                         continue
-                    raise httpx.RemoteProtocolError(
-                        "upstream closed the HTTP/2 connection (GOAWAY) before processing the request"
-                    ) from exc
+                    raise httpx.RemoteProtocolError(str(exc)) from exc
                 if may_retry and reused and isinstance(exc, _STALE_CONNECTION_ERRORS) and self._may_repeat():
                     may_retry = False  # once: the kept-alive connection had gone stale
                     continue
                 raise
-            if isinstance(link, HTTP11Connection):
-                version = framer.http_version
-                self._report(self._state.response_head(connection, version.encode("ascii"), ()))
-                return UpstreamResponse(
-                    framer.status,
-                    framer.headers,
-                    version,
-                    PooledStream(h1_body, self, connection, None, None, None),
-                )
-            if isinstance(link, HTTP2Connection):
-                if status > 599:
-                    self._state.retire(connection)
-                    await h2_body.aclose()
-                    self.release(connection)
-                    raise httpx.RemoteProtocolError(f"upstream sent status {status}, outside 100-599")
-                self._report(self._state.response_head(connection, b"HTTP/2", ()))
-                return UpstreamResponse(
-                    status, h2_headers, "HTTP/2", PooledStream(h2_body, self, connection, None, None, None)
-                )
-            if not 100 <= response.status <= 599:
-                await self._refuse(connection, response)
-                raise httpx.RemoteProtocolError(f"upstream sent status {response.status}, outside 100-599")
-            raw_version = response.extensions.get("http_version", b"HTTP/1.1")
-            self._report(self._state.response_head(connection, raw_version, response.headers))
-            assert core_request is not None
-            return UpstreamResponse(
-                response.status,
-                response.headers,
-                raw_version.decode("ascii", "replace"),
-                PooledStream(
-                    response.stream,  # type: ignore[arg-type]
-                    self,
-                    connection,
-                    core_request,
-                    response.extensions.get("stream_id"),
-                    timeouts.get("read") if connection.multiplexed else None,
-                ),
-            )
-
-    def _core_request(
-        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: AsyncIterable[bytes] | None
-    ) -> httpcore.Request:
-        """The request as httpcore's HTTP/2 (and ALPN) connections take it."""
-        return httpcore.Request(
-            method=method,
-            url=httpcore.URL(scheme=self._scheme, host=self._host, port=self._port, target=target),
-            headers=headers,
-            content=body,
-            extensions={},  # per attempt: "trace" and "timeout" are set by _send
-        )
-
-    async def _send(
-        self, connection: PooledConnection, request: httpcore.Request, timeouts: dict[str, float | None]
-    ) -> httpcore.Response:
-        """One attempt on ``connection``.
-
-        The whole wait for the final response head, from when the request and
-        its body have been sent, is bounded by ``timeouts.read`` (see
-        h2deadlines.HeaderDeadline): httpcore's own read timeout only bounds the
-        gap between two reads.  On a multiplexed connection the read timeout
-        is the stream's own, httpcore's a longer backstop (see h2deadlines).
-        """
-        read = timeouts.get("read")
-        extensions = request.extensions
-        link = connection.link
-        assert isinstance(link, _Link)
-        conn = link.conn
-        if read is None:
-            extensions.pop("trace", None)
-            extensions["timeout"] = timeouts
-            return await conn.handle_async_request(request)
-        multiplexed = connection.multiplexed
-        extensions["timeout"] = {**timeouts, "read": read * h2deadlines.BACKSTOP_FACTOR} if multiplexed else timeouts
-        try:
-            async with asyncio.timeout(None) as scope:
-                extensions["trace"] = h2deadlines.HeaderDeadline(scope, read)
-                return await conn.handle_async_request(request)
-        except TimeoutError:
-            if not scope.expired():
-                raise
-            if multiplexed:
-                self.read_timed_out(connection, read)
-            raise httpx.ReadTimeout("no response headers from the upstream within the read timeout") from None
-        finally:
-            # The body phases that follow need no callback: spare their calls.
-            extensions.pop("trace", None)
-
-    async def _refuse(self, connection: PooledConnection, response: httpcore.Response) -> None:
-        """A response not to be relayed: close it, and its connection with it
-        (an upstream that breaks HTTP this way is not trusted with another request)."""
-        self._state.retire(connection)
-        try:
-            with contextlib.suppress(Exception):
-                await response.aclose()
-        finally:
-            self.release(connection)
-
-    def read_timed_out(self, connection: PooledConnection, read: float) -> None:
-        """A stream's read deadline fired: if its connection received nothing at
-        all meanwhile, presume it dead and take no new requests on it."""
-        link = connection.link
-        if not connection.closed and isinstance(link, _Link) and h2deadlines.silent_for(link.conn, read):
-            self._state.retire(connection)
+            version = head.http_version
+            self._report(self._state.response_head(connection, version.encode("ascii"), ()))
+            return UpstreamResponse(head.status, head.headers, version, PooledStream(response_body, self, connection))
 
     # -------------------------------------------------- acquire and release
 
@@ -385,12 +220,21 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     self._waiters.remove(waiter)
 
     def _open(self) -> PooledConnection:
-        link: Link
+        link: HTTP11Connection | HTTP2Connection | NegotiatingConnection
         if self._http2 and not self._http1:
             link = HTTP2Connection(
                 self._host_name, self._port, self._ssl_context, self._authority, self._keepalive_expiry
             )
-        elif self._http1 and not self._http2:
+        elif self._http2 and self._ssl_context is not None:
+            link = NegotiatingConnection(
+                self._asyncio_backend,
+                self._host_name,
+                self._port,
+                self._ssl_context,
+                self._authority,
+                self._keepalive_expiry,
+            )
+        else:
             link = HTTP11Connection(
                 self._asyncio_backend,
                 self._host_name,
@@ -398,69 +242,13 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 self._ssl_context,
                 self._keepalive_expiry,
             )
-        elif self._settled_on_http1():
-            link = HTTP11Connection(
-                self._asyncio_backend,
-                self._host_name,
-                self._port,
-                self._http1_ssl_context,
-                self._keepalive_expiry,
-            )
-        else:
-            link = _Link(
-                httpcore.AsyncHTTPConnection(
-                    origin=self._origin,
-                    ssl_context=self._ssl_context,
-                    keepalive_expiry=self._keepalive_expiry,
-                    http1=self._http1,
-                    http2=self._http2,
-                    network_backend=self._network_backend,
-                )
-            )
         return self._state.opened(link)
-
-    def _settled_on_http1(self) -> bool:
-        """ALPN was offered HTTP/2 and chose HTTP/1.1 (see __init__)."""
-        return self._http1_ssl_context is not None and self._state.negotiated == "HTTP/1.1"
 
     def release(self, connection: PooledConnection) -> None:
         """The request on ``connection`` is over: the pool state says what becomes of it."""
-        if not connection.multiplexed and isinstance(connection.link, _Link) and self._settled_on_http1():
-            # One of httpcore's (h11) connections, opened before the upstream's
-            # choice was known: replaced by one of ours once it is free.
-            self._state.retire(connection)
         if self._state.release(connection) is Released.DISCARD:
             self._close(connection)
         self._wake_one()
-
-    def abandon_stream(self, connection: PooledConnection, request: httpcore.Request, stream_id: int) -> None:
-        """The caller stopped reading an HTTP/2 response: reset its stream now,
-        so the upstream stops sending and the connection window is given back
-        (see docs/http2.md); retire the connection if we cannot."""
-        if connection.closed:
-            return
-        link = connection.link
-        inner = h2_compat.h2_state_of(link.conn) if isinstance(link, _Link) else None
-        if inner is None:
-            self._state.retire(connection)
-            return
-        h2streams.cancel_stream(inner, stream_id)
-        self._spawn(h2_compat.flush(inner, request))
-
-    def _forget_abandoned_streams(self, connection: PooledConnection, request: httpcore.Request) -> None:
-        """Reset streams httpcore dropped without RST_STREAM (a request that
-        failed or was cancelled before its response head), or retire the
-        connection if its internals are not what we know."""
-        if connection.closed:
-            return
-        link = connection.link
-        inner = h2_compat.h2_state_of(link.conn) if isinstance(link, _Link) else None
-        if inner is None:
-            if connection.http_version is not None:
-                self._state.retire(connection)
-            return
-        if h2streams.cancel_orphans(inner):
-            self._spawn(h2_compat.flush(inner, request))
 
     def _report(self, limit: int | None) -> None:
         if limit is not None and self.on_stream_limit is not None:
@@ -512,6 +300,6 @@ class PoolTransport(httpx.AsyncBaseTransport):
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-async def _close_quietly(link: Link) -> None:
+async def _close_quietly(link: HTTP11Connection | HTTP2Connection | NegotiatingConnection) -> None:
     with contextlib.suppress(Exception):
         await link.aclose()

@@ -2,17 +2,15 @@
 
 :class:`UpstreamResponse` is what the request path reads of an attempt: the
 status, the raw header lines and the body.  Its body, a :class:`PooledStream`,
-hands its connection back to the pool when it is closed, applies the
-per-chunk read deadline of a multiplexed connection, and resets the HTTP/2
-stream of a response closed before its end (see docs/http2.md).
+hands its connection back to the pool when it is closed (the connection's
+own body resets an HTTP/2 stream closed before its end: see docs/http2.md).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httpcore
 import httpx
@@ -61,69 +59,40 @@ class UpstreamResponse:
         await self.stream.aclose()
 
 
+class ResponseStream(Protocol):
+    """A connection's response body (h1conn.ResponseBody, h2conn.ResponseBody):
+    raises httpx's errors itself, applies its own read deadline, and ends the
+    exchange on its connection when closed (an HTTP/2 stream is reset then)."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+    async def aclose(self) -> None: ...
+
+
 class PooledStream(httpx.AsyncByteStream):
     """A response body that gives its connection back to the pool when closed."""
 
-    __slots__ = ("_stream", "_pool", "_connection", "_request", "_stream_id", "_read", "_complete", "_released")
+    __slots__ = ("_stream", "_pool", "_connection", "_released")
 
-    def __init__(
-        self,
-        stream: AsyncIterator[bytes],
-        pool: PoolTransport,
-        connection: PooledConnection,
-        request: httpcore.Request | None,
-        stream_id: int | None,
-        read: float | None,
-    ) -> None:
+    def __init__(self, stream: ResponseStream, pool: PoolTransport, connection: PooledConnection) -> None:
         self._stream = stream
-        self._read = read  # per-chunk deadline on multiplexed connections
         self._pool = pool
         self._connection = connection
-        self._request = request
-        self._stream_id = stream_id
-        self._complete = False
         self._released = False
 
     def chunks(self) -> AsyncIterator[bytes]:
-        """The body's chunks: straight from the connection when it already
-        raises httpx's errors and needs no per-chunk deadline (HTTP/1.1)."""
-        if self._request is None and self._read is None:
-            return aiter(self._stream)
-        return self.__aiter__()
+        """The body's chunks, straight from the connection."""
+        return aiter(self._stream)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        read = self._read
-        with map_exceptions():
-            if read is None:
-                async for chunk in self._stream:
-                    yield chunk
-            else:
-                chunks = aiter(self._stream)
-                while True:
-                    try:
-                        async with asyncio.timeout(read):
-                            chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError:
-                        self._pool.read_timed_out(self._connection, read)
-                        raise httpx.ReadTimeout("the upstream sent no body bytes within the read timeout") from None
-                    yield chunk
-        self._complete = True
+        async for chunk in self._stream:
+            yield chunk
 
     async def aclose(self) -> None:
         if self._released:
             return
         self._released = True
-        if not self._complete and self._stream_id is not None and self._request is not None:
-            # The caller stopped reading an HTTP/2 response: reset its stream
-            # now, so the upstream stops sending and the window is given back.
-            self._pool.abandon_stream(self._connection, self._request, self._stream_id)
         try:
-            closer = getattr(self._stream, "aclose", None)
-            if closer is not None:
-                with map_exceptions():
-                    await closer()
+            await self._stream.aclose()
         finally:
             self._pool.release(self._connection)
 

@@ -66,6 +66,9 @@ async def test_prior_knowledge_multiplexes_200_requests_over_max_connections(tmp
 
 
 async def test_alpn_negotiates_http2_with_ca_file(tmp_path: Path) -> None:
+    from sidecar.upstream.h2conn import HTTP2Connection
+    from tests.support.rest import pool_of
+
     tls = tls_files(tmp_path)
     async with (
         HypercornUpstream(tls=tls) as upstream,
@@ -76,6 +79,8 @@ async def test_alpn_negotiates_http2_with_ca_file(tmp_path: Path) -> None:
         assert [status for status, _, _ in results] == [200] * 20
         assert set(upstream.http_versions) == {"2"}
         assert set((await _pools(client, sidecar))["http_versions"]) == {"HTTP/2"}
+        links = [connection.link for connection in pool_of(sidecar, "up").transport._state.all.values()]
+        assert links and all(isinstance(link, HTTP2Connection) for link in links), links
         await assert_at_rest(sidecar, "up")
 
 
@@ -103,10 +108,11 @@ async def test_alpn_falls_back_to_http11_when_the_server_offers_only_http11(tmp_
         await assert_at_rest(sidecar, "up")
 
 
-async def test_once_alpn_settles_on_http11_the_sidecars_own_connection_takes_over(tmp_path: Path) -> None:
-    """The first connection is opened before the upstream's choice is known
-    (httpcore's, offering h2); once it chose HTTP/1.1, that connection is
-    replaced when free, and the rest run on the sidecar's own (llhttp)."""
+async def test_an_alpn_choice_of_http11_runs_on_the_sidecars_own_connection_from_the_first_request(
+    tmp_path: Path,
+) -> None:
+    """The TLS handshake offers h2 and http/1.1; the upstream's choice of
+    HTTP/1.1 gets the sidecar's own (llhttp) connection, kept alive and reused."""
     from sidecar.upstream.h1conn import HTTP11Connection
     from tests.support.rest import pool_of
 
@@ -123,7 +129,7 @@ async def test_once_alpn_settles_on_http11_the_sidecars_own_connection_takes_ove
             assert status == 200, body
         links = [connection.link for connection in pool_of(sidecar, "up").transport._state.all.values()]
         assert links and all(isinstance(link, HTTP11Connection) for link in links), links
-        assert len(upstream.peers) == 2  # httpcore's first, then one of ours, reused
+        assert len(upstream.peers) == 1  # one connection, reused
         assert set(upstream.http_versions) == {"1.1"}
         await assert_at_rest(sidecar, "up")
 
