@@ -315,7 +315,6 @@ class ClientCore:
         if stream is None:  # a stream we reset: its DATA still counts against the connection window
             self._give_back(size)
             return
-        self._give_back(size - len(data))  # padding: never consumed by anyone
         stream.recv_window -= size
         problem = None
         if stream.recv_window < 0:
@@ -326,8 +325,10 @@ class ClientCore:
         if stream.length is not None and stream.received > stream.length:
             problem = StreamError(PROTOCOL_ERROR, "more DATA than the content-length")
         if problem is not None:
-            self._give_back(len(data))  # nobody will consume it
+            self._give_back(size)  # nobody will consume it
             raise problem
+        if size > len(data):  # padding: nobody will consume it either, so it counts as consumed now
+            self.consumed(stream_id, size - len(data))
         if data:
             events.append((DATA, stream_id, data, None))
         if flags & _END_STREAM:

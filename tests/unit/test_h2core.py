@@ -302,6 +302,38 @@ def test_trailers_end_the_stream() -> None:
     assert kinds(pair.pump()) == [HEAD, DATA, END]
 
 
+def test_padding_is_stripped_and_its_window_given_back() -> None:
+    pair = Pair()
+    sid = pair.client.start_request(GET, end_stream=True)
+    pair.pump()
+    pair.respond(sid, 200)
+    pair.server.send_data(sid, b"padded", pad_length=200)
+    pair.server.send_data(sid, b"", pad_length=10)
+    events = pair.pump()
+    assert events[1:] == [(DATA, sid, b"padded", None)]
+    # A body mostly padding, far over the stream window: padding is nobody's to
+    # consume, so its window must come back without the caller.
+    body = b"z" * 300_000
+    got = b""
+    sent = 0
+    for _ in range(100_000):
+        window = pair.server.local_flow_control_window(sid)
+        if sent < len(body) and window >= 356:
+            pair.server.send_data(sid, body[sent : sent + 100], pad_length=255, end_stream=sent + 100 >= len(body))
+            sent += 100
+        new = pair.pump()
+        chunk = pair.body_of(sid, new)
+        got += chunk
+        if chunk:
+            pair.client.consumed(sid, len(chunk))
+        elif sent >= len(body):
+            break
+        elif window < 356:
+            pair.pump()
+            assert pair.server.local_flow_control_window(sid) >= 356, "stalled on padding"
+    assert got == body and ended(pair.events, sid)
+
+
 def test_headers_over_16k_arrive_in_continuation_frames() -> None:
     pair = Pair()
     sid = pair.client.start_request(GET, end_stream=True)
