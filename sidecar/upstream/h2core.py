@@ -337,7 +337,11 @@ class ClientCore:
     def _end(self, stream_id: int, stream: _Stream, events: list[Event]) -> None:
         if stream.length is not None and stream.received != stream.length:
             raise StreamError(PROTOCOL_ERROR, "the body is shorter than its content-length")
-        del self._streams[stream_id]  # (our side ended with the request: a proxy sends it first)
+        del self._streams[stream_id]
+        if not stream.local_closed:
+            # Answered before the request ended: the rest of it will not be sent, and the
+            # peer's stream must not stay half-open, counting against its stream limit.
+            self._out.append(frame(_RST_STREAM, 0, stream_id, struct.pack(">L", NO_ERROR)))
         events.append((END, stream_id, None, None))
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:

@@ -462,3 +462,22 @@ def test_abandoned_downloads_do_not_leak_the_connection_window() -> None:
     body = bytes(range(256)) * 80_000  # 20 MiB, through the connection window more than once
     assert pair.download(sid, body) == body
     assert ended(pair.events, sid)
+
+
+def test_early_response_while_uploading_closes_the_stream_on_the_server() -> None:
+    pair = Pair()
+    sid = pair.client.start_request(POST, end_stream=False)
+    pair.client.send_data(sid, b"part", end_stream=False)
+    pair.pump()
+    pair.respond(sid, 413, end_stream=True)  # answered before the request ended
+    assert kinds(pair.pump()) == [HEAD, END]
+    assert pair.client.open_streams == 0
+    # The server's stream must not stay half-open, counting against its concurrency limit.
+    assert pair.server.open_inbound_streams == 0
+    assert pair.server_event(ev.StreamReset, sid).error_code == h2core.NO_ERROR
+    # A request that ended first gets no RST_STREAM after its response.
+    sid = pair.client.start_request(GET, end_stream=True)
+    pair.pump()
+    pair.respond(sid, 200, end_stream=True)
+    pair.pump()
+    assert [f.stream_id for f in pair.sent if isinstance(f, RstStreamFrame)] == [1]
