@@ -4,9 +4,12 @@ hostile frames (each with its exact outcome), and our own bytes checked by `h2`.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import h2.events as ev
+import hpack
+import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes, Settings
@@ -28,6 +31,7 @@ from sidecar.upstream.h2core import (
     HEAD,
     RESET,
     STREAM_WINDOW,
+    TERMINATED,
     WINDOW,
     ClientCore,
     Event,
@@ -481,3 +485,356 @@ def test_early_response_while_uploading_closes_the_stream_on_the_server() -> Non
     pair.respond(sid, 200, end_stream=True)
     pair.pump()
     assert [f.stream_id for f in pair.sent if isinstance(f, RstStreamFrame)] == [1]
+
+
+# ------------------------------------------------------------------ malformed and hostile input
+
+END_STREAM_F, END_HEADERS_F, PADDED_F, PRIORITY_F = 0x1, 0x4, 0x8, 0x20
+OK_HEAD = [(b":status", b"200")]
+
+
+def raw(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """A frame as bytes, built here (not by the code under test), any payload allowed."""
+    return struct.pack(">L", len(payload))[1:] + bytes((kind, flags)) + struct.pack(">L", stream_id) + payload
+
+
+class Scripted:
+    """Our client core against a server scripted frame by frame."""
+
+    def __init__(self, settings: bytes = b"") -> None:
+        self.core = ClientCore()
+        self.core.data_to_send()
+        self.encoder = hpack.Encoder()
+        assert self.core.receive(raw(4, 0, 0, settings)) == [(WINDOW, 0, None, None)]
+        assert [type(f) for f in self.written()] == [SettingsFrame]  # the ACK
+
+    def open(self, headers: list[tuple[bytes, bytes]] = GET, end_stream: bool = True) -> int:
+        sid = self.core.start_request(headers, end_stream)
+        self.core.data_to_send()
+        return sid
+
+    def block(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        return self.encoder.encode(headers, huffman=False)
+
+    def headers(self, sid: int, headers: list[tuple[bytes, bytes]], flags: int = END_HEADERS_F) -> bytes:
+        return raw(1, flags, sid, self.block(headers))
+
+    def feed(self, data: bytes) -> list[Event]:
+        return self.core.receive(data)
+
+    def written(self) -> list[Frame]:
+        return parse_frames(self.core.data_to_send())
+
+
+def assert_stream_reset(
+    s: Scripted, events: list[Event], sid: int, code: int = h2core.PROTOCOL_ERROR, still_open: int = 0
+) -> None:
+    """A RESET event for `sid` alone, RST_STREAM written, and the connection still usable."""
+    assert events and events[-1][:3] == (RESET, sid, code), events
+    assert all(e[0] in (HEAD, DATA) and e[1] == sid for e in events[:-1]), events
+    assert [(f.stream_id, f.error_code) for f in s.written() if isinstance(f, RstStreamFrame)] == [(sid, code)]
+    assert not s.core.terminated and s.core.open_streams == still_open
+    other = s.open()
+    assert s.feed(s.headers(other, OK_HEAD, END_HEADERS_F | END_STREAM_F)) == [
+        (HEAD, other, 200, []),
+        (END, other, None, None),
+    ]
+
+
+def assert_terminated(s: Scripted, events: list[Event], code: int) -> None:
+    """TERMINATED with `code`, GOAWAY with it written, and nothing more taken in."""
+    assert events and events[-1][:3] == (TERMINATED, 0, code), events
+    assert TERMINATED not in kinds(events[:-1])
+    goaways = [f for f in s.written() if isinstance(f, GoAwayFrame)]
+    assert [(g.error_code, g.last_stream_id) for g in goaways] == [(code, 0)]
+    assert s.core.terminated and not s.core.can_open_stream()
+    assert s.feed(raw(6, 0, 0, b"12345678")) == [] and s.written() == []
+
+
+STREAM_ERRORS = {
+    "upper-case name": [(b":status", b"200"), (b"X-Up", b"a")],
+    "empty name": [(b":status", b"200"), (b"", b"a")],
+    "colon in a name": [(b":status", b"200"), (b"a:b", b"c")],
+    "connection": [(b":status", b"200"), (b"connection", b"close")],
+    "keep-alive": [(b":status", b"200"), (b"keep-alive", b"5")],
+    "proxy-connection": [(b":status", b"200"), (b"proxy-connection", b"close")],
+    "transfer-encoding": [(b":status", b"200"), (b"transfer-encoding", b"chunked")],
+    "upgrade": [(b":status", b"200"), (b"upgrade", b"h2c")],
+    "CR in a value": [(b":status", b"200"), (b"x", b"a\rb")],
+    "LF in a value": [(b":status", b"200"), (b"x", b"a\nb")],
+    "NUL in a value": [(b":status", b"200"), (b"x", b"a\0b")],
+    "no :status": [(b"content-type", b"text/plain")],
+    "empty": [],
+    ":status of two digits": [(b":status", b"20")],
+    ":status of four digits": [(b":status", b"2000")],
+    ":status not digits": [(b":status", b"abc")],
+    ":status signed": [(b":status", b"+20")],
+    ":status after a field": [(b"x", b"y"), (b":status", b"200")],
+    "pseudo-header after a field": [(b":status", b"200"), (b"x", b"y"), (b":path", b"/")],
+    "two :status": [(b":status", b"200"), (b":status", b"200")],
+    "conflicting content-length": [(b":status", b"200"), (b"content-length", b"5"), (b"content-length", b"6")],
+    "content-length not digits": [(b":status", b"200"), (b"content-length", b"5a")],
+    "negative content-length": [(b":status", b"200"), (b"content-length", b"-1")],
+    "101": [(b":status", b"101")],
+}
+
+
+@pytest.mark.parametrize("headers", STREAM_ERRORS.values(), ids=STREAM_ERRORS.keys())
+def test_a_malformed_response_head_resets_its_stream_alone(headers: list[tuple[bytes, bytes]]) -> None:
+    s = Scripted()
+    bystander = s.open()
+    sid = s.open()
+    events = s.feed(s.headers(sid, headers))
+    assert_stream_reset(s, events, sid, still_open=1)
+    # The other stream is untouched.
+    assert s.feed(s.headers(bystander, OK_HEAD, END_HEADERS_F | END_STREAM_F)) == [
+        (HEAD, bystander, 200, []),
+        (END, bystander, None, None),
+    ]
+
+
+def test_duplicate_equal_content_lengths_are_one() -> None:
+    s = Scripted()
+    sid = s.open()
+    head = [(b":status", b"200"), (b"content-length", b"2"), (b"content-length", b"2")]
+    events = s.feed(s.headers(sid, head) + raw(0, END_STREAM_F, sid, b"ok"))
+    assert kinds(events) == [HEAD, DATA, END]
+
+
+def test_an_interim_response_ending_the_stream_resets_it() -> None:
+    s = Scripted()
+    sid = s.open()
+    assert_stream_reset(s, s.feed(s.headers(sid, [(b":status", b"103")], END_HEADERS_F | END_STREAM_F)), sid)
+
+
+def test_trailers_must_end_the_stream_and_hold_no_pseudo_headers() -> None:
+    s = Scripted()
+    sid = s.open()
+    assert s.feed(s.headers(sid, OK_HEAD)) == [(HEAD, sid, 200, [])]
+    assert_stream_reset(s, s.feed(s.headers(sid, [(b"x-trailer", b"1")])), sid)
+    sid = s.open()
+    assert s.feed(s.headers(sid, OK_HEAD)) == [(HEAD, sid, 200, [])]
+    events = s.feed(s.headers(sid, [(b":status", b"200")], END_HEADERS_F | END_STREAM_F))
+    assert_stream_reset(s, events, sid)
+
+
+def test_data_longer_or_shorter_than_the_content_length() -> None:
+    s = Scripted()
+    sid = s.open()
+    head = [(b":status", b"200"), (b"content-length", b"3")]
+    assert kinds(s.feed(s.headers(sid, head))) == [HEAD]
+    assert_stream_reset(s, s.feed(raw(0, 0, sid, b"abcd")), sid)
+    sid = s.open()
+    events = s.feed(s.headers(sid, head) + raw(0, 0, sid, b"ab") + raw(0, 0, sid, b"cd"))
+    assert_stream_reset(s, events, sid)
+    sid = s.open()
+    events = s.feed(s.headers(sid, head) + raw(0, END_STREAM_F, sid, b"ab"))
+    assert kinds(events)[:2] == [HEAD, DATA]
+    assert_stream_reset(s, events, sid)
+    sid = s.open()
+    events = s.feed(s.headers(sid, head, END_HEADERS_F | END_STREAM_F))
+    assert_stream_reset(s, events, sid)
+    # Trailers end the body too: short is short.
+    sid = s.open()
+    events = s.feed(s.headers(sid, head) + raw(0, 0, sid, b"ab") + s.headers(sid, [(b"x", b"1")], 5))
+    assert_stream_reset(s, events, sid)
+
+
+def test_data_before_the_response_head_resets_the_stream() -> None:
+    s = Scripted()
+    sid = s.open()
+    assert_stream_reset(s, s.feed(raw(0, 0, sid, b"early")), sid)
+
+
+def test_a_response_head_over_the_header_list_limit_resets_the_stream() -> None:
+    s = Scripted()
+    sid = s.open()
+    block = s.block([(b":status", b"200"), (b"x-big", b"v" * 70_000)])
+    data = raw(1, 0, sid, block[:16_000]) + raw(9, 0, sid, block[16_000:32_000])
+    data += raw(9, 0, sid, block[32_000:48_000]) + raw(9, 0, sid, block[48_000:64_000])
+    data += raw(9, END_HEADERS_F, sid, block[64_000:])
+    assert_stream_reset(s, s.feed(data), sid)
+
+
+CONNECTION_ERRORS: dict[str, tuple[bytes, int]] = {
+    "frame over 16384": (raw(0, 0, 1, b"x" * 16_385), h2core.FRAME_SIZE_ERROR),
+    "frame over 16384, header only": (raw(0, 0, 1, b"x" * 16_385)[:9], h2core.FRAME_SIZE_ERROR),
+    "PUSH_PROMISE": (raw(5, END_HEADERS_F, 1, b"\0\0\0\2\x82"), h2core.PROTOCOL_ERROR),
+    "HEADERS on an even stream": (raw(1, 5, 2, b"\x88"), h2core.PROTOCOL_ERROR),
+    "HEADERS on stream 0": (raw(1, 5, 0, b"\x88"), h2core.PROTOCOL_ERROR),
+    "HEADERS on a never-opened stream": (raw(1, 5, 5, b"\x88"), h2core.PROTOCOL_ERROR),
+    "DATA on an even stream": (raw(0, 0, 2, b"x"), h2core.PROTOCOL_ERROR),
+    "DATA on stream 0": (raw(0, 0, 0, b"x"), h2core.PROTOCOL_ERROR),
+    "DATA on a never-opened stream": (raw(0, 0, 7, b"x"), h2core.PROTOCOL_ERROR),
+    "RST_STREAM on a never-opened stream": (raw(3, 0, 9, b"\0\0\0\0"), h2core.PROTOCOL_ERROR),
+    "RST_STREAM on stream 0": (raw(3, 0, 0, b"\0\0\0\0"), h2core.PROTOCOL_ERROR),
+    "RST_STREAM of 3 bytes": (raw(3, 0, 1, b"\0\0\0"), h2core.FRAME_SIZE_ERROR),
+    "WINDOW_UPDATE on a never-opened stream": (raw(8, 0, 11, b"\0\0\0\1"), h2core.PROTOCOL_ERROR),
+    "WINDOW_UPDATE of 3 bytes": (raw(8, 0, 0, b"\0\0\1"), h2core.FRAME_SIZE_ERROR),
+    "CONTINUATION without HEADERS": (raw(9, END_HEADERS_F, 1, b"\x88"), h2core.PROTOCOL_ERROR),
+    "CONTINUATION for another stream": (raw(1, 0, 1, b"\x88") + raw(9, 4, 3, b""), h2core.PROTOCOL_ERROR),
+    "PING inside a header block": (raw(1, 0, 1, b"\x88") + raw(6, 0, 0, b"12345678"), h2core.PROTOCOL_ERROR),
+    "DATA inside a header block": (raw(1, 0, 1, b"\x88") + raw(0, 0, 1, b"x"), h2core.PROTOCOL_ERROR),
+    "unknown frame inside a header block": (raw(1, 0, 1, b"\x88") + raw(0x20, 0, 1, b"x"), h2core.PROTOCOL_ERROR),
+    "SETTINGS of 7 bytes": (raw(4, 0, 0, b"\0\4\0\0\0\1\0"), h2core.FRAME_SIZE_ERROR),
+    "SETTINGS on a stream": (raw(4, 0, 1, b""), h2core.PROTOCOL_ERROR),
+    "SETTINGS ACK with a payload": (raw(4, 1, 0, b"\0\4\0\0\0\1"), h2core.FRAME_SIZE_ERROR),
+    "ENABLE_PUSH 1": (raw(4, 0, 0, struct.pack(">HL", 2, 1)), h2core.PROTOCOL_ERROR),
+    "INITIAL_WINDOW_SIZE 2^31": (raw(4, 0, 0, struct.pack(">HL", 4, 2**31)), h2core.FLOW_CONTROL_ERROR),
+    "MAX_FRAME_SIZE 16383": (raw(4, 0, 0, struct.pack(">HL", 5, 16_383)), h2core.PROTOCOL_ERROR),
+    "MAX_FRAME_SIZE 2^24": (raw(4, 0, 0, struct.pack(">HL", 5, 2**24)), h2core.PROTOCOL_ERROR),
+    "connection WINDOW_UPDATE of 0": (raw(8, 0, 0, b"\0\0\0\0"), h2core.PROTOCOL_ERROR),
+    "connection window over 2^31-1": (raw(8, 0, 0, struct.pack(">L", 2**31 - 65_535)), h2core.FLOW_CONTROL_ERROR),
+    "PING of 7 bytes": (raw(6, 0, 0, b"1234567"), h2core.FRAME_SIZE_ERROR),
+    "PING of 9 bytes": (raw(6, 0, 0, b"123456789"), h2core.FRAME_SIZE_ERROR),
+    "PING on a stream": (raw(6, 0, 1, b"12345678"), h2core.PROTOCOL_ERROR),
+    "GOAWAY of 7 bytes": (raw(7, 0, 0, b"\0" * 7), h2core.FRAME_SIZE_ERROR),
+    "GOAWAY on a stream": (raw(7, 0, 1, b"\0" * 8), h2core.PROTOCOL_ERROR),
+    "bad HPACK index 0": (raw(1, 5, 1, b"\x80"), h2core.COMPRESSION_ERROR),
+    "bad HPACK index beyond the table": (raw(1, 5, 1, b"\xff\x50"), h2core.COMPRESSION_ERROR),
+    "bad HPACK truncated literal": (raw(1, 5, 1, b"\x40\x05ab"), h2core.COMPRESSION_ERROR),
+    "padding longer than the DATA": (raw(0, PADDED_F, 1, b"\x05abc"), h2core.PROTOCOL_ERROR),
+    "padding longer than the HEADERS": (raw(1, 5 | PADDED_F, 1, b"\x02\x88"), h2core.PROTOCOL_ERROR),
+    "HEADERS too short for its priority": (raw(1, 5 | PRIORITY_F, 1, b"\0\0\0"), h2core.FRAME_SIZE_ERROR),
+}
+
+
+@pytest.mark.parametrize(("data", "code"), CONNECTION_ERRORS.values(), ids=CONNECTION_ERRORS.keys())
+def test_a_connection_error_terminates_with_goaway(data: bytes, code: int) -> None:
+    s = Scripted()
+    s.open()  # stream 1
+    s.open()  # stream 3
+    assert_terminated(s, s.feed(data), code)
+
+
+@pytest.mark.parametrize(("data", "code"), CONNECTION_ERRORS.values(), ids=CONNECTION_ERRORS.keys())
+def test_a_connection_error_one_byte_at_a_time(data: bytes, code: int) -> None:
+    s = Scripted()
+    s.open()
+    s.open()
+    events: list[Event] = []
+    for i in range(len(data)):
+        events += s.feed(data[i : i + 1])
+        if events:
+            break
+    assert_terminated(s, events, code)
+
+
+def test_the_first_frame_must_be_settings() -> None:
+    for first in (raw(6, 0, 0, b"12345678"), raw(8, 0, 0, b"\0\0\0\1")):
+        core = ClientCore()
+        core.data_to_send()
+        events = core.receive(first + raw(4, 0, 0))
+        assert events[-1][:3] == (TERMINATED, 0, h2core.PROTOCOL_ERROR)
+        assert [f.error_code for f in parse_frames(core.data_to_send()) if isinstance(f, GoAwayFrame)] == [1]
+
+
+def test_stream_window_update_of_zero_and_overflow_reset_the_stream() -> None:
+    s = Scripted()
+    sid = s.open(POST, end_stream=False)
+    assert_stream_reset(s, s.feed(raw(8, 0, sid, b"\0\0\0\0")), sid)
+    sid = s.open(POST, end_stream=False)
+    assert_stream_reset(s, s.feed(raw(8, 0, sid, struct.pack(">L", 2**31 - 65_535))), sid, h2core.FLOW_CONTROL_ERROR)
+    # Up to 2^31-1 exactly is fine.
+    sid = s.open(POST, end_stream=False)
+    assert s.feed(raw(8, 0, sid, struct.pack(">L", 2**31 - 1 - 65_535))) == [(WINDOW, sid, None, None)]
+    # ... and a SETTINGS growing it past that is a connection error.
+    assert_terminated(s, s.feed(raw(4, 0, 0, struct.pack(">HL", 4, 65_536))), h2core.FLOW_CONTROL_ERROR)
+
+
+def test_window_updates_for_closed_streams_are_ignored() -> None:
+    s = Scripted()
+    sid = s.open()
+    s.feed(s.headers(sid, OK_HEAD, 5))
+    assert s.feed(raw(8, 0, sid, b"\0\0\0\1") + raw(8, 0, sid, b"\0\0\0\0")) == []
+    assert s.written() == []
+
+
+def test_data_beyond_the_stream_window_resets_the_stream() -> None:
+    s = Scripted()
+    sid = s.open()
+    events = s.feed(s.headers(sid, OK_HEAD))
+    for _ in range(STREAM_WINDOW // 16_384):
+        events += s.feed(raw(0, 0, sid, b"x" * 16_384))
+    assert kinds(events) == [HEAD] + [DATA] * (STREAM_WINDOW // 16_384)
+    assert_stream_reset(s, s.feed(raw(0, 0, sid, b"x")), sid, h2core.FLOW_CONTROL_ERROR)
+
+
+def test_data_beyond_the_connection_window_terminates() -> None:
+    s = Scripted()
+    per_stream = STREAM_WINDOW // 16_384
+    for _ in range(h2core.CONNECTION_WINDOW // STREAM_WINDOW):
+        sid = s.open()
+        s.feed(s.headers(sid, OK_HEAD))
+        for _ in range(per_stream):
+            assert s.feed(raw(0, 0, sid, b"x" * 16_384))[0][0] == DATA
+    sid = s.open()
+    assert s.feed(s.headers(sid, OK_HEAD)) == [(HEAD, sid, 200, [])]
+    assert_terminated(s, s.feed(raw(0, 0, sid, b"x")), h2core.FLOW_CONTROL_ERROR)
+
+
+def test_unknown_frame_types_and_priority_are_ignored() -> None:
+    s = Scripted()
+    sid = s.open()
+    data = raw(0x20, 0xFF, 0, b"whatever") + raw(0xFA, 0, sid, b"") + raw(0x0B, 0, 99, b"x" * 100)
+    data += raw(2, 0, sid, b"\0\0\0\0\x10") + raw(2, 0, 41, b"\0\0\0\0\x10")  # PRIORITY: deprecated, ignored
+    assert s.feed(data) == [] and s.written() == []
+    assert s.feed(s.headers(sid, OK_HEAD, 5)) == [(HEAD, sid, 200, []), (END, sid, None, None)]
+
+
+def test_priority_of_a_wrong_length_resets_its_stream() -> None:
+    s = Scripted()
+    sid = s.open()
+    events = s.feed(raw(2, 0, sid, b"\0\0\0\0"))
+    assert_stream_reset(s, events, sid, h2core.FRAME_SIZE_ERROR)
+
+
+def test_padded_headers_with_priority() -> None:
+    s = Scripted()
+    sid = s.open()
+    block = s.block([(b":status", b"200"), (b"x", b"y")])
+    payload = b"\x03" + b"\0\0\0\0\x10" + block + b"\0\0\0"
+    events = s.feed(raw(1, END_HEADERS_F | END_STREAM_F | PADDED_F | PRIORITY_F, sid, payload))
+    assert events == [(HEAD, sid, 200, [(b"x", b"y")]), (END, sid, None, None)]
+
+
+def test_headers_for_a_reset_stream_still_update_the_hpack_table() -> None:
+    s = Scripted()
+    gone = s.open()
+    kept = s.open()
+    s.core.reset(gone)
+    s.written()
+    # Incremental indexing: the second block refers to the entry the first one added.
+    first = s.encoder.encode([(b":status", b"200"), (b"x-shared", b"value")])
+    second = s.encoder.encode([(b":status", b"200"), (b"x-shared", b"value")])
+    assert len(second) < len(first)
+    assert s.feed(raw(1, 5, gone, first)) == []
+    assert s.feed(raw(1, 5, kept, second)) == [(HEAD, kept, 200, [(b"x-shared", b"value")]), (END, kept, None, None)]
+
+
+def scenario() -> tuple[Scripted, bytes]:
+    s = Scripted()
+    a = s.open()
+    b = s.open()
+    block = s.block([(b":status", b"200"), *[(f"x-{i}".encode(), b"v" * 3000) for i in range(8)]])
+    data = raw(1, 0, a, block[:10_000]) + raw(9, 0, a, block[10_000:20_000]) + raw(9, 4, a, block[20_000:])
+    data += raw(6, 0, 0, b"pingpong") + raw(0x20, 0, 0, b"unknown")
+    data += s.headers(b, [(b":status", b"404"), (b"content-length", b"4")])
+    data += raw(0, PADDED_F, a, b"\x04body\0\0\0\0") + raw(0, END_STREAM_F, b, b"gone")
+    data += raw(8, 0, 0, b"\0\0\1\0") + raw(0, 0, a, b"more") + s.headers(a, [(b"x-t", b"1")], 5)
+    data += raw(7, 0, 0, b"\0\0\0\3\0\0\0\0")
+    return s, data
+
+
+def test_bytes_split_anywhere_give_the_same_events() -> None:
+    s, data = scenario()
+    whole = s.feed(data)
+    assert kinds(whole) == [HEAD, HEAD, DATA, DATA, END, WINDOW, DATA, END, GOAWAY]
+    whole_written = s.core.data_to_send()
+    s, data = scenario()
+    one_by_one = [e for i in range(len(data)) for e in s.feed(data[i : i + 1])]
+    assert one_by_one == whole
+    assert s.core.data_to_send() == whole_written
+    for step in (2, 7, 9, 10, 4097, 16_393):
+        s, data = scenario()
+        assert [e for i in range(0, len(data), step) for e in s.feed(data[i : i + step])] == whole
