@@ -287,8 +287,11 @@ class ClientCore:
             events.append((GOAWAY, self.goaway_last, int.from_bytes(payload[4:8], "big"), None))
         elif kind == _PUSH_PROMISE:
             raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE although push is disabled")
-        elif kind == _PRIORITY and len(payload) != 5:
-            raise StreamError(FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
+        elif kind == _PRIORITY:  # deprecated (RFC 9113 §5.3.2): checked, then ignored
+            if not stream_id:
+                raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                raise StreamError(FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
         # Unknown frame types are ignored (RFC 9113 §4.1).
 
     def _known(self, stream_id: int, what: str) -> None:

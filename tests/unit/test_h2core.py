@@ -690,6 +690,7 @@ CONNECTION_ERRORS: dict[str, tuple[bytes, int]] = {
     "PING on a stream": (raw(6, 0, 1, b"12345678"), h2core.PROTOCOL_ERROR),
     "GOAWAY of 7 bytes": (raw(7, 0, 0, b"\0" * 7), h2core.FRAME_SIZE_ERROR),
     "GOAWAY on a stream": (raw(7, 0, 1, b"\0" * 8), h2core.PROTOCOL_ERROR),
+    "PRIORITY on stream 0": (raw(2, 0, 0, b"\0\0\0\1\x10"), h2core.PROTOCOL_ERROR),
     "bad HPACK index 0": (raw(1, 5, 1, b"\x80"), h2core.COMPRESSION_ERROR),
     "bad HPACK index beyond the table": (raw(1, 5, 1, b"\xff\x50"), h2core.COMPRESSION_ERROR),
     "bad HPACK truncated literal": (raw(1, 5, 1, b"\x40\x05ab"), h2core.COMPRESSION_ERROR),
