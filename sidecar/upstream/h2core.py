@@ -406,6 +406,8 @@ class ClientCore:
         if stream_id:
             raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & _ACK:
+            if not self.settings_received:  # the server's preface is its own SETTINGS, not an ACK
+                raise ConnectionError_(PROTOCOL_ERROR, "the server's first frame is a SETTINGS ACK")
             if payload:
                 raise ConnectionError_(FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload")
             return

@@ -722,7 +722,7 @@ def test_a_connection_error_one_byte_at_a_time(data: bytes, code: int) -> None:
 
 
 def test_the_first_frame_must_be_settings() -> None:
-    for first in (raw(6, 0, 0, b"12345678"), raw(8, 0, 0, b"\0\0\0\1")):
+    for first in (raw(6, 0, 0, b"12345678"), raw(8, 0, 0, b"\0\0\0\1"), raw(4, 1, 0, b"")):
         core = ClientCore()
         core.data_to_send()
         events = core.receive(first + raw(4, 0, 0))
