@@ -21,6 +21,7 @@ from hyperframe.frame import (
     HeadersFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from sidecar.upstream import h2core
@@ -839,3 +840,65 @@ def test_bytes_split_anywhere_give_the_same_events() -> None:
     for step in (2, 7, 9, 10, 4097, 16_393):
         s, data = scenario()
         assert [e for i in range(0, len(data), step) for e in s.feed(data[i : i + step])] == whole
+
+
+# ------------------------------------------------------------------ our bytes, as h2 reads them
+
+
+def test_request_headers_over_the_peers_max_frame_size_go_in_continuation_frames() -> None:
+    pair = Pair()
+    big = [(f"x-big-{i}".encode(), bytes([97 + i]) * 10_000) for i in range(5)]
+    sid = pair.client.start_request([*GET, *big], end_stream=True)
+    pair.pump()
+    frames = [f for f in pair.sent if f.stream_id == sid]
+    assert [type(f) for f in frames] == [HeadersFrame, ContinuationFrame, ContinuationFrame, ContinuationFrame]
+    assert [sorted(f.flags) for f in frames] == [["END_STREAM"], [], [], ["END_HEADERS"]]
+    assert all(len(f.serialize_body()) <= 16_384 for f in frames)
+    request = pair.server_event(ev.RequestReceived, sid)
+    assert request.headers == [*GET, *big] and pair.server_event(ev.StreamEnded, sid)
+    # With a larger MAX_FRAME_SIZE from the server, one frame holds it all.
+    pair.server.update_settings({SettingCodes.MAX_FRAME_SIZE: 65_536})
+    pair.pump()
+    sid = pair.client.start_request([*POST, *big], end_stream=False)
+    pair.client.send_data(sid, b"x", end_stream=True)
+    pair.pump()
+    assert [type(f).__name__ for f in pair.sent if f.stream_id == sid] == ["HeadersFrame", "DataFrame"]
+    assert pair.server_event(ev.RequestReceived, sid).headers == [*POST, *big]
+
+
+def test_close_sends_goaway() -> None:
+    pair = Pair()
+    sid = pair.client.start_request(GET, end_stream=True)
+    pair.pump()
+    pair.client.close()
+    pair.pump()
+    terminated = [e for e in pair.server_events if isinstance(e, ev.ConnectionTerminated)]
+    assert [(t.error_code, t.last_stream_id) for t in terminated] == [(0, 0)]
+    assert pair.client.terminated and not pair.client.can_open_stream()
+    pair.client.close()  # once only
+    pair.client.reset(sid)  # nothing more after GOAWAY
+    assert pair.client.data_to_send() == b""
+
+
+def test_everything_we_send_is_valid_to_h2() -> None:
+    """A busy mix, every byte through h2's own checks (it raises on anything invalid)."""
+    pair = Pair({SettingCodes.INITIAL_WINDOW_SIZE: 5_000})
+    sids = []
+    for i in range(20):
+        sid = pair.client.start_request([*POST[:3], (b":path", f"/{i}".encode()), (b"x-n", b"v" * i * 100)], False)
+        sids.append(sid)
+        pair.client.send_data(sid, b"p" * min(pair.client.sendable(sid), 3_000), end_stream=i % 2 == 0)
+        if i % 5 == 4:
+            pair.client.reset(sid)
+        pair.pump()
+    pair.client.close(h2core.NO_ERROR)
+    pair.pump()
+    assert isinstance(pair.server_events[-1], ev.ConnectionTerminated)
+    assert {type(f) for f in pair.sent} == {
+        SettingsFrame,
+        WindowUpdateFrame,
+        HeadersFrame,
+        DataFrame,
+        RstStreamFrame,
+        GoAwayFrame,
+    }
