@@ -74,7 +74,16 @@ class ConnectionError_(Exception):  # (the builtin ConnectionError is an OSError
 
 
 class _Stream:
-    __slots__ = ("send_window", "recv_window", "unacked", "local_closed", "head_done", "length", "received")
+    __slots__ = (
+        "send_window",
+        "recv_window",
+        "unacked",
+        "local_closed",
+        "head_done",
+        "length",
+        "received",
+        "head_request",
+    )
 
     def __init__(self, send_window: int) -> None:
         self.send_window = send_window
@@ -84,6 +93,7 @@ class _Stream:
         self.head_done = False
         self.length: int | None = None  # the response's content-length
         self.received = 0
+        self.head_request = False  # its response has no content whatever its content-length says
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -150,6 +160,7 @@ class ClientCore:
         block = self._encoder.encode(headers)
         stream = self._streams[stream_id] = _Stream(self._peer_initial_window)
         stream.local_closed = end_stream
+        stream.head_request = (b":method", b"HEAD") in headers
         size = self._peer_max_frame
         flags = _END_STREAM if end_stream else 0
         if len(block) <= size:
@@ -397,7 +408,9 @@ class ClientCore:
                 raise StreamError(PROTOCOL_ERROR, f"an interim {status} response that is not one")
             return  # 100, 103, ...: the final head is still to come
         stream.head_done = True
-        stream.length = length
+        # HEAD, 204 and 304 have no content, whatever a content-length there says (it
+        # describes the response a GET would get): any DATA at all is malformed.
+        stream.length = 0 if stream.head_request or status in (204, 304) else length
         events.append((HEAD, stream_id, status, fields))
         if end_stream:
             self._end(stream_id, stream, events)

@@ -902,3 +902,21 @@ def test_everything_we_send_is_valid_to_h2() -> None:
         RstStreamFrame,
         GoAwayFrame,
     }
+
+
+def test_no_body_responses_may_carry_a_content_length() -> None:
+    s = Scripted()
+    head = [(b":method", b"HEAD"), *GET[1:]]
+    sid = s.open(head)
+    events = s.feed(s.headers(sid, [(b":status", b"200"), (b"content-length", b"1234")], 5))
+    assert events == [(HEAD, sid, 200, [(b"content-length", b"1234")]), (END, sid, None, None)]
+    sid = s.open()
+    events = s.feed(s.headers(sid, [(b":status", b"304"), (b"content-length", b"1234")], 5))
+    assert events == [(HEAD, sid, 304, [(b"content-length", b"1234")]), (END, sid, None, None)]
+    # An ordinary GET still holds the body to its length.
+    sid = s.open()
+    assert_stream_reset(s, s.feed(s.headers(sid, [(b":status", b"200"), (b"content-length", b"3")], 5)), sid)
+    # No content means none: DATA on a HEAD response is malformed.
+    sid = s.open(head)
+    events = s.feed(s.headers(sid, [(b":status", b"200"), (b"content-length", b"3")]) + raw(0, 1, sid, b"abc"))
+    assert_stream_reset(s, events, sid)
