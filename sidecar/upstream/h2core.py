@@ -74,7 +74,16 @@ class ConnectionError_(Exception):  # (the builtin ConnectionError is an OSError
 
 
 class _Stream:
-    __slots__ = ("send_window", "recv_window", "unacked", "local_closed", "head_done", "length", "received")
+    __slots__ = (
+        "send_window",
+        "recv_window",
+        "unacked",
+        "local_closed",
+        "head_done",
+        "length",
+        "received",
+        "head_request",
+    )
 
     def __init__(self, send_window: int) -> None:
         self.send_window = send_window
@@ -84,6 +93,7 @@ class _Stream:
         self.head_done = False
         self.length: int | None = None  # the response's content-length
         self.received = 0
+        self.head_request = False  # its response has no content whatever its content-length says
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -150,6 +160,7 @@ class ClientCore:
         block = self._encoder.encode(headers)
         stream = self._streams[stream_id] = _Stream(self._peer_initial_window)
         stream.local_closed = end_stream
+        stream.head_request = (b":method", b"HEAD") in headers
         size = self._peer_max_frame
         flags = _END_STREAM if end_stream else 0
         if len(block) <= size:
@@ -287,8 +298,11 @@ class ClientCore:
             events.append((GOAWAY, self.goaway_last, int.from_bytes(payload[4:8], "big"), None))
         elif kind == _PUSH_PROMISE:
             raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE although push is disabled")
-        elif kind == _PRIORITY and len(payload) != 5:
-            raise StreamError(FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
+        elif kind == _PRIORITY:  # deprecated (RFC 9113 §5.3.2): checked, then ignored
+            if not stream_id:
+                raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                raise StreamError(FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
         # Unknown frame types are ignored (RFC 9113 §4.1).
 
     def _known(self, stream_id: int, what: str) -> None:
@@ -315,7 +329,6 @@ class ClientCore:
         if stream is None:  # a stream we reset: its DATA still counts against the connection window
             self._give_back(size)
             return
-        self._give_back(size - len(data))  # padding: never consumed by anyone
         stream.recv_window -= size
         problem = None
         if stream.recv_window < 0:
@@ -326,8 +339,10 @@ class ClientCore:
         if stream.length is not None and stream.received > stream.length:
             problem = StreamError(PROTOCOL_ERROR, "more DATA than the content-length")
         if problem is not None:
-            self._give_back(len(data))  # nobody will consume it
+            self._give_back(size)  # nobody will consume it
             raise problem
+        if size > len(data):  # padding: nobody will consume it either, so it counts as consumed now
+            self.consumed(stream_id, size - len(data))
         if data:
             events.append((DATA, stream_id, data, None))
         if flags & _END_STREAM:
@@ -336,7 +351,11 @@ class ClientCore:
     def _end(self, stream_id: int, stream: _Stream, events: list[Event]) -> None:
         if stream.length is not None and stream.received != stream.length:
             raise StreamError(PROTOCOL_ERROR, "the body is shorter than its content-length")
-        del self._streams[stream_id]  # (our side ended with the request: a proxy sends it first)
+        del self._streams[stream_id]
+        if not stream.local_closed:
+            # Answered before the request ended: the rest of it will not be sent, and the
+            # peer's stream must not stay half-open, counting against its stream limit.
+            self._out.append(frame(_RST_STREAM, 0, stream_id, struct.pack(">L", NO_ERROR)))
         events.append((END, stream_id, None, None))
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
@@ -389,7 +408,9 @@ class ClientCore:
                 raise StreamError(PROTOCOL_ERROR, f"an interim {status} response that is not one")
             return  # 100, 103, ...: the final head is still to come
         stream.head_done = True
-        stream.length = length
+        # HEAD, 204 and 304 have no content, whatever a content-length there says (it
+        # describes the response a GET would get): any DATA at all is malformed.
+        stream.length = 0 if stream.head_request or status in (204, 304) else length
         events.append((HEAD, stream_id, status, fields))
         if end_stream:
             self._end(stream_id, stream, events)
@@ -398,6 +419,8 @@ class ClientCore:
         if stream_id:
             raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & _ACK:
+            if not self.settings_received:  # the server's preface is its own SETTINGS, not an ACK
+                raise ConnectionError_(PROTOCOL_ERROR, "the server's first frame is a SETTINGS ACK")
             if payload:
                 raise ConnectionError_(FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload")
             return
