@@ -21,6 +21,10 @@ wake the stream each event is for.  What it guarantees (see docs/http2.md):
   lost connection fails every stream still open, and the connection is done.
 
 Errors are httpx's, as the request path expects of an ``httpx`` transport.
+
+Why one module over 400 lines: the asyncio callbacks, each stream's waits and
+the writes share the connection's state (its streams, windows, pending
+output); the protocol is already out, in h2core.py and h2fields.py.
 """
 
 from __future__ import annotations
@@ -38,16 +42,13 @@ import httpx
 
 from . import h2core
 from .h2core import ClientCore
+from .h2fields import MalformedRequest, content_length, request_fields
 from .netio import AsyncioStream
 
 Headers = list[tuple[bytes, bytes]]
 
 _HEAD_TIMEOUT = "no response headers from the upstream within the read timeout"
 _BODY_TIMEOUT = "the upstream sent no body bytes within the read timeout"
-# Dropped from a request: HTTP/2 has no connection-specific fields (RFC 9113 §8.2.2).
-_NOT_FORWARDED = frozenset(
-    {b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
 _NOT_PROCESSED = "the upstream did not process the request (HTTP/2 GOAWAY or REFUSED_STREAM)"
 
 
@@ -159,6 +160,7 @@ class HTTP2Connection(asyncio.Protocol):
                 if stream is not None:
                     stream.ended = True
                     stream.wake()
+                    self._wake_senders()  # an upload waiting for a window has been answered
             elif kind == h2core.RESET:
                 code = cast(int, a)
                 if code == h2core.REFUSED_STREAM:
@@ -209,7 +211,10 @@ class HTTP2Connection(asyncio.Protocol):
         if not self.is_available():
             raise httpcore.ConnectionNotAvailable("the HTTP/2 connection takes no new streams")
         core = self._core
-        request_head = self._request_head(method, target, headers)
+        try:
+            request_head = request_fields(method, self._scheme, self._authority, target, headers)
+        except MalformedRequest as error:
+            raise httpx.LocalProtocolError(str(error)) from None
         stream_id = core.start_request(request_head, end_stream=body is None)
         stream = self._streams[stream_id] = _Stream(stream_id)
         try:
@@ -223,25 +228,6 @@ class HTTP2Connection(asyncio.Protocol):
             self.abandon(stream)
             raise
         return stream, ResponseBody(self, stream, timeouts.get("read"))
-
-    def _request_head(self, method: bytes, target: bytes, headers: Headers) -> Headers:
-        authority = self._authority
-        fields: Headers = []
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered in _NOT_FORWARDED:
-                if lowered == b"host":
-                    authority = value
-                continue
-            if lowered == b"te" and value.strip().lower() != b"trailers":
-                continue
-            fields.append((lowered, value))
-        head = [(b":method", method), (b":scheme", self._scheme), (b":authority", authority), (b":path", target)]
-        head += fields
-        for name, value in head:
-            if b"\r" in value or b"\n" in value or b"\0" in value or not name:
-                raise httpx.LocalProtocolError("a request header holds a line break or NUL")
-        return head
 
     async def _connect(self, timeout: float | None) -> None:
         if self._connecting is not None:  # another request is connecting it
@@ -296,7 +282,7 @@ class HTTP2Connection(asyncio.Protocol):
     async def _send_body(
         self, stream: _Stream, headers: Headers, body: AsyncIterable[bytes], write: float | None
     ) -> None:
-        length = _content_length(headers)
+        length = content_length(headers)
         sent = 0
         core = self._core
         async for chunk in body:
@@ -399,6 +385,7 @@ class HTTP2Connection(asyncio.Protocol):
         if stream is not None and stream.error is None:
             stream.error = error
             stream.wake()
+            self._wake_senders()  # an upload waiting for a window has lost its stream
 
     def _lose(self, error: BaseException) -> None:
         """The connection is over: fail every stream still open."""
@@ -476,10 +463,3 @@ class ResponseBody:
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _content_length(headers: Headers) -> int | None:
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            return int(value)
-    return None

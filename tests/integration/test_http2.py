@@ -291,6 +291,24 @@ async def test_hundreds_of_cancellations_leave_nothing_behind(tmp_path: Path) ->
         await assert_at_rest(sidecar, "up")
 
 
+async def test_an_answer_before_the_upload_is_relayed_at_once_and_the_connection_goes_on(tmp_path: Path) -> None:
+    """The upstream answers 413 and never reads the body: the upload, stuck on
+    a shut flow-control window, stops when the answer ends the stream (not
+    when timeouts.write runs out), and the stream is closed on the server."""
+    async with RawH2Server() as server:
+        timeouts = {"read": "10s", "write": "30s", "pool": "2s"}
+        config = one_upstream(server.url, name="up", http2="prior-knowledge", timeouts=timeouts)
+        async with running_sidecar(tmp_path, config) as sidecar, aiohttp.ClientSession() as client:
+            started = asyncio.get_running_loop().time()
+            async with client.post(proxy_url(sidecar) + "/up/early", data=b"x" * (256 * 1024)) as response:
+                assert response.status == 413, await response.text()
+            assert asyncio.get_running_loop().time() - started < 5
+            status, _, body = await _get(client, proxy_url(sidecar) + "/up/ok")
+            assert (status, body) == (200, b"ok")
+            assert server.connections == 1
+            await assert_at_rest(sidecar, "up")
+
+
 # --------------------------------------------------------- GOAWAY and RST
 
 

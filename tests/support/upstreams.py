@@ -289,6 +289,7 @@ class _H2Protocol(asyncio.Protocol):
         self.highest = 0
         self.closing = False
         self.frozen = False
+        self.unread: set[int] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -323,6 +324,8 @@ class _H2Protocol(asyncio.Protocol):
                 self.open_streams.add(event.stream_id)
                 self.dispatch(event.stream_id, path)
             elif isinstance(event, h2.events.DataReceived):
+                if event.stream_id in self.unread:
+                    continue  # never read: the window of that stream stays shut
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
                 self.open_streams.discard(event.stream_id)
@@ -330,7 +333,11 @@ class _H2Protocol(asyncio.Protocol):
 
     def dispatch(self, stream_id: int, path: str) -> None:
         loop = asyncio.get_running_loop()
-        if path == "/rst":
+        if path == "/early":
+            self.unread.add(stream_id)
+            self.open_streams.discard(stream_id)
+            self.h2.send_headers(stream_id, [(":status", "413"), ("content-length", "0")], end_stream=True)
+        elif path == "/rst":
             self.open_streams.discard(stream_id)
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
         elif path == "/goaway":
@@ -407,6 +414,8 @@ class RawH2Server:
     * ``/kill``    the TCP connection is aborted at once (a read error for every stream on it)
     * ``/goaway1`` GOAWAY(last_stream_id=1) and close at once: streams above 1
                    were not processed
+    * ``/early``   413 at once, before the request body, which is never read
+                   (the stream's window stays shut)
     * ``/refuse-first`` the first such request gets RST_STREAM(REFUSED_STREAM)
                    (not processed), later ones 200 ``ok``
 
