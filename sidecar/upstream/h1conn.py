@@ -230,6 +230,8 @@ class HTTP11Connection:
 
     def _close_now(self) -> None:
         self._state = _State.CLOSED
+        if self._framer is not None:
+            self._framer.release()  # a response cut short: nothing more is fed
         if self._stream is not None:
             self._stream.close_now()
 
