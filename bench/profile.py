@@ -1,6 +1,6 @@
 """Profile the sidecar under load: pyinstrument around ``sidecar run``, wrk at c=50, 1 KiB via nginx.
 
-Usage: .venv/bin/python bench/profile.py [--seconds 10] [--concurrency 50] [--cprofile]
+Usage: .venv/bin/python bench/profile.py [--seconds 10] [--concurrency 50] [--cprofile] [--body 64k]
 Writes bench/results/profile.txt (pyinstrument text, or cProfile top functions by tottime).
 """
 
@@ -22,6 +22,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--upstream", default="up", help="up (HTTP/1.1, default) or h2 (h2c upstream)")
+    parser.add_argument("--body", default="1k", help="1k (default) or 64k: the size of the upstream's response")
+    parser.add_argument("--top", type=int, default=60, help="cProfile: how many functions to list")
     parser.add_argument("--out", default=str(BENCH / "results" / "profile.txt"))
     args = parser.parse_args()
     raise_nofile()
@@ -45,7 +47,7 @@ def main() -> int:
     upstream.start()
     try:
         sidecar.start()
-        url = f"http://{LOOPBACK}:{port}/{args.upstream}/1k"
+        url = f"http://{LOOPBACK}:{port}/{args.upstream}/{args.body}"
         wrk(url, args.concurrency, 2, latency=False)
         out = wrk(url, args.concurrency, args.seconds)
         print(out)
@@ -58,7 +60,7 @@ def main() -> int:
         import pstats
 
         with open(args.out, "w") as fh:
-            pstats.Stats(str(raw), stream=fh).sort_stats("tottime").print_stats(60)
+            pstats.Stats(str(raw), stream=fh).sort_stats("tottime").print_stats(args.top)
     else:
         shutil.copy(raw, args.out)
     print(Path(args.out).read_text()[:20000])

@@ -38,7 +38,10 @@ from .h1frame import FramingError, ResponseFramer
 from .netio import AsyncioBackend, AsyncioStream
 from .stream import HTTPCORE_TO_HTTPX
 
-_READ_SIZE = 64 * 1024
+# As much as the socket buffers before it is paused (netio's high-water
+# mark): a read takes what arrived whole, never a slice of it (a copy, and a
+# second write to the caller for a body that came in one piece).
+_READ_SIZE = 256 * 1024
 _CHUNKED = b"chunked"
 _LAST_CHUNK = b"0\r\n\r\n"
 _HEAD_TIMEOUT = "no response headers from the upstream within the read timeout"
@@ -229,6 +232,8 @@ class HTTP11Connection:
 
     def _close_now(self) -> None:
         self._state = _State.CLOSED
+        if self._framer is not None:
+            self._framer.release()  # a response cut short: nothing more is fed
         if self._stream is not None:
             self._stream.close_now()
 

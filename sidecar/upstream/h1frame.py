@@ -98,7 +98,11 @@ class ResponseFramer:
     )
 
     def __init__(self, method: bytes) -> None:
-        self._parser = HttpResponseParser(self)
+        # The parser holds this framer (its callbacks): a cycle, which
+        # release() ends once the response is over, so that a finished
+        # exchange is freed by reference counting, not left to the cycle
+        # collector (whose passes grow with the requests in flight).
+        parser = HttpResponseParser(self)
         # A Content-Length beside Transfer-Encoding: llhttp refuses it
         # outright; RFC 9112 lets the coding frame the body, and the
         # connection is closed afterwards (see close_after).
@@ -108,9 +112,10 @@ class ResponseFramer:
         # wrong after an interim one. Lenient, it parses on; nothing after
         # the final response is ever read as one here (it is only trailing),
         # and the connection's reuse is decided by this module, not llhttp.
-        self._parser.set_dangerous_leniencies(  # type: ignore[attr-defined]  # missing from its stubs
+        parser.set_dangerous_leniencies(  # type: ignore[attr-defined]  # missing from its stubs
             lenient_chunked_length=True, lenient_keep_alive=True
         )
+        self._parser: HttpResponseParser | None = parser
         self._head_request = method == b"HEAD"
         # The bytes fed until the final head is in, and where the status
         # line of the message being read starts in them (past any interim
@@ -158,6 +163,7 @@ class ResponseFramer:
             else:
                 self._head = bytearray(head) + data
         parser = self._parser
+        assert parser is not None, "fed after release()"
         taken = len(self.body)
         try:
             if data[-1] in (10, 13):  # LF, CR
@@ -212,10 +218,16 @@ class ResponseFramer:
         if self.head_done and self._eof_framed:
             self.complete = True
             self.keep_alive = False
+            self.release()
             return
         if not self.head_done:
             raise FramingError("the upstream closed the connection without sending a response")
         raise FramingError("the upstream closed the connection before the end of the response body")
+
+    def release(self) -> None:
+        """Drop the parser: nothing more will be fed (the response is over,
+        or its connection is being closed)."""
+        self._parser = None
 
     def take_body(self) -> bytes:
         body = self.body
@@ -269,6 +281,7 @@ class ResponseFramer:
         if self.complete:
             return
         parser = self._parser
+        assert parser is not None
         status = parser.get_status_code()
         version = parser.get_http_version()
         if not version.startswith("1."):
@@ -314,6 +327,7 @@ class ResponseFramer:
             # here, and whatever it parses as a body is beyond it (chunk
             # framing would not even reach a callback).
             self.complete = True
+            self.release()  # the local in feed() keeps it for the rest of this call
             if len(head) > end:
                 self.trailing = True
 
@@ -326,6 +340,7 @@ class ResponseFramer:
     def on_message_complete(self) -> None:
         if self.head_done and not self.complete:
             self.complete = True
+            self.release()  # the local in feed() keeps it for the rest of this call
 
 
 def _framing_fields(fields: list[tuple[bytes, bytes]]) -> tuple[bool, bool, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -549,6 +550,37 @@ def test_head_framed_response_at_eof() -> None:
     assert framer.complete
     framer.feed_eof()
     assert framer.complete
+
+
+# ----------------------------------------------------------------- garbage
+
+
+@pytest.mark.parametrize(
+    ("data", "method", "eof"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"GET", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"GET", False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"HEAD", False),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"GET", False),
+        (b"HTTP/1.1 200 OK\r\n\r\nto the end", b"GET", True),
+    ],
+)
+def test_a_complete_response_leaves_no_reference_cycle(data: bytes, method: bytes, eof: bool) -> None:
+    # The parser calls back into the framer that holds it: were that cycle
+    # left behind, every response would be garbage only the cycle collector
+    # frees, and its passes grow with the requests in flight.
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        framer = framed(data, method, eof=eof)
+        assert framer.complete
+        framer.take_body()
+        del framer
+        assert gc.collect() == 0
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # ------------------------------------------------------------------ property
