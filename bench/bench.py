@@ -629,13 +629,17 @@ def summary(rows: list[Run], memory: Any = None) -> str:
         lines.append(Goal(f"+ < {IDLE_CALLERS_MIB} MiB for {IDLE_CALLERS:,} idle callers", "-", "not measured"))
         lines.append(Goal(f"idle RSS < {IDLE_MIB} MiB", "-", "not measured"))
     else:
+        # Flat means it does not grow with what is streamed: the rise over the
+        # RSS when streaming began.  (Max - min also counted a fall: glibc
+        # handing back, mid-stream, the heap the idle callers had left.)
+        rise = (max(memory.samples) - memory.samples[0]) / MIB
         spread = (max(memory.samples) - min(memory.samples)) / MIB
         streamed = memory.received / MIB
         lines.append(
             Goal(
-                f"memory flat while streaming 1 GiB (max - min RSS < {STREAM_FLAT_MIB} MiB)",
-                f"{spread:.1f} MiB over {streamed:,.0f} MiB streamed",
-                ("met" if spread < STREAM_FLAT_MIB else "missed")
+                f"memory flat while streaming 1 GiB (RSS rises < {STREAM_FLAT_MIB} MiB over its start)",
+                f"+{rise:.1f} MiB over {streamed:,.0f} MiB streamed (max - min {spread:.1f} MiB)",
+                ("met" if rise < STREAM_FLAT_MIB else "missed")
                 if streamed >= 1024
                 else f"not judged ({streamed:,.0f} MiB streamed)",
             )
@@ -686,7 +690,7 @@ def rows_from(text: str) -> list[Run]:
 
 
 def memory_from(text: str) -> Any:
-    """The memory table of a results file, back as a MemoryResult (the streaming samples as min and max)."""
+    """The memory table of a results file, back as a MemoryResult (the streaming samples as first, min and max)."""
     from memory import MemoryResult  # type: ignore[import-not-found]
 
     def mib(pattern: str) -> float | None:
@@ -699,7 +703,10 @@ def memory_from(text: str) -> Any:
     stream = re.search(r"^\| streaming ([\d,]+) MiB in ([\d.]+) s .*\| ([\d.]+) / ([\d.]+) \|", text, re.M)
     if None in (idle, warm, after) or held is None or stream is None:
         return None
-    samples = [int(float(stream.group(3)) * MIB), int(float(stream.group(4)) * MIB)]
+    # The samples as first, min and max (files before the first/last row: min first, which overstates the rise).
+    ends = re.search(r"^\| the same samples: first / last \| ([\d.]+) / ([\d.]+) \|", text, re.M)
+    first = float(ends.group(1)) if ends else float(stream.group(3))
+    samples = [int(first * MIB), int(float(stream.group(3)) * MIB), int(float(stream.group(4)) * MIB)]
     return MemoryResult(
         int(idle or 0),
         int(warm or 0),

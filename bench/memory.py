@@ -100,6 +100,8 @@ class MemoryResult:
             f"({self.received / MIB / max(self.took, 1e-9):,.0f} MiB/s): "
             f"min / max of {len(samples)} samples | {min(samples, default=0) / MIB:.1f} / "
             f"{max(samples, default=0) / MIB:.1f} |",
+            f"| the same samples: first / last | {samples[0] / MIB if samples else 0:.1f} / "
+            f"{samples[-1] / MIB if samples else 0:.1f} |",
         ]
         return "\n".join(lines)
 
