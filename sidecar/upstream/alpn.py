@@ -15,7 +15,7 @@ import ssl
 from .h1conn import HTTP11Connection
 from .h2conn import HTTP2Connection
 from .netio import AsyncioBackend, AsyncioStream
-from .stream import HTTPCORE_TO_HTTPX
+from .stream import as_httpx
 
 
 class NegotiatingConnection:
@@ -74,10 +74,10 @@ class NegotiatingConnection:
             stream = await stream.start_tls(self._ssl_context, self._host, timeout)
         except BaseException as error:
             self._failed = True
-            for core_type, httpx_type in HTTPCORE_TO_HTTPX:
-                if isinstance(error, core_type):
-                    raise httpx_type(str(error)) from error
-            raise
+            mapped = as_httpx(error)
+            if mapped is error:
+                raise
+            raise mapped from error
         assert isinstance(stream, AsyncioStream)
         ssl_object = stream.get_extra_info("ssl_object")
         chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None

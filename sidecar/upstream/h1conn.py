@@ -36,7 +36,7 @@ import httpx
 
 from .h1frame import FramingError, ResponseFramer
 from .netio import AsyncioBackend, AsyncioStream
-from .stream import HTTPCORE_TO_HTTPX
+from .stream import as_httpx
 
 # As much as the socket buffers before it is paused (netio's high-water
 # mark): a read takes what arrived whole, never a slice of it (a copy, and a
@@ -324,7 +324,4 @@ def _as_httpx(error: BaseException) -> BaseException:
     """The network layer's errors and framing errors as httpx's; others as they are."""
     if isinstance(error, FramingError):
         return httpx.RemoteProtocolError(str(error))
-    for core_type, httpx_type in HTTPCORE_TO_HTTPX:
-        if isinstance(error, core_type):
-            return httpx_type(str(error))
-    return error
+    return as_httpx(error)

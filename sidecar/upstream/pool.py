@@ -24,7 +24,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeAlias
 
 import httpcore
 import httpx
@@ -48,8 +48,8 @@ _WARMUP_POLL = 0.005
 
 # The connections a pool holds: HTTP/1.1 and HTTP/2, and an ALPN connection
 # until its handshake has said which of the two it is.
-AnyLink = HTTP11Connection | HTTP2Connection | NegotiatingConnection
-PooledConnection = Connection["HTTP11Connection | HTTP2Connection | NegotiatingConnection"]
+AnyLink: TypeAlias = HTTP11Connection | HTTP2Connection | NegotiatingConnection
+PooledConnection = Connection[AnyLink]
 
 
 class PoolTransport(httpx.AsyncBaseTransport):
@@ -83,7 +83,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
         self._authority = (name if port == default_port else f"{name}:{port}").encode("ascii", "replace")
         # Plain asyncio under every connection, not anyio (see netio.py).
         self._asyncio_backend = AsyncioBackend()
-        self._state: PoolState[HTTP11Connection | HTTP2Connection | NegotiatingConnection] = PoolState(
+        self._state: PoolState[AnyLink] = PoolState(
             max_connections=max_connections,
             max_idle=max_idle,
             keepalive_expiry=keepalive_expiry,
@@ -220,7 +220,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
                     self._waiters.remove(waiter)
 
     def _open(self) -> PooledConnection:
-        link: HTTP11Connection | HTTP2Connection | NegotiatingConnection
+        link: AnyLink
         if self._http2 and not self._http1:
             link = HTTP2Connection(
                 self._host_name, self._port, self._ssl_context, self._authority, self._keepalive_expiry
@@ -300,6 +300,6 @@ class PoolTransport(httpx.AsyncBaseTransport):
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-async def _close_quietly(link: HTTP11Connection | HTTP2Connection | NegotiatingConnection) -> None:
+async def _close_quietly(link: AnyLink) -> None:
     with contextlib.suppress(Exception):
         await link.aclose()

@@ -8,8 +8,7 @@ own body resets an HTTP/2 stream closed before its end: see docs/http2.md).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
 import httpcore
@@ -115,13 +114,9 @@ HTTPCORE_TO_HTTPX: tuple[tuple[type[Exception], type[httpx.TransportError]], ...
 )
 
 
-@contextlib.contextmanager
-def map_exceptions() -> Iterator[None]:
-    """httpcore exceptions → the httpx ones callers of AsyncClient expect."""
-    try:
-        yield
-    except Exception as exc:
-        for core_type, httpx_type in HTTPCORE_TO_HTTPX:
-            if isinstance(exc, core_type):
-                raise httpx_type(str(exc)) from exc
-        raise
+def as_httpx(error: BaseException) -> BaseException:
+    """The network layer's (httpcore's) error as the httpx one callers of AsyncClient expect; others as they are."""
+    for core_type, httpx_type in HTTPCORE_TO_HTTPX:
+        if isinstance(error, core_type):
+            return httpx_type(str(error))
+    return error
