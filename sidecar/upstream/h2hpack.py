@@ -103,6 +103,25 @@ _STATIC_NAMES: tuple[bytes, ...] = tuple(name for name, _ in _STATIC)
 _STATIC_LAST = len(_STATIC) - 1  # 61; index 62 is the newest dynamic entry
 _ENTRY_OVERHEAD = 32  # RFC 7541 §4.1, also RFC 9113 §6.5.2's per-field overhead
 
+
+def _insert(dynamic: deque[Header], entry: Header, entry_size: int, size: int, max_size: int) -> int:
+    """Add ``entry`` to the dynamic table (newest first), evicting as needed; the table's new size."""
+    if entry_size > max_size:
+        # RFC 7541 §4.4: an entry larger than the table empties it.
+        dynamic.clear()
+        return 0
+    dynamic.appendleft(entry)
+    return _evict(dynamic, size + entry_size, max_size)
+
+
+def _evict(dynamic: deque[Header], size: int, max_size: int) -> int:
+    """Drop the oldest entries until the table fits ``max_size`` (RFC 7541 §4.4); its new size."""
+    while size > max_size:
+        name, value = dynamic.pop()
+        size -= len(name) + len(value) + _ENTRY_OVERHEAD
+    return size
+
+
 # No integer in a valid block comes near this (indices are small, lengths are
 # bounded by the block): a bound keeps a hostile run of continuation bytes from
 # building a huge int, and five continuation bytes carry more than 32 bits.
@@ -214,16 +233,7 @@ class Decoder:
             size = self._size
             max_size = self._max_size
             for entry, entry_size in inserts:
-                if entry_size > max_size:
-                    # RFC 7541 §4.4: an entry larger than the table empties it.
-                    dynamic.clear()
-                    size = 0
-                    continue
-                dynamic.appendleft(entry)
-                size += entry_size
-                while size > max_size:
-                    name, value = dynamic.pop()
-                    size -= len(name) + len(value) + _ENTRY_OVERHEAD
+                size = _insert(dynamic, entry, entry_size, size, max_size)
             self._size = size
         if list_size > self._max_list_size:
             raise HeaderListTooLarge(f"header list of {list_size} bytes")
@@ -273,9 +283,7 @@ class Decoder:
                     max_size, pos = _continued_integer(block, pos, max_size)
                 if max_size > self._size_limit:
                     raise HPACKError(f"dynamic table size update to {max_size}, above {self._size_limit}")
-                while size > max_size:
-                    name, value = dynamic.pop()
-                    size -= len(name) + len(value) + _ENTRY_OVERHEAD
+                size = _evict(dynamic, size, max_size)
                 continue
             else:  # literal without indexing (0000) or never indexed (0001), §6.2.2-3
                 mask = 0x0F
@@ -299,15 +307,7 @@ class Decoder:
             list_size += entry_size
             if mask == 0x3F:
                 inserts.append((header, entry_size))
-                if entry_size > max_size:
-                    dynamic.clear()
-                    size = 0
-                    continue
-                dynamic.appendleft(header)
-                size += entry_size
-                while size > max_size:
-                    name, value = dynamic.pop()
-                    size -= len(name) + len(value) + _ENTRY_OVERHEAD
+                size = _insert(dynamic, header, entry_size, size, max_size)
         self._size = size
         self._max_size = max_size
         if pure and store and n <= _BLOCK_CACHE_MAX_BYTES:
